@@ -10,6 +10,8 @@ import difflib
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
+from llamaherd.errors import InputError
+
 
 @dataclass(frozen=True)
 class Config:
@@ -172,8 +174,8 @@ def closest_names(name: str, n: int = 3) -> list[str]:
     return difflib.get_close_matches(name.lower(), all_names(), n=n, cutoff=0.4)
 
 
-class UnknownModelName(ValueError):
-    pass
+class UnknownModelName(InputError):
+    """A preset/alias name that does not exist."""
 
 
 def preset(name: str) -> Config:

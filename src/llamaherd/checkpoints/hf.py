@@ -1,0 +1,279 @@
+"""Hugging Face checkpoints: config.json, safetensors (single or sharded) and `.bin`, for Llama and Falcon."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from llamaherd.config import Config
+from llamaherd.errors import CheckpointError
+
+LLAMA_TYPES = {"llama", "mistral"}
+FALCON_TYPES = {"falcon", "RefinedWeb", "RefinedWebModel"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_config(path: str | Path) -> Config:
+    """Architecture from a Hugging Face `config.json` (the file or its directory)."""
+    path = Path(path)
+    cfg_path = path / "config.json" if path.is_dir() else path
+    c = _read_json(cfg_path)
+    model_type = c.get("model_type")
+    rope_base = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    scaling = c.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise CheckpointError(f"{cfg_path}: field 'rope_scaling' = {scaling} is not supported (only plain RoPE)")
+    name = Path(c.get("_name_or_path") or cfg_path.parent.name).name or "custom"
+    common = dict(
+        name=name, vocab_size=c["vocab_size"], n_embd=c["hidden_size"], n_layer=c["num_hidden_layers"],
+        n_head=c["num_attention_heads"], bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
+        pad_token_id=c.get("pad_token_id"), rope_base=float(rope_base),
+    )
+    if model_type in LLAMA_TYPES:
+        return Config(
+            family="llama", block_size=c.get("max_position_embeddings", 2048),
+            n_query_groups=c.get("num_key_value_heads") or c["num_attention_heads"],
+            head_dim=c.get("head_dim"), intermediate_size=c["intermediate_size"], norm_class="rmsnorm",
+            norm_eps=c.get("rms_norm_eps", 1e-6), mlp_class="swiglu", attn_bias=c.get("attention_bias", False),
+            attn_out_bias=c.get("attention_bias", False), mlp_bias=c.get("mlp_bias", False),
+            tie_embeddings=c.get("tie_word_embeddings", False), **common,
+        )
+    if model_type in FALCON_TYPES:
+        if c.get("alibi"):
+            raise CheckpointError(f"{cfg_path}: field 'alibi' = true (ALiBi Falcon variants) is not supported")
+        new_arch = c.get("new_decoder_architecture", False)
+        if new_arch:
+            kv = c.get("num_kv_heads") or c["num_attention_heads"]
+        else:
+            kv = 1 if c.get("multi_query", True) else c["num_attention_heads"]
+        parallel = new_arch or c.get("parallel_attn", True)
+        n_ln = c.get("num_ln_in_parallel_attn") or (2 if new_arch else 1)
+        if new_arch and n_ln != 2:
+            raise CheckpointError(f"{cfg_path}: field 'num_ln_in_parallel_attn' = {n_ln} is not supported (only 2)")
+        return Config(
+            family="falcon", block_size=c.get("max_position_embeddings", 2048), n_query_groups=kv,
+            intermediate_size=c.get("ffn_hidden_size") or 4 * c["hidden_size"], norm_class="layernorm",
+            norm_eps=c.get("layer_norm_epsilon", 1e-5), mlp_class="gelu", attn_bias=c.get("bias", False),
+            attn_out_bias=c.get("bias", False), mlp_bias=c.get("bias", False), parallel_residual=parallel,
+            shared_attention_norm=parallel and n_ln == 1, tie_embeddings=c.get("tie_word_embeddings", True),
+            **common,
+        )
+    raise CheckpointError(
+        f"{cfg_path}: unknown architecture model_type={model_type!r}; supported: "
+        f"{', '.join(sorted(LLAMA_TYPES | FALCON_TYPES))}"
+    )
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files, from a sharded index when there is one."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.exists():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: field 'weight_map' missing or not an object")
+            return [directory / f for f in sorted(set(weight_map.values()))]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).exists():
+            return [directory / single]
+    found = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if not found:
+        raise CheckpointError(f"{directory}: no model.safetensors, pytorch_model.bin or sharded index found")
+    return found
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: weight file listed in the index is missing")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refusing to unpickle arbitrary objects ({first}); convert it to safetensors "
+            "with a tool you trust, or load only checkpoints you trust"
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
+    yield from state.items()
+
+
+def iter_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors under internal names (see llamaherd.checkpoints), one file at a time."""
+    for file in weight_files(Path(path)):
+        for name, tensor in _iter_file(file):
+            if config.family == "falcon":
+                yield from _falcon_to_internal(name, tensor, config)
+            elif not name.endswith("rotary_emb.inv_freq"):
+                yield name, tensor
+
+
+_FALCON_NAMES = [
+    (r"^transformer\.word_embeddings\.", "model.embed_tokens."),
+    (r"^transformer\.ln_f\.", "model.norm."),
+    (r"^transformer\.h\.(\d+)\.(input_layernorm|ln_attn)\.", r"model.layers.\1.input_layernorm."),
+    (r"^transformer\.h\.(\d+)\.(post_attention_layernorm|ln_mlp)\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^transformer\.h\.(\d+)\.self_attention\.dense\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^transformer\.h\.(\d+)\.mlp\.dense_h_to_4h\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^transformer\.h\.(\d+)\.mlp\.dense_4h_to_h\.", r"model.layers.\1.mlp.down_proj."),
+]
+
+
+def _falcon_to_internal(name: str, t: torch.Tensor, config: Config) -> Iterator[tuple[str, torch.Tensor]]:
+    m = re.match(r"^transformer\.h\.(\d+)\.self_attention\.query_key_value\.(weight|bias)$", name)
+    if m:
+        prefix = f"model.layers.{m.group(1)}.self_attn"
+        q, k, v = split_falcon_qkv(t, config)
+        yield from ((f"{prefix}.{p}_proj.{m.group(2)}", w) for p, w in zip("qkv", (q, k, v)))
+        return
+    for pattern, repl in _FALCON_NAMES:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            yield new, t
+            return
+    yield name, t  # lm_head.weight, or a name the loader will report as unexpected
+
+
+def falcon_new_architecture(config: Config) -> bool:
+    """Falcon-40B's "new decoder architecture": parallel branches with a norm each, grouped fused QKV."""
+    return config.parallel_residual and not config.shared_attention_norm
+
+
+def split_falcon_qkv(t: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split Falcon's fused query_key_value rows into q, k, v (each head-major)."""
+    h, kv, hd = config.n_head, config.n_query_groups, config.head_dim
+    rest = t.shape[1:]
+    if falcon_new_architecture(config):  # per group: [q * (h/kv), k, v]
+        g = t.view(kv, h // kv + 2, hd, *rest)
+        return g[:, :-2].reshape(h * hd, *rest), g[:, -2].reshape(kv * hd, *rest), g[:, -1].reshape(kv * hd, *rest)
+    if kv == 1:  # multi-query (Falcon-7B): [all q, k, v]
+        return t[: h * hd], t[h * hd : (h + 1) * hd], t[(h + 1) * hd :]
+    g = t.view(h, 3, hd, *rest)  # multi-head: per head q, k, v
+    return g[:, 0].reshape(h * hd, *rest), g[:, 1].reshape(h * hd, *rest), g[:, 2].reshape(h * hd, *rest)
+
+
+def fuse_falcon_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Config) -> torch.Tensor:
+    """Inverse of `split_falcon_qkv`."""
+    h, kv, hd = config.n_head, config.n_query_groups, config.head_dim
+    rest = q.shape[1:]
+    if falcon_new_architecture(config):
+        qg = q.view(kv, h // kv, hd, *rest)
+        return torch.cat((qg, k.view(kv, 1, hd, *rest), v.view(kv, 1, hd, *rest)), dim=1).reshape(-1, *rest)
+    if kv == 1:
+        return torch.cat((q, k, v))
+    return torch.stack([x.view(h, hd, *rest) for x in (q, k, v)], dim=1).reshape(3 * h * hd, *rest)
+
+
+def hf_config_dict(config: Config) -> dict:
+    """config.json contents that `transformers` reads back to the same architecture."""
+    common = dict(
+        vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head, max_position_embeddings=config.block_size,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        tie_word_embeddings=config.tie_embeddings, rope_theta=config.rope_base, torch_dtype="float32",
+    )
+    if config.family == "falcon":
+        new_arch = falcon_new_architecture(config)
+        return dict(
+            architectures=["FalconForCausalLM"], model_type="falcon", num_kv_heads=config.n_query_groups,
+            multi_query=config.n_query_groups == 1, new_decoder_architecture=new_arch,
+            parallel_attn=config.parallel_residual, bias=config.attn_bias, alibi=False,
+            layer_norm_epsilon=config.norm_eps, ffn_hidden_size=config.intermediate_size,
+            num_ln_in_parallel_attn=2 if new_arch else None, **common,
+        )
+    return dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=config.n_query_groups,
+        head_dim=config.head_dim, intermediate_size=config.intermediate_size, rms_norm_eps=config.norm_eps,
+        hidden_act="silu", attention_bias=config.attn_bias, mlp_bias=config.mlp_bias,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_base}, **common,
+    )
+
+
+def _internal_to_falcon(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    new_arch = falcon_new_architecture(config)
+    inverse = [
+        (r"^model\.embed_tokens\.", "transformer.word_embeddings."),
+        (r"^model\.norm\.", "transformer.ln_f."),
+        (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1." + ("ln_attn." if new_arch else "input_layernorm.")),
+        (r"^model\.layers\.(\d+)\.post_attention_layernorm\.",
+         r"transformer.h.\1." + ("ln_mlp." if new_arch else "post_attention_layernorm.")),
+        (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.self_attention.dense."),
+        (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"transformer.h.\1.mlp.dense_h_to_4h."),
+        (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"transformer.h.\1.mlp.dense_4h_to_h."),
+    ]
+    for name, t in state.items():
+        m = re.match(r"^model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)$", name)
+        if m:
+            i, kind = m.groups()
+            p = f"model.layers.{i}.self_attn"
+            fused = fuse_falcon_qkv(t, state[f"{p}.k_proj.{kind}"], state[f"{p}.v_proj.{kind}"], config)
+            out[f"transformer.h.{i}.self_attention.query_key_value.{kind}"] = fused
+            continue
+        if re.match(r"^model\.layers\.\d+\.self_attn\.[kv]_proj\.", name):
+            continue
+        for pattern, repl in inverse:
+            new, n = re.subn(pattern, repl, name)
+            if n:
+                out[new] = t
+                break
+        else:
+            out[name] = t
+    return out
+
+
+def save_hf(state: dict[str, torch.Tensor], config: Config, out_dir: str | Path, max_shard_bytes: int = 5 << 30) -> Path:
+    """Write `config.json` and safetensors (sharded with an index above `max_shard_bytes`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.family == "falcon":
+        state = _internal_to_falcon(state, config)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata=meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    dtype = next(iter(state.values())).dtype
+    cfg = hf_config_dict(config) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out

@@ -1,0 +1,252 @@
+"""One decoder for LLaMA, Llama 2, Falcon and Llama-architecture models, driven by `Config`.
+
+Sequential residual (LLaMA):              Parallel residual (Falcon):
+    x = x + attn(norm_1(x))                   h = norm_1(x)        (Falcon-7B: shared norm)
+    x = x + mlp(norm_2(x))                    x = x + attn(h) + mlp(h or norm_2(x))   (40B: own norms)
+
+Grouped-query attention: n_head query heads share n_query_groups key/value heads
+(n_query_groups == n_head: multi-head; == 1: multi-query).
+Parameter names follow Hugging Face Llama (see llamaherd.checkpoints) so checkpoints map 1:1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaherd.config import Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Meta and HF do), scale in the input dtype.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def make_norm(config: Config) -> nn.Module:
+    if config.norm_class == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in Hugging Face's rotate-half layout: dims [0, d/2) pair with [d/2, d)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.rope_dim = config.rope_dim
+        inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, config.rope_dim, 2, dtype=torch.float32) / config.rope_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin of shape (B, 1, T, rope_dim) for broadcasting over heads."""
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, rope_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, head_dim); rotates the first cos.shape[-1] dims, leaves the rest."""
+    d = cos.shape[-1]
+    rot, rest = (x, None) if d == x.shape[-1] else (x[..., :d], x[..., d:])
+    x1, x2 = rot.chunk(2, dim=-1)
+    out = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if rest is None else torch.cat((out, rest), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions for every layer, preallocated to `max_len`.
+
+    All rows of a batch share one write position (`length`); rows of different prompt lengths are
+    left-padded and their padding is hidden by the attention mask. A prefix computed once can be
+    copied to several rows with `expand` (multiple-choice evaluation, shared system prompts).
+    """
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        shape = (config.n_layer, batch_size, config.n_query_groups, max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length = 0
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) at the current position; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def expand(self, batch_size: int) -> KVCache:
+        """A new cache whose rows are copies of this single-row cache (only the filled part is copied)."""
+        if self.batch_size != 1:
+            raise ValueError("expand() needs a cache with batch size 1")
+        new = KVCache.__new__(KVCache)
+        nn.Module.__init__(new)
+        shape = (self.k.shape[0], batch_size, *self.k.shape[2:])
+        new.register_buffer("k", self.k.new_zeros(shape), persistent=False)
+        new.register_buffer("v", self.v.new_zeros(shape), persistent=False)
+        new.k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
+        new.v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
+        new.length, new.max_len = self.length, self.max_len
+        return new
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_query_groups, config.head_dim
+        d, hd = config.n_embd, config.head_dim
+        self.q_proj = nn.Linear(d, self.n_head * hd, bias=config.attn_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=config.attn_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=config.attn_bias)
+        self.o_proj = nn.Linear(self.n_head * hd, d, bias=config.attn_out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = past + T
+        gqa = self.n_kv != self.n_head
+        if mask is None:
+            # No padding and no past: plain causal. With a past and T == 1 every key is visible.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU (LLaMA): down(silu(gate(x)) * up(x)); GELU (Falcon): down(gelu(up(x)))."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        d, f, b = config.n_embd, config.intermediate_size, config.mlp_bias
+        self.swiglu = config.mlp_class == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(d, f, bias=b)
+        self.up_proj = nn.Linear(d, f, bias=b)
+        self.down_proj = nn.Linear(f, d, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.parallel = config.parallel_residual
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config)
+        self.shared_norm = config.parallel_residual and config.shared_attention_norm
+        if not self.shared_norm:
+            self.post_attention_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        h = self.input_layernorm(x)
+        a = self.self_attn(h, cos, sin, mask, cache, layer)
+        if self.parallel:
+            m = self.mlp(h if self.shared_norm else self.post_attention_layernorm(x))
+            return x + a + m
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, blocks and final norm; named `model` in the parent as in Hugging Face."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.rope = RotaryEmbedding(config)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, dtype or p.dtype, p.device)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T).
+
+        positions: (B, T) RoPE positions; default continues from the cache (or 0) for every row.
+        attn_mask: (B, S) bool, True for real tokens, over all S = past + T positions (left padding);
+            when given and positions is None, positions count real tokens only.
+        last_only: compute logits for the last position only (generation).
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the KV cache size {cache.max_len}")
+        if positions is None:
+            if attn_mask is not None:
+                positions = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
+        if attn_mask is None and past > 0 and T > 1:
+            attn_mask = torch.ones(B, past + T, dtype=torch.bool, device=idx.device)  # causal with an offset
+        x = self.model.embed_tokens(idx)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        mask = None if attn_mask is None else self._attention_mask(attn_mask, past, T)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length = past + T
+        if last_only:
+            x = x[:, -1:]
+        return F.linear(self.model.norm(x), self.output_weight)
+
+    @staticmethod
+    def _attention_mask(attn_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:
+        """(B, 1, T, S) bool: causal, hiding padded keys; each query always sees itself (no empty rows)."""
+        S = past + T
+        q_pos = torch.arange(past, S, device=attn_mask.device)[:, None]
+        k_pos = torch.arange(S, device=attn_mask.device)[None, :]
+        causal = k_pos <= q_pos  # (T, S)
+        mask = causal[None] & attn_mask[:, None, :S].bool()
+        mask |= k_pos == q_pos
+        return mask[:, None]

@@ -1,0 +1,46 @@
+"""Weight-only int8 quantization (per output channel, symmetric) for memory-light inference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is stored as int8 rows with one fp scale per row (4x smaller than fp32)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Quantize a float (out, in) weight into this layer."""
+        w = w.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.weight_int8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.scale = scale
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.device.type == "cpu":
+            # ATen's fused int8-weight matmul: no full dequantized copy per call.
+            y = torch.ops.aten._weight_int8pack_mm(
+                x.reshape(-1, self.in_features), self.weight_int8, self.scale.to(x.dtype)
+            ).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+def swap_linears_for_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> None:
+    """Replace every nn.Linear (except names in `skip`) by an empty Int8Linear on the same device."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name not in skip:
+                q = Int8Linear(child.in_features, child.out_features, child.bias is not None, child.weight.device)
+                setattr(module, child_name, q)
