@@ -1,0 +1,213 @@
+"""`herd`: the command-line tool, a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llamaherd.errors import HerdError
+
+MODEL_HELP = "preset/alias name, local directory, .gguf file or hub id (default: embedded smollm2-135m-instruct)"
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 to save memory")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(args: argparse.Namespace, extra_stops: list[str] = ()):
+    from llamaherd.generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop_strings=[*args.stop, *extra_stops], seed=args.seed,
+    )
+
+
+def _load(args: argparse.Namespace):
+    from llamaherd.load import load_model
+
+    return load_model(args.model, dtype=args.dtype, quantize=args.quantize)
+
+
+def _stream(loaded, prompt_ids: list[int], params) -> str:
+    from llamaherd.generate import stream_text
+
+    pieces = []
+    for piece in stream_text(loaded.model, loaded.tokenizer, prompt_ids, params):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    print(flush=True)
+    return "".join(pieces)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from llamaherd.chat import get_chat_format
+
+    loaded = _load(args)
+    tok = loaded.tokenizer
+    fmt_name = args.chat_format or loaded.chat_format
+    if fmt_name is None:
+        raise HerdError(f"{loaded.source.path}: the model has no chat template; pass --chat-format NAME")
+    fmt = get_chat_format(fmt_name, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+    params = _sampling(args, fmt.stop_strings)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(user_text: str) -> None:
+        messages.append({"role": "user", "content": user_text})
+        text = fmt.render(messages, add_generation_prompt=True)
+        ids = tok.encode(text, add_bos=not fmt.includes_bos and tok.add_bos_default)
+        messages.append({"role": "assistant", "content": _stream(loaded, ids, params)})
+
+    if args.prompt is not None:
+        reply(args.prompt)
+        return
+    print(f"chatting with {loaded.source.name} — /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            del messages[1 if args.system else 0 :]
+            continue
+        if line:
+            reply(line)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    loaded = _load(args)
+    tok = loaded.tokenizer
+    ids = tok.encode(args.prompt, add_bos=tok.add_bos_default if args.bos is None else args.bos)
+    print(args.prompt, end="", flush=True)
+    _stream(loaded, ids, _sampling(args))
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from llamaherd.hub import download
+
+    print(download(args.repo_id, local_dir=args.local_dir, revision=args.revision))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from llamaherd.checkpoints.hf import save_hf
+
+    if args.quantize:
+        raise HerdError("convert writes float weights; drop --quantize")
+    loaded = _load(args)
+    out = save_hf(loaded.model.state_dict(), loaded.config, args.dst)
+    loaded.tokenizer.save_pretrained(out)
+    print(f"wrote Hugging Face checkpoint to {out}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from llamaherd import config as presets
+    from llamaherd.info import describe
+    from llamaherd.load import read_config, resolve
+
+    name = args.model or "smollm2-135m-instruct"
+    if presets.is_known(name) and not Path(name).exists():
+        cfg = presets.preset(name)
+    else:
+        cfg = read_config(resolve(name))
+    print(describe(cfg))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from llamaherd import config as presets
+    from llamaherd.info import human_count
+
+    table = Table(title="llamaherd models (presets and derivatives)")
+    for col in ("name", "architecture", "parameters", "hub id", "chat format"):
+        table.add_column(col)
+    for name in presets.all_names():
+        cfg = presets.preset(name)
+        base = presets.ALIASES[name].base if name in presets.ALIASES else "preset"
+        table.add_row(name, base, human_count(cfg.n_params), cfg.hub_id or "", cfg.chat_format or "")
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="herd", description="LLaMA / Llama 2 / Falcon toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="chat with a model (interactive, or one shot with --prompt)")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--prompt", default=None, help="one message; print the reply and exit")
+    p.add_argument("--chat-format", default=None, help="built-in format name (overrides the model's template)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="complete a raw prompt (no chat template)")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepend BOS (default: the tokenizer's own setting)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("download", help="download a model from the Hugging Face hub")
+    p.add_argument("repo_id")
+    p.add_argument("--local-dir", default=None)
+    p.add_argument("--revision", default=None)
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("convert", help="export any supported checkpoint as Hugging Face safetensors")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="parameters and weight memory per precision")
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list presets and derivative names")
+    p.set_defaults(func=cmd_models)
+
+    for module, adder in (("llamaherd.evaluate.cli", "add_eval_parser"),
+                          ("llamaherd.leaderboard.cli", "add_leaderboard_parser")):
+        try:
+            mod = __import__(module, fromlist=[adder])
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("llamaherd"):
+                continue
+            raise
+        getattr(mod, adder)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HerdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
