@@ -210,6 +210,7 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T).
 
@@ -217,6 +218,8 @@ class GPT(nn.Module):
         attn_mask: (B, S) bool, True for real tokens, over all S = past + T positions (left padding);
             when given and positions is None, positions count real tokens only.
         last_only: compute logits for the last position only (generation).
+        return_hidden: return the final-norm hidden states (B, T, n_embd) instead of logits, so a caller
+            that needs few positions (evaluation) projects only those with `output_weight`.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -238,7 +241,8 @@ class GPT(nn.Module):
             cache.length = past + T
         if last_only:
             x = x[:, -1:]
-        return F.linear(self.model.norm(x), self.output_weight)
+        x = self.model.norm(x)
+        return x if return_hidden else F.linear(x, self.output_weight)
 
     @staticmethod
     def _attention_mask(attn_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:
