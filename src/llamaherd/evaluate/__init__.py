@@ -1,0 +1,1 @@
+"""Evaluation: the Open LLM Leaderboard suite (ARC, HellaSwag, MMLU, TruthfulQA) as the harness scores it."""
