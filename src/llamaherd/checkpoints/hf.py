@@ -109,7 +109,12 @@ def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
         return
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(

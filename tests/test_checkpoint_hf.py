@@ -1,0 +1,135 @@
+"""Hugging Face checkpoints: sharded and .bin reading, export that transformers loads, clear errors."""
+
+import json
+
+import pytest
+import torch
+from hf_tiny import KINDS, VOCAB, make_hf_model, save_hf_model
+
+from llamaherd.checkpoints.hf import save_hf
+from llamaherd.errors import CheckpointError
+from llamaherd.load import load_gpt
+
+
+def _logits(model, idx):
+    with torch.no_grad():
+        return model(idx)
+
+
+IDX = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def test_sharded_safetensors(tmp_path):
+    hf = make_hf_model("llama-gqa")
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    err = (_logits(load_gpt(tmp_path), IDX) - hf(IDX).logits).abs().max().item()
+    assert err <= 1e-4
+
+
+def test_bin_checkpoint_loads_with_weights_only(tmp_path):
+    hf = save_hf_model("llama-mha", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    err = (_logits(load_gpt(tmp_path), IDX) - hf(IDX).logits).abs().max().item()
+    assert err <= 1e-4
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("code ran while unpickling",))
+
+
+def test_bin_needing_arbitrary_unpickling_is_refused(tmp_path):
+    save_hf_model("llama-mha", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": _Evil()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_gpt(tmp_path)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_export_opens_in_transformers_with_identical_logits(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    save_hf_model(kind, tmp_path / "src")
+    ours = load_gpt(tmp_path / "src")
+    save_hf(ours.state_dict(), ours.config, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        err = (reloaded(IDX).logits - ours(IDX)).abs().max().item()
+    assert err <= 1e-5
+
+
+def test_truncated_safetensors(tmp_path):
+    save_hf_model("llama-mha", tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        load_gpt(tmp_path)
+
+
+def test_missing_weights_file(tmp_path):
+    save_hf_model("llama-mha", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_gpt(tmp_path)
+
+
+def test_wrong_shape_names_tensor_and_shapes(tmp_path):
+    save_hf_model("llama-mha", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"down_proj.weight' has shape \(64, 96\), expected \(64, 100\)"):
+        load_gpt(tmp_path)
+
+
+def test_unknown_architecture(tmp_path):
+    save_hf_model("llama-mha", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown architecture model_type='mamba'"):
+        load_gpt(tmp_path)
+
+
+def test_missing_tensor_reports_incomplete(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_hf_model("llama-mha", tmp_path)
+    f = tmp_path / "model.safetensors"
+    state = load_file(f)
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing tensors model.layers.1.mlp.down_proj.weight"):
+        load_gpt(tmp_path)
+
+
+def test_loading_does_not_allocate_twice(tmp_path, monkeypatch):
+    """The model is built on the meta device and each checkpoint tensor is put in place, not copied."""
+    from llamaherd import load
+
+    save_hf_model("llama-mha", tmp_path)
+    yielded = {}
+    real_iter = load.iter_tensors
+
+    def recording_iter(src, config):
+        for name, t in real_iter(src, config):
+            yielded[name] = t.data_ptr()
+            yield name, t
+
+    built = []
+    real_build = load.build_on_meta
+
+    def recording_build(config, quantize=None):
+        model = real_build(config, quantize)
+        built.append(all(p.is_meta for p in model.parameters()))
+        return model
+
+    monkeypatch.setattr(load, "iter_tensors", recording_iter)
+    monkeypatch.setattr(load, "build_on_meta", recording_build)
+    model = load.load_gpt(tmp_path)
+    assert built == [True]
+    params = dict(model.named_parameters())
+    assert yielded and all(params[n].data_ptr() == ptr for n, ptr in yielded.items())
