@@ -1,0 +1,459 @@
+"""Tokenizer vs independent references: transformers (GGUF files and saved directories) and sentencepiece.
+
+Tiny vocabularies are trained here (sentencepiece BPE, byte-level BPE with `tokenizers`) and written to
+GGUF files with `gguf.GGUFWriter`; the real embedded SmolLM2 vocabulary runs in the `slow` tests.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+import sentencepiece as spm
+
+from llamaherd.errors import CheckpointError, InputError
+from llamaherd.tokenizer import Tokenizer
+
+# At least 2,000 characters mixing everything a tokenizer trips on. Whitespace runs are never directly
+# followed by a digit here: see test_embedded_splits_digits_like_published_smollm2 for why.
+ENGLISH = (
+    "The llama (Lama glama) is a domesticated South American camelid, widely used as a meat and pack animal "
+    "by Andean cultures since the pre-Columbian era. Llamas are social animals and live with others as a herd. "
+    "Their wool is soft and contains only a small amount of lanolin. Llamas can learn simple tasks after a few "
+    "repetitions. When using a pack, they can carry about 25 to 30% of their body weight for 8 to 13 km "
+    "(5 to 8 miles). The name llama was adopted by European settlers from native Peruvians. "
+    "Isn't it remarkable? They're calm, we've heard, and I'd say you'll like them; she'll agree, won't she?"
+)
+CODE = (
+    "def fibonacci(n: int) -> list[int]:\n"
+    '    """Return the first n Fibonacci numbers."""\n'
+    "    seq = [0, 1]\n"
+    "    while len(seq) < n:\n"
+    "        seq.append(seq[-1] + seq[-2])\n"
+    "    return seq[:n]\n"
+    "\n"
+    "\n"
+    "class Herd:\n"
+    "\tdef __init__(self, size=12):\n"
+    "\t\tself.size = size  # tabs, not spaces\n"
+    "\t\tself.names = {'alpaca': 3, 'vicuna': 7, 'guanaco': 11}\n"
+    "\n"
+    "if __name__ == '__main__':\n"
+    "    print(fibonacci(20), Herd().size ** 3 // 7, f\"{3.14159:.2f}\")\n"
+)
+NUMBERS = (
+    "In 2023 the population was 8,045,311,447 and pi is 3.14159265358979323846. "
+    "Call +1-555-0199 or 0044 20 7946 0958; the invoice total was $1,234,567.89 (VAT 20%). "
+    "Dates: 2024-06-01T12:34:56Z, 31/12/1999, 1e-12, 0xDEADBEEF, 0b1010, 123456789012345678901234567890."
+)
+UNICODE = (
+    "Emoji: 🦙🐪 llama herd 🎉👍🏽 family 👨‍👩‍👧‍👦 flags 🇵🇪🇧🇴 and ✨sparkles✨. "
+    "中文：羊驼是一种驯养的南美骆驼科动物。日本語：ラマは南米のラクダ科の動物です。한국어: 라마는 낙타과 동물입니다. "
+    "Accents: naïve café, façade, jalapeño, Ångström, Øresund, crème brûlée, São Paulo, Dvořák, Łódź, "
+    "Straße, ÉCOLE, résumé. Greek: λάμα. Russian: лама — домашнее животное. Arabic: اللاما حيوان."
+)
+SPACING = (
+    "Runs   of   spaces,\ttabs\t\tand\t\t\tmore,\n\nblank lines\n\n\n\nand   trailing spaces   \n"
+    "  leading spaces, \t mixed \t\t whitespace\r\nwindows line ends\r\n    indented text\n        deeper\n"
+)
+CHAT = "<|im_start|>user\nHow many llamas?<|im_end|>\n<|im_start|>assistant\nSeven.<|im_end|>\n"
+PARTS = (ENGLISH, CODE, NUMBERS, UNICODE, SPACING, ENGLISH.upper(), CODE, UNICODE)
+LONG_TEXT = "\n\n".join(PARTS)
+STREAM_TEXT = "Hi 🦙! 羊驼 und Lamas — naïve 👨‍👩‍👧‍👦 ok ✨\n\t終わり"
+
+
+def test_long_text_is_long_enough():
+    assert len(LONG_TEXT) >= 2000
+
+
+# ---- shared references ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def auto_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
+
+
+def _train_spm(tmp: Path, name: str, **options) -> Path:
+    """A tiny sentencepiece BPE model with LLaMA's options (byte fallback, digits split) unless overridden."""
+    lines = [s for part in (ENGLISH, CODE, NUMBERS, ENGLISH.lower()) for s in part.replace(". ", ".\n").split("\n")]
+    model = io.BytesIO()
+    settings = {
+        "model_type": "bpe", "vocab_size": 420, "byte_fallback": True, "split_digits": True,
+        "character_coverage": 1.0, "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+        "allow_whitespace_only_pieces": True, "user_defined_symbols": ["<sep>"],
+    }
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([s for s in lines if s.strip()] * 4), model_writer=model,
+        **(settings | options), minloglevel=2,
+    )
+    path = tmp / name / "tokenizer.model"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> Path:
+    return _train_spm(tmp_path_factory.mktemp("spm"), "llama-like")
+
+
+def _sp(path: Path) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def _write_spm_gguf(model_path: Path, out: Path) -> Path:
+    """The vocabulary of a sentencepiece model as llama.cpp's convert script stores it: tokens, scores, types."""
+    sp = _sp(model_path)
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        kind = gguf.TokenType.NORMAL
+        if sp.is_unknown(i):
+            kind = gguf.TokenType.UNKNOWN
+        elif sp.is_control(i):
+            kind = gguf.TokenType.CONTROL
+        elif sp.is_byte(i):
+            kind = gguf.TokenType.BYTE
+        elif sp.id_to_piece(i) == "<sep>":
+            kind = gguf.TokenType.USER_DEFINED
+        types.append(int(kind))
+    w = gguf.GGUFWriter(out, "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.add_unk_token_id(sp.unk_id())
+    w.add_add_bos_token(True)
+    w.add_chat_template("{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    _close(w)
+    return out
+
+
+def _close(w: gguf.GGUFWriter) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# ---- GGUF `llama` (sentencepiece) vocabulary vs sentencepiece itself ------------------------------------------
+SPM_TEXTS = [LONG_TEXT, ENGLISH, " leading space", "  two leading", "trailing  ", "", "x", "\n", "🦙"]
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(spm_model, tmp_path_factory) -> Path:
+    return _write_spm_gguf(spm_model, tmp_path_factory.mktemp("gguf") / "spm.gguf")
+
+
+@pytest.mark.parametrize("text", SPM_TEXTS)
+def test_spm_gguf_matches_sentencepiece(spm_model, spm_gguf, text):
+    sp, tok = _sp(spm_model), Tokenizer.from_gguf(spm_gguf)
+    assert tok.encode(text) == sp.encode(text)
+    assert tok.encode(text, add_bos=True) == sp.encode(text, add_bos=True)
+    assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)) == text
+
+
+def test_spm_gguf_special_tokens(spm_model, spm_gguf):
+    sp, tok = _sp(spm_model), Tokenizer.from_gguf(spm_gguf)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (sp.bos_id(), sp.eos_id(), None)
+    assert (tok.bos_token, tok.eos_token) == (sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()))
+    assert tok.vocab_size == sp.get_piece_size()
+    assert tok.add_bos_default is True
+    assert tok.stop_ids == {sp.eos_id()}
+    assert tok.chat_template.startswith("{{ bos_token }}")
+    assert tok.token_to_id("<0x41>") == sp.piece_to_id("<0x41>")
+    assert tok.id_to_token(sp.piece_to_id("▁the")) == "▁the"
+    assert tok.token_to_id("no-such-token") is None
+    # special tokens written in the text are recognised and can be skipped on decode
+    ids = tok.encode("</s>the")
+    assert ids[0] == sp.eos_id()
+    assert tok.decode(ids, skip_special_tokens=True) == sp.decode(sp.encode("the"))
+
+
+def test_spm_user_defined_and_control_tokens_cut_the_text(spm_model, spm_gguf):
+    """Like llama.cpp (and Meta's chat code, which encodes each segment on its own), text after a control or
+    user-defined token starts a new SentencePiece segment with its own dummy prefix."""
+    sp, tok = _sp(spm_model), Tokenizer.from_gguf(spm_gguf)
+    sep = sp.piece_to_id("<sep>")
+    assert tok.encode("the llama<sep>is calm") == [*sp.encode("the llama"), sep, *sp.encode("is calm")]
+    assert tok.encode("<s>[INST] hi", add_bos=True) == sp.encode("[INST] hi", add_bos=True)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"normalization_rule_name": "nmt_nfkc", "remove_extra_whitespaces": True}], ids=["llama", "nfkc"]
+)
+def test_tokenizer_model_dir_matches_sentencepiece(tmp_path, options):
+    model = _train_spm(tmp_path, "hf", **options)
+    sp, tok = _sp(model), Tokenizer.from_path(model.parent)
+    for text in SPM_TEXTS + ["  Ｆｕｌｌｗｉｄｔｈ　ＡＢＣ  ", "x   y\t\tz"]:
+        assert tok.encode(text) == sp.encode(text), text
+    assert tok.bos_id == sp.bos_id() and tok.eos_id == sp.eos_id()
+    assert tok.add_bos_default is True  # a bare tokenizer.model: LLaMA's convention
+
+
+def test_meta_layout_reads_tokenizer_model_from_parent(tmp_path, spm_model):
+    root = tmp_path / "llama-2-7b-download"
+    (root / "llama-2-7b").mkdir(parents=True)
+    (root / "tokenizer.model").write_bytes(spm_model.read_bytes())
+    (root / "llama-2-7b" / "params.json").write_text('{"dim": 4096}')
+    tok = Tokenizer.from_path(root / "llama-2-7b")
+    assert tok.encode(ENGLISH, add_bos=True) == _sp(spm_model).encode(ENGLISH, add_bos=True)
+
+
+# ---- GGUF `gpt2` (byte-level BPE) vocabularies vs transformers' GGUF loader ------------------------------------
+def _train_byte_level() -> tuple[list[str], list[str]]:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator([ENGLISH, CODE, NUMBERS, UNICODE, SPACING] * 20, trainer)
+    model = json.loads(backend.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    return tokens, [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+
+
+@pytest.fixture(scope="module")
+def byte_level_vocab():
+    return _train_byte_level()
+
+
+def _write_byte_level_gguf(path: Path, vocab, pre: str | None) -> Path:
+    tokens, merges = vocab
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("gpt2")
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([int(gguf.TokenType.CONTROL if t.startswith("<|") else gguf.TokenType.NORMAL) for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index("<|im_start|>"))
+    w.add_eos_token_id(tokens.index("<|endoftext|>"))
+    _close(w)
+    return path
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+def test_byte_level_gguf_matches_transformers(tmp_path, byte_level_vocab, auto_tokenizer, pre):
+    path = _write_byte_level_gguf(tmp_path / f"{pre}.gguf", byte_level_vocab, pre)
+    ref = auto_tokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    tok = Tokenizer.from_gguf(path)
+    for text in (LONG_TEXT, CHAT, "  42 and  ½ or\n  7", "don'T WE'LL", ""):
+        ids = tok.encode(text)
+        assert ids == ref(text, add_special_tokens=False).input_ids, text
+        assert tok.decode(ids) == ref.decode(ids) == text
+    assert tok.stop_ids == {tok.eos_id, tok.token_to_id("<|im_end|>")}
+    assert tok.add_bos_default is False
+
+
+@pytest.mark.parametrize("pre", ["falcon", None])
+def test_byte_level_gguf_unknown_pre_tokenizer_is_named(tmp_path, byte_level_vocab, pre):
+    path = _write_byte_level_gguf(tmp_path / "x.gguf", byte_level_vocab, pre)
+    with pytest.raises(CheckpointError, match="tokenizer.ggml.pre") as err:
+        Tokenizer.from_gguf(path)
+    assert str(path) in str(err.value) and (pre is None or repr(pre) in str(err.value))
+
+
+# ---- BOS / EOS ----------------------------------------------------------------------------------------------
+def test_bos_is_explicit_and_never_doubled(spm_model, spm_gguf):
+    sp, tok = _sp(spm_model), Tokenizer.from_gguf(spm_gguf)
+    plain = sp.encode("Hello there")
+    assert tok.encode("Hello there") == plain
+    assert tok.encode("Hello there", add_bos=True) == [sp.bos_id(), *plain]
+    # a rendered chat template that already starts with the BOS string gets no second BOS
+    with_bos = tok.encode("<s>Hello there", add_bos=True)
+    assert with_bos == tok.encode("<s>Hello there") == [sp.bos_id(), *plain]
+    assert tok.encode("Hello there</s>", add_eos=True).count(sp.eos_id()) == 1
+    assert tok.encode("Hello there", add_eos=True) == [*plain, sp.eos_id()]
+
+
+def test_add_bos_without_a_bos_token_is_an_error(tmp_path, byte_level_vocab):
+    tokens, merges = byte_level_vocab
+    w = gguf.GGUFWriter(tmp_path / "nobos.gguf", "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    _close(w)
+    tok = Tokenizer.from_gguf(tmp_path / "nobos.gguf")
+    assert tok.bos_id is None and tok.bos_token is None and tok.add_bos_default is False
+    with pytest.raises(InputError, match="no BOS"):
+        tok.encode("hi", add_bos=True)
+
+
+# ---- streaming ----------------------------------------------------------------------------------------------
+def _stream(tok: Tokenizer, ids: list[int]) -> list[str]:
+    decoder = tok.stream_decoder()
+    return [decoder.push(i) for i in ids] + [decoder.flush()]
+
+
+def test_stream_decoder_spm_byte_fallback(spm_gguf):
+    tok = Tokenizer.from_gguf(spm_gguf)
+    ids = tok.encode(STREAM_TEXT, add_bos=True)
+    assert len(ids) > len(STREAM_TEXT)  # emoji and CJK went through byte tokens, several per character
+    pieces = _stream(tok, ids)
+    assert "".join(pieces) == tok.decode(ids)
+    assert tok.decode(ids, skip_special_tokens=True) == STREAM_TEXT
+    assert not any("\ufffd" in p for p in pieces)
+    assert pieces.count("") > 4  # held back while a character was incomplete
+
+
+def test_stream_decoder_flush_releases_an_incomplete_character(spm_gguf):
+    tok = Tokenizer.from_gguf(spm_gguf)
+    first_byte = tok.token_to_id("<0xF0>")  # the first of four bytes of an emoji
+    decoder = tok.stream_decoder()
+    assert decoder.push(tok.token_to_id("▁the")) == "the"
+    assert decoder.push(first_byte) == ""
+    assert decoder.flush() == tok.decode([tok.token_to_id("▁the"), first_byte])[len("the") :]
+
+
+# ---- save_pretrained -> transformers ------------------------------------------------------------------------
+def test_save_pretrained_spm_loads_in_transformers(tmp_path, spm_model, spm_gguf, auto_tokenizer):
+    sp, tok = _sp(spm_model), Tokenizer.from_gguf(spm_gguf)
+    out = tok.save_pretrained(tmp_path / "hf")
+    assert {p.name for p in out.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    ref = auto_tokenizer.from_pretrained(out)
+    for text in SPM_TEXTS:
+        assert ref(text, add_special_tokens=False).input_ids == sp.encode(text), text
+        assert ref(text).input_ids == sp.encode(text, add_bos=True), text
+    assert ref.chat_template == tok.chat_template
+    assert (ref.bos_token, ref.eos_token) == (tok.bos_token, tok.eos_token)
+    # and our own reader of Hugging Face directories agrees with transformers on the same files
+    again = Tokenizer.from_dir(out)
+    assert again.encode(LONG_TEXT, add_bos=True) == ref(LONG_TEXT).input_ids
+    assert (again.add_bos_default, again.chat_template, again.stop_ids) == (True, tok.chat_template, tok.stop_ids)
+
+
+def test_hf_dir_configs(tmp_path, spm_gguf):
+    out = Tokenizer.from_gguf(spm_gguf).save_pretrained(tmp_path)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = {"content": "</s>", "__type": "AddedToken"}
+    del cfg["add_bos_token"]  # then the post-processor decides
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (out / "chat_template.jinja").write_text("{{ messages }}")
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    tok = Tokenizer.from_dir(out)
+    assert tok.eos_token == "</s>" and tok.stop_ids == {2, 5}
+    assert tok.chat_template == "{{ messages }}"
+    assert tok.add_bos_default is True
+    cfg["bos_token"] = "<not-in-vocab>"
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="<not-in-vocab>"):
+        Tokenizer.from_dir(out)
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+def test_clear_errors_for_non_tokenizer_paths(tmp_path, byte_level_vocab):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf file at all")
+    w = gguf.GGUFWriter(tmp_path / "weights-only.gguf", "llama")
+    _close(w)
+    w = gguf.GGUFWriter(tmp_path / "bert.gguf", "bert")
+    w.add_tokenizer_model("bert")
+    w.add_token_list(byte_level_vocab[0])
+    _close(w)
+    (tmp_path / "bad-spm").mkdir()
+    (tmp_path / "bad-spm" / "tokenizer.model").write_bytes(b"\xff\xff garbage")
+    (tmp_path / "bad-json").mkdir()
+    (tmp_path / "bad-json" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    cases = {
+        "bad-spm": "not a SentencePiece model",
+        "bad-json": "not a valid tokenizer.json",
+        "missing": "no such file",
+        "empty": "no tokenizer found",
+        "notes.txt": "no tokenizer found",
+        "fake.gguf": "not a GGUF file",
+        "weights-only.gguf": "no embedded tokenizer",
+        "bert.gguf": "'bert' is not supported",
+    }
+    for name, message in cases.items():
+        with pytest.raises(CheckpointError, match=message) as err:
+            Tokenizer.from_path(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value) and "\n" not in str(err.value)
+
+
+# ---- the real embedded SmolLM2 vocabulary ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def embedded() -> Path:
+    from llamaherd.embedded import embedded_model_path
+
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="module")
+def embedded_ref(embedded, auto_tokenizer):
+    return auto_tokenizer.from_pretrained(embedded.parent, gguf_file=embedded.name)
+
+
+@pytest.mark.slow
+def test_embedded_matches_transformers(embedded, embedded_ref):
+    tok = Tokenizer.from_path(embedded)
+    for text in (LONG_TEXT, CHAT + LONG_TEXT):
+        ids = tok.encode(text)
+        assert ids == embedded_ref(text, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == embedded_ref.decode(ids) == text
+        assert tok.decode(ids, skip_special_tokens=True) == embedded_ref.decode(ids, skip_special_tokens=True)
+    assert tok.vocab_size == len(embedded_ref)
+    assert (tok.bos_token, tok.eos_token) == (embedded_ref.bos_token, embedded_ref.eos_token)
+    assert tok.pad_id == embedded_ref.pad_token_id
+    assert tok.chat_template == embedded_ref.chat_template
+    assert tok.stop_ids == {embedded_ref.eos_token_id, embedded_ref.convert_tokens_to_ids("<|endoftext|>")}
+    assert tok.add_bos_default is False
+
+
+@pytest.mark.slow
+def test_embedded_splits_digits_like_published_smollm2(embedded, embedded_ref):
+    """llama.cpp's `smollm` pre-tokenizer (and SmolLM2's own tokenizer.json) isolates every digit before
+    GPT-2's split; transformers' GGUF loader skips that step, which only shows when whitespace runs precede
+    a digit or around non-ASCII numerals. The reference here is transformers' vocabulary with the published
+    pre-tokenizer: Digits(individual_digits=True) then ByteLevel."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import pre_tokenizers
+
+    published = Backend.from_str(embedded_ref.backend_tokenizer.to_str())
+    published.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok = Tokenizer.from_gguf(embedded)
+    for text in ("x =  42", "items:\n    1,\n    2", "½ cup, ① first, Ⅻ o'clock, ²", LONG_TEXT):
+        assert tok.encode(text) == published.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.slow
+def test_embedded_bos_and_streaming(embedded, embedded_ref):
+    tok = Tokenizer.from_gguf(embedded)
+    bos = embedded_ref.bos_token_id
+    rendered = embedded_ref.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert rendered.startswith(embedded_ref.bos_token)
+    ids = tok.encode(rendered, add_bos=True)
+    assert ids == embedded_ref(rendered, add_special_tokens=False).input_ids and ids[1] != bos
+    assert tok.encode("Hi", add_bos=True) == [bos, *embedded_ref("Hi", add_special_tokens=False).input_ids]
+    ids = tok.encode(STREAM_TEXT + LONG_TEXT)
+    pieces = _stream(tok, ids)
+    assert "".join(pieces) == tok.decode(ids) == STREAM_TEXT + LONG_TEXT
+    assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.slow
+def test_embedded_save_pretrained_round_trip(tmp_path, embedded, embedded_ref, auto_tokenizer):
+    tok = Tokenizer.from_gguf(embedded)
+    ref = auto_tokenizer.from_pretrained(tok.save_pretrained(tmp_path / "hf"))
+    for text in (LONG_TEXT, CHAT):
+        want = embedded_ref(text, add_special_tokens=False).input_ids
+        assert ref(text, add_special_tokens=False).input_ids == want
+        assert ref(text).input_ids == want  # SmolLM2 adds no BOS by default
+        assert ref.decode(want) == text
+    assert ref.chat_template == embedded_ref.chat_template
+    assert (ref.bos_token, ref.eos_token, ref.pad_token) == (
+        embedded_ref.bos_token, embedded_ref.eos_token, embedded_ref.pad_token,
+    )
