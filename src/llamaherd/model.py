@@ -216,7 +216,8 @@ class GPT(nn.Module):
 
         positions: (B, T) RoPE positions; default continues from the cache (or 0) for every row.
         attn_mask: (B, S) bool, True for real tokens, over all S = past + T positions (left padding);
-            when given and positions is None, positions count real tokens only.
+            when given and positions is None, positions count real tokens only. Or (B, T, S) bool, the
+            full mask (True = may attend), e.g. block-diagonal causal for packed samples, with `positions`.
         last_only: compute logits for the last position only (generation).
         return_hidden: return the final-norm hidden states (B, T, n_embd) instead of logits, so a caller
             that needs few positions (evaluation) projects only those with `output_weight`.
@@ -226,7 +227,7 @@ class GPT(nn.Module):
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds the KV cache size {cache.max_len}")
         if positions is None:
-            if attn_mask is not None:
+            if attn_mask is not None and attn_mask.dim() == 2:
                 positions = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
@@ -242,14 +243,22 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
-        return x if return_hidden else F.linear(x, self.output_weight)
+        if return_hidden:
+            return x
+        # Untied: call the module, so a wrapped head (LoRA, int8) takes part.
+        return F.linear(x, self.output_weight) if self.config.tie_embeddings else self.lm_head(x)
 
     @staticmethod
     def _attention_mask(attn_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:
-        """(B, 1, T, S) bool: causal, hiding padded keys; each query always sees itself (no empty rows)."""
+        """(B, 1, T, S) bool: causal, hiding padded keys; each query always sees itself (no empty rows).
+
+        A (B, T, S) attn_mask is taken as the full mask (it already holds causality).
+        """
         S = past + T
         q_pos = torch.arange(past, S, device=attn_mask.device)[:, None]
         k_pos = torch.arange(S, device=attn_mask.device)[None, :]
+        if attn_mask.dim() == 3:
+            return (attn_mask.bool() | (k_pos == q_pos))[:, None]
         causal = k_pos <= q_pos  # (T, S)
         mask = causal[None] & attn_mask[:, None, :S].bool()
         mask |= k_pos == q_pos
