@@ -7,6 +7,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _Int8MatMul(torch.autograd.Function):
+    """x @ (weight_int8 * scale).T with ATen's fused kernel (which has no derivative of its own).
+
+    The weight is frozen; x gets its gradient, so layers below a frozen int8 layer (LoRA) still train.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight_int8, scale)
+        return torch.ops.aten._weight_int8pack_mm(x, weight_int8, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight_int8, scale = ctx.saved_tensors
+        return (grad * scale) @ weight_int8.to(grad.dtype), None, None
+
+
 class Int8Linear(nn.Module):
     """A Linear whose weight is stored as int8 rows with one fp scale per row (4x smaller than fp32)."""
 
@@ -30,9 +47,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.device.type == "cpu":
             # ATen's fused int8-weight matmul: no full dequantized copy per call.
-            y = torch.ops.aten._weight_int8pack_mm(
-                x.reshape(-1, self.in_features), self.weight_int8, self.scale.to(x.dtype)
-            ).view(*x.shape[:-1], self.out_features)
+            y = _Int8MatMul.apply(x.reshape(-1, self.in_features), self.weight_int8, self.scale.to(x.dtype))
+            y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
         return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

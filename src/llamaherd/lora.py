@@ -1,0 +1,368 @@
+"""LoRA (Hu et al. 2021): a frozen weight W plus a trainable low-rank update, y = W x + (alpha / r) B A x.
+
+A (r, in) starts random and B (out, r) starts at zero, so an injected model computes exactly what the base
+did. The base may be an `nn.Linear`, an `Int8Linear` (frozen int8 weights: the QLoRA-style path that runs on
+CPU) or, with bitsandbytes on a GPU, a 4-bit NF4 `Linear4bit` (`quantize_nf4`).
+
+Names follow Hugging Face PEFT: a wrapped layer keeps its place in the model as `LoRALinear` with
+`base_layer`, `lora_A` and `lora_B` children, so `save_adapter` writes PEFT's own keys
+(`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`) and `peft.PeftModel.from_pretrained`
+opens the result on the `transformers` model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llamaherd.errors import CheckpointError, InputError
+from llamaherd.quantize import Int8Linear
+
+# Short target names -> the module names in `GPT` (Hugging Face Llama names).
+TARGETS = {
+    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+    "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "lm_head": "lm_head",
+}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Rank, scale (alpha / r, or alpha / sqrt(r) with rslora), dropout on the LoRA input, target layers."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "v")
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise InputError(f"LoRA rank r={self.r} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"LoRA dropout={self.dropout} must be in [0, 1)")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        for t in self.targets:
+            if t not in TARGETS and t not in TARGETS.values():
+                raise InputError(f"unknown LoRA target {t!r}; choose from {', '.join(TARGETS)}")
+
+    @property
+    def module_names(self) -> set[str]:
+        return {TARGETS.get(t, t) for t in self.targets}
+
+    def scaling(self, r: int | None = None) -> float:
+        r = r or self.r
+        return self.alpha / (math.sqrt(r) if self.rslora else r)
+
+
+class LoRALinear(nn.Module):
+    """`base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`, with the base frozen."""
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        device, dtype = _float_param(base_layer)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear (and PEFT) initialise
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.scaling = r, scaling
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (so `GPT.output_weight` and device look-ups keep working)."""
+        return self.base_layer.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A, shape (out, in), in fp32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        lora_x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        return y + (self.lora_B(self.lora_A(lora_x)) * self.scaling).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}"
+
+
+def _float_param(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype the LoRA matrices should use beside this base layer."""
+    if isinstance(module, Int8Linear):
+        return module.scale.device, module.scale.dtype
+    w = module.weight
+    dtype = w.dtype if w.is_floating_point() else getattr(module, "compute_dtype", None) or torch.float32
+    return w.device, dtype
+
+
+def _check_targets(model: nn.Module, names: set[str]) -> None:
+    config = getattr(model, "config", None)
+    if "lm_head" in names and getattr(config, "tie_embeddings", False):
+        raise InputError(
+            "this model ties lm_head to the input embeddings, so it has no separate lm_head to adapt; "
+            "drop 'lm_head' from the LoRA targets"
+        )
+    present = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+    missing = sorted(names - present)
+    if missing:
+        raise InputError(
+            f"LoRA targets {', '.join(missing)} do not exist in this model (e.g. a GELU MLP has no gate_proj); "
+            "remove them from the targets"
+        )
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Wrap every target layer in a `LoRALinear` and freeze everything else (in place; returns `model`)."""
+    names = config.module_names
+    _check_targets(model, names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in names and not isinstance(child, LoRALinear):
+                lora = LoRALinear(child, config.r, config.scaling(), config.dropout)
+                setattr(module, child_name, lora)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every `LoRALinear` in the model by its module name (e.g. `model.layers.0.self_attn.q_proj`)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors, under the model's own names (what a LoRA training checkpoint needs)."""
+    return {n: p for n, p in model.state_dict().items() if ".lora_A." in n or ".lora_B." in n}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain layer back (in place; returns `model`).
+
+    An int8 or NF4 base is dequantized first, so the merged layer is an `nn.Linear` in the dtype of the
+    LoRA matrices: exact, and ready for `save_hf`.
+    """
+    for name, lora in lora_layers(model).items():
+        base = lora.base_layer
+        delta = lora.delta_weight()
+        if isinstance(base, nn.Linear) and base.weight.is_floating_point() and type(base) is nn.Linear:
+            with torch.no_grad():
+                base.weight += delta.to(base.weight.dtype)
+            merged = base
+        else:
+            dtype = lora.lora_A.weight.dtype
+            merged = nn.Linear(lora.in_features, lora.out_features, bias=base.bias is not None,
+                               device=delta.device, dtype=dtype)
+            with torch.no_grad():
+                merged.weight.copy_(_dequantize(base) + delta)
+                if base.bias is not None:
+                    merged.bias.copy_(base.bias)
+        merged.requires_grad_(False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, merged)
+    return model
+
+
+def _dequantize(base: nn.Module) -> torch.Tensor:
+    """The fp32 weight of a quantized base layer."""
+    if isinstance(base, Int8Linear):
+        return base.dequantized(torch.float32)
+    import bitsandbytes as bnb  # only an NF4 base gets here
+
+    return bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+
+
+def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
+                 skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace every nn.Linear (except `skip`) by a bitsandbytes 4-bit NF4 layer on the GPU (QLoRA's base).
+
+    Needs bitsandbytes and CUDA; on CPU load the model with `quantize="int8"` instead.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise InputError(
+            "4-bit NF4 needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; "
+            "on CPU use the int8 base (load_model(..., quantize='int8'))"
+        ) from None
+    if not torch.cuda.is_available():
+        raise InputError("4-bit NF4 needs a CUDA GPU; on CPU use the int8 base (load_model(..., quantize='int8'))")
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child_name not in skip:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data.cpu(), requires_grad=False)
+                setattr(module, child_name, q.cuda())
+    return model
+
+
+# ---- PEFT layout ---------------------------------------------------------------------------------------------
+def _check_llama_layout(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if getattr(config, "family", "llama") != "llama":
+        raise InputError(
+            f"PEFT adapter files are written for Llama-layout models, not {config.family!r} (whose Hugging Face "
+            "layers are fused); merge the adapter with merge_lora and export with save_hf instead"
+        )
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's layout (each file atomically)."""
+    _check_llama_layout(model)
+    layers = lora_layers(model)
+    if not layers:
+        raise InputError("the model has no LoRA layers to save; call inject_lora or load_adapter first")
+    first = next(iter(layers.values()))
+    scalings = {round(m.scaling * m.r, 6) for m in layers.values()}
+    ranks = {m.r for m in layers.values()}
+    dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in layers.values()}
+    if len(scalings) != 1 or len(ranks) != 1:
+        raise InputError("all LoRA layers must share one rank and alpha to be written as one PEFT adapter")
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.scaling * first.r,
+        "lora_dropout": max(dropouts),
+        "target_modules": sorted({n.rpartition(".")[2] for n in layers}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (ADAPTER_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / ADAPTER_WEIGHTS)
+    tmp = out / (ADAPTER_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(out / ADAPTER_CONFIG)
+    return out
+
+
+def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{cfg_path}: not found (is {path} a PEFT adapter directory?)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not weights_path.exists():
+        raise CheckpointError(f"{weights_path}: not found (adapters saved as .bin are not read; re-save with "
+                              "safe_serialization=True)")
+    try:
+        tensors = load_file(str(weights_path))
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights_path}: unreadable safetensors ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    unsupported = [(k, v) for k, v in (("use_dora", True), ("fan_in_fan_out", True)) if cfg.get(k) == v]
+    if cfg.get("bias", "none") != "none":
+        unsupported.append(("bias", cfg["bias"]))
+    if cfg.get("modules_to_save"):
+        unsupported.append(("modules_to_save", cfg["modules_to_save"]))
+    if unsupported:
+        k, v = unsupported[0]
+        raise CheckpointError(f"{cfg_path}: field {k!r} = {v!r} is not supported by llamaherd's LoRA")
+    return cfg, tensors
+
+
+def _pattern_value(patterns: dict, module_name: str, default: float) -> float:
+    """PEFT's rank/alpha_pattern: the first key that matches the end of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", module_name):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | None = None) -> nn.Module:
+    """Inject and fill the LoRA layers of a PEFT adapter directory (in place; returns `model`).
+
+    The rank of each layer comes from its tensors; alpha from `lora_alpha`/`alpha_pattern`; the scale is
+    alpha / r (alpha / sqrt(r) with `use_rslora`). Full base-layer copies PEFT may store are skipped.
+    """
+    _check_llama_layout(model)
+    path = Path(adapter_dir)
+    cfg, tensors = _read_adapter(path)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.match(rf"^{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)(?:\.default)?\.weight$", key)
+        if m is None:
+            if key.endswith(".base_layer.weight"):
+                continue
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: unexpected tensor {key!r} (not a LoRA A/B weight)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = t
+    for_names = {n for n, _ in model.named_modules()}
+    dropout = cfg.get("lora_dropout", 0.0) if dropout is None else dropout
+    for name, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: {name} has {sorted(ab)} but needs lora_A and lora_B")
+        if name not in for_names:
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: layer {name!r} does not exist in this model")
+        module = model.get_submodule(name)
+        if not isinstance(module, LoRALinear):
+            if not hasattr(module, "in_features"):
+                raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: layer {name!r} is not a linear layer")
+            module = LoRALinear(module, ab["lora_A"].shape[0], 1.0, dropout)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        a, b = ab["lora_A"], ab["lora_B"]
+        r = a.shape[0]
+        if tuple(a.shape) != (r, module.in_features) or tuple(b.shape) != (module.out_features, r):
+            raise CheckpointError(
+                f"{path / ADAPTER_WEIGHTS}: {name} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, which do "
+                f"not fit a ({module.out_features}, {module.in_features}) layer (adapter for another model?)"
+            )
+        if module.r != r:
+            device, dtype = module.lora_A.weight.device, module.lora_A.weight.dtype
+            module.lora_A = nn.Linear(module.in_features, r, bias=False, device=device, dtype=dtype)
+            module.lora_B = nn.Linear(r, module.out_features, bias=False, device=device, dtype=dtype)
+            module.r = r
+        with torch.no_grad():
+            module.lora_A.weight.copy_(a)
+            module.lora_B.weight.copy_(b)
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
+        module.scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in lora_layers(model).values():
+        module.lora_A.weight.requires_grad_(True)
+        module.lora_B.weight.requires_grad_(True)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; int8 base weights count as parameters of the total."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(b.numel() for n, b in model.named_buffers() if n.endswith("weight_int8"))
+    return trainable, total
