@@ -119,6 +119,18 @@ def build_on_meta(config: Config, quantize: str | None = None) -> GPT:
     return model
 
 
+def matmul_layout(t: torch.Tensor) -> torch.Tensor:
+    """Store fp32 matrices column-major (same shape, transposed strides).
+
+    F.linear then hands BLAS an untransposed (in, out) matrix, whose fp32 matrix-vector product reads
+    memory markedly faster than the row-major one here (decode is a chain of matrix-vector products;
+    see benchmarks/generate.py). The bf16/fp16 kernels are the other way round, so they stay row-major.
+    """
+    if t.dtype != torch.float32 or t.dim() != 2:
+        return t
+    return t.t().contiguous().t()
+
+
 def load_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, origin: str) -> None:
     """Assign each tensor into place (cast to `dtype`), checking names and shapes; all must be present."""
     from llamaherd.quantize import Int8Linear
@@ -141,7 +153,8 @@ def load_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtype:
         if isinstance(module, Int8Linear) and attr == "weight":
             module.set_weight(t)
         else:
-            setattr(module, attr, nn.Parameter(t.to(dtype).contiguous(), requires_grad=t.is_floating_point()))
+            t = matmul_layout(t.to(dtype).contiguous())
+            setattr(module, attr, nn.Parameter(t, requires_grad=t.is_floating_point()))
         seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
