@@ -186,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     for module, adder in (("llamaherd.evaluate.cli", "add_eval_parser"),
-                          ("llamaherd.leaderboard.cli", "add_leaderboard_parser")):
+                          ("llamaherd.leaderboard.cli", "add_leaderboard_parser"),
+                          ("llamaherd.train.cli", "add_finetune_parser"),
+                          ("llamaherd.train.cli", "add_merge_parser"),
+                          ("llamaherd.train.cli", "add_estimate_parser")):
         try:
             mod = __import__(module, fromlist=[adder])
         except ModuleNotFoundError as e:

@@ -1,0 +1,113 @@
+"""`herd finetune`, `herd merge` and `herd estimate`: thin layers over llamaherd.train, .lora and .estimate."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from llamaherd.train.config import METHODS, SCHEDULES, TrainConfig, load_yaml
+
+HELP = {
+    "data": "training file: Alpaca JSON/JSONL, ShareGPT, OpenAI messages JSONL or .txt (repeatable)",
+    "val_data": "validation file (repeatable); default: split val_fraction off the training data",
+    "method": "full, lora or qlora (LoRA on an int8 weight-only quantized base)",
+    "batch_size": "samples per optimizer step across all processes",
+    "micro_batch_size": "samples per forward pass on one process (batch_size / (micro x processes) = accumulation)",
+    "lora_targets": "LoRA target modules by name: q k v o gate up down lm_head",
+    "bf16": "bf16 autocast (weights and optimizer state stay fp32)",
+    "distributed": "under torchrun: ddp (replicated) or fsdp (FSDP2 fully_shard); auto = ddp",
+    "resume": "continue exactly from the newest checkpoint in out_dir",
+    "max_steps": "optimizer steps (default: epochs over the data)",
+}
+CHOICES = {"method": METHODS, "schedule": SCHEDULES, "distributed": ("auto", "ddp", "fsdp"),
+           "data_format": ("auto", "alpaca", "sharegpt", "messages", "text")}
+
+
+def _flag_type(hint: object) -> tuple[type, bool]:
+    """(element type, is list) of a TrainConfig field's type: `int | None` -> (int, False), `list[str]` -> (str, True)."""
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="instruction/chat fine-tuning: full, LoRA or QLoRA (resumable, torchrun-ready)",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("model", nargs="?", help="base model: preset/alias, checkpoint path or hub id "
+                                            "(default: embedded smollm2-135m-instruct)")
+    p.add_argument("--config", help="YAML file of run settings; flags given here override it")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            continue
+        kind, many = _flag_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP.get(f.name))
+        elif many:
+            p.add_argument(flag, type=kind, nargs="+", action="extend", help=HELP.get(f.name))
+        else:
+            p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=HELP.get(f.name))
+    p.set_defaults(func=cmd_finetune)
+
+
+def finetune_config(args: argparse.Namespace) -> TrainConfig:
+    """YAML settings (if any), overridden by the flags actually given."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
+    origin = args.config if getattr(args, "config", None) else "command line"
+    return TrainConfig.from_dict(values | given, origin=origin)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from llamaherd.train.sft import run_sft
+
+    run_sft(finetune_config(args))
+
+
+def add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base and export Hugging Face safetensors")
+    p.add_argument("base", help="base model the adapter was trained on")
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from llamaherd.checkpoints.hf import save_hf
+    from llamaherd.load import DTYPES, load_model
+    from llamaherd.lora import load_adapter, merge_lora
+
+    loaded = load_model(args.base)
+    load_adapter(loaded.model, args.adapter)
+    model = merge_lora(loaded.model)
+    state = {k: v.to(DTYPES[args.dtype]) for k, v in model.state_dict().items()}
+    out = save_hf(state, model.config, args.out)
+    loaded.tokenizer.save_pretrained(out)
+    print(f"merged {args.adapter} into {loaded.source.name}; wrote {Path(out)}")
+
+
+def add_estimate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate", help="training memory: parameters, weights, gradients, optimizer, activations")
+    p.add_argument("model", nargs="?", default=None, help="preset/alias name or checkpoint path")
+    p.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1, help="micro-batch size")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", nargs="+", default=["q", "v"])
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.set_defaults(func=cmd_estimate)
+
+
+def cmd_estimate(args: argparse.Namespace) -> None:
+    from llamaherd.estimate import estimate, format_table
+
+    result = estimate(args.model, method=args.method, seq_len=args.seq_len, batch=args.batch, lora_r=args.lora_r,
+                      lora_targets=args.lora_targets, activation_checkpointing=args.activation_checkpointing)
+    print(format_table(result))

@@ -1,0 +1,129 @@
+"""The run configuration: one flat dataclass that `herd finetune` fills from flags or a YAML file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llamaherd.errors import InputError
+
+METHODS = ("full", "lora", "qlora")
+SCHEDULES = ("cosine", "linear", "constant")
+# Fields that may change between a run and its resumption without changing the loss sequence.
+RESUME_MUTABLE = frozenset({"resume", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
+                            "tensorboard", "plot"})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a fine-tuning run; saved as `run_config.yaml` beside its checkpoints."""
+
+    # what to train
+    model: str | None = None  # preset/alias, local checkpoint or hub id (None: embedded SmolLM2)
+    data: list[str] = field(default_factory=list)
+    val_data: list[str] = field(default_factory=list)  # empty: split `val_fraction` off `data`
+    val_fraction: float = 0.05
+    data_format: str = "auto"  # auto | alpaca | sharegpt | messages | text
+    chat_format: str | None = None  # None: the model's own template (alpaca for base models)
+    max_seq_len: int = 512
+    packing: bool = False
+    train_on_prompt: bool = False  # False: loss on assistant tokens (and EOS) only
+    method: str = "lora"
+    out_dir: str = "out/finetune"
+    # LoRA
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    # optimisation
+    max_steps: int | None = None  # None: run `epochs` over the data
+    epochs: int = 1
+    batch_size: int = 8  # samples per optimizer step, across all processes
+    micro_batch_size: int = 1  # samples per forward pass on one process
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    bf16: bool = False  # bf16 autocast for matmuls; weights and optimizer state stay fp32
+    activation_checkpointing: bool = False
+    seed: int = 1337
+    distributed: str = "auto"  # auto | ddp | fsdp (only used under torchrun with WORLD_SIZE > 1)
+    # feedback and checkpoints
+    eval_every: int = 50
+    eval_max_batches: int | None = None
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    progress: bool = True
+    tensorboard: bool = False
+    plot: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if isinstance(self.val_data, str):
+            self.val_data = [self.val_data]
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        checks = [
+            (self.method in METHODS, "method", f"choose one of {', '.join(METHODS)}"),
+            (self.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}"),
+            (self.distributed in ("auto", "ddp", "fsdp"), "distributed", "choose auto, ddp or fsdp"),
+            (self.batch_size >= 1 and self.micro_batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.batch_size % self.micro_batch_size == 0, "batch_size",
+             f"must be a multiple of micro_batch_size={self.micro_batch_size}"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
+            (self.lr > 0, "lr", "must be > 0"),
+            (self.max_seq_len >= 2, "max_seq_len", "must be >= 2"),
+        ]
+        for ok, name, fix in checks:
+            if not ok:
+                raise InputError(f"config field {name!r} = {getattr(self, name)!r}: {fix}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], origin: str = "config") -> TrainConfig:
+        """Build from a mapping, naming any unknown key and the closest known one."""
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                import difflib
+
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise InputError(f"{origin}: unknown field {key!r}{hint}")
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        """Write as YAML (atomically)."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict (dashes in keys become underscores), with a clear error if malformed."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: invalid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -1,0 +1,71 @@
+"""`lineage.json`: where a fine-tuned model came from, in the schema the leaderboard imports.
+
+    {"schema": 1,
+     "child":  {"name", "path", "fingerprint" | null},
+     "parent": {"name", "path", "fingerprint"},
+     "method": "full-sft" | "lora-sft" | "qlora-sft",
+     "data_files": [{"path", "sha256"}],
+     "hyperparameters": {...}, "final_metrics": {...}, "date": ISO 8601 (UTC)}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from llamaherd.errors import CheckpointError
+from llamaherd.fingerprint import model_fingerprint
+
+SCHEMA = 1
+LINEAGE_FILE = "lineage.json"
+METHODS = {"full": "full-sft", "lora": "lora-sft", "qlora": "qlora-sft"}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_lineage(
+    child_name: str,
+    child_path: Path,
+    parent_name: str,
+    parent_path: Path,
+    method: str,
+    data_files: list[str | Path],
+    hyperparameters: dict[str, Any],
+    final_metrics: dict[str, Any],
+    parent_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """The lineage record; the child's fingerprint is null when it has no weight files to hash."""
+    try:
+        child_fp: str | None = model_fingerprint(child_path)
+    except CheckpointError:  # nothing to hash: recorded as null
+        child_fp = None
+    return {
+        "schema": SCHEMA,
+        "child": {"name": child_name, "path": str(Path(child_path).resolve()), "fingerprint": child_fp},
+        "parent": {"name": parent_name, "path": str(Path(parent_path).resolve()),
+                   "fingerprint": parent_fingerprint or model_fingerprint(parent_path)},
+        "method": METHODS.get(method, method),
+        "data_files": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in data_files],
+        "hyperparameters": hyperparameters,
+        "final_metrics": final_metrics,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_lineage(out_dir: Path, lineage: dict[str, Any]) -> Path:
+    """Write `out_dir/lineage.json` atomically."""
+    path = Path(out_dir) / LINEAGE_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(lineage, indent=2) + "\n")
+    tmp.replace(path)
+    return path
