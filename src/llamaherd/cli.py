@@ -142,7 +142,9 @@ def cmd_models(args: argparse.Namespace) -> None:
         cfg = presets.preset(name)
         base = presets.ALIASES[name].base if name in presets.ALIASES else "preset"
         table.add_row(name, base, human_count(cfg.n_params), cfg.hub_id or "", cfg.chat_format or "")
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 140)  # never cut names or hub ids, even in a pipe
+    console.print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
