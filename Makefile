@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/herd chat --prompt "In one sentence, what is a llama?" --max-new-tokens 64
+	$(BIN)/herd demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
