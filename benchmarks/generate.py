@@ -64,45 +64,45 @@ def main() -> None:
     long = torch.randint(100, 40000, (1, args.prompt_tokens))
     for name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-        flops = matmul_flops(dtype)
-        ours = load_gpt(embedded_model_path(), dtype=dtype)
-        theirs = load_transformers(dtype)
-        n_params = ours.config.n_params
-        weight_bytes = n_params * torch.finfo(dtype).bits // 8
+        compare(name, dtype, args, short, long, bandwidth)
 
-        def ours_decode():
-            generate_ids(ours, short[0].tolist(), max_new_tokens=args.new_tokens, stop_ids=set())
 
-        def theirs_decode():
-            with torch.inference_mode():
-                theirs.generate(short, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                do_sample=False, pad_token_id=0)
+def compare(name: str, dtype: torch.dtype, args: argparse.Namespace, short: torch.Tensor, long: torch.Tensor,
+            bandwidth: float) -> None:
+    flops = matmul_flops(dtype)
+    ours = load_gpt(embedded_model_path(), dtype=dtype)
+    theirs = load_transformers(dtype)
+    n_params = ours.config.n_params
+    weight_bytes = n_params * torch.finfo(dtype).bits // 8
 
-        def ours_prefill():
-            with torch.inference_mode():
-                ours(long, cache=ours.new_cache(1, args.prompt_tokens + 1), last_only=True)
+    def ours_decode():
+        generate_ids(ours, short[0].tolist(), max_new_tokens=args.new_tokens, stop_ids=set())
 
-        def theirs_prefill():
-            with torch.inference_mode():
-                theirs(long, logits_to_keep=1, use_cache=True)
+    def theirs_decode():
+        with torch.inference_mode():
+            theirs.generate(short, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                            do_sample=False, pad_token_id=0)
 
-        results = {}
-        for label, fn, n in (("decode", (ours_decode, theirs_decode), args.new_tokens),
-                             ("prefill", (ours_prefill, theirs_prefill), args.prompt_tokens)):
-            results[label] = [n / best_time(f, args.repeats) for f in fn]
-        print(f"\n[{name}] SmolLM2-135M, {n_params / 1e6:.1f}M params, {weight_bytes / 1e6:.0f} MB of weights, "
-              f"matmul {flops / 1e9:.0f} GFLOP/s")
-        d_ours, d_theirs = results["decode"]
-        p_ours, p_theirs = results["prefill"]
-        print(f"  decode  (batch 1, {args.new_tokens} new tokens): llamaherd {d_ours:7.1f} tok/s   "
-              f"transformers {d_theirs:7.1f} tok/s   ratio {d_ours / d_theirs:.2f}x   "
-              f"bandwidth used {weight_bytes * d_ours / bandwidth:.0%} (transformers "
-              f"{weight_bytes * d_theirs / bandwidth:.0%})")
-        print(f"  prefill ({args.prompt_tokens}-token prompt):       llamaherd {p_ours:7.1f} tok/s   "
-              f"transformers {p_theirs:7.1f} tok/s   ratio {p_ours / p_theirs:.2f}x   "
-              f"matmul peak used {2 * n_params * p_ours / flops:.0%} (transformers "
-              f"{2 * n_params * p_theirs / flops:.0%})")
-        del ours, theirs
+    def ours_prefill():
+        with torch.inference_mode():
+            ours(long, cache=ours.new_cache(1, args.prompt_tokens + 1), last_only=True)
+
+    def theirs_prefill():
+        with torch.inference_mode():
+            theirs(long, logits_to_keep=1, use_cache=True)
+
+    d_ours, d_theirs = (args.new_tokens / best_time(f, args.repeats) for f in (ours_decode, theirs_decode))
+    p_ours, p_theirs = (args.prompt_tokens / best_time(f, args.repeats) for f in (ours_prefill, theirs_prefill))
+    print(f"\n[{name}] SmolLM2-135M, {n_params / 1e6:.1f}M params, {weight_bytes / 1e6:.0f} MB of weights, "
+          f"matmul {flops / 1e9:.0f} GFLOP/s")
+    print(f"  decode  (batch 1, {args.new_tokens} new tokens): llamaherd {d_ours:7.1f} tok/s   "
+          f"transformers {d_theirs:7.1f} tok/s   ratio {d_ours / d_theirs:.2f}x   "
+          f"bandwidth used {weight_bytes * d_ours / bandwidth:.0%} (transformers "
+          f"{weight_bytes * d_theirs / bandwidth:.0%})")
+    print(f"  prefill ({args.prompt_tokens}-token prompt):       llamaherd {p_ours:7.1f} tok/s   "
+          f"transformers {p_theirs:7.1f} tok/s   ratio {p_ours / p_theirs:.2f}x   "
+          f"matmul peak used {2 * n_params * p_ours / flops:.0%} (transformers "
+          f"{2 * n_params * p_theirs / flops:.0%})")
 
 
 if __name__ == "__main__":
