@@ -11,7 +11,8 @@ from pathlib import Path
 from eval_tiny import save_tiny_eval_model
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "water", "boils", "ice", "melts", "capital", "france", "paris", "spider", "legs"]
+WORDS = ("the quick brown fox jumps over lazy dog water boils ice melts capital france paris spider "
+         "legs").split()
 
 
 def make_tiny_run_inputs(root: Path, n_records: int = 48) -> tuple[Path, Path]:
@@ -32,12 +33,12 @@ def tiny_args(model: Path, data: Path, out: Path, **overrides: object) -> list[s
     opts: dict[str, object] = {
         "data": data, "out-dir": out, "method": "full", "max-steps": 8, "batch-size": 4, "micro-batch-size": 2,
         "eval-every": 4, "save-every": 4, "lr": 1e-3, "chat-format": "alpaca", "lora-dropout": 0.0,
-        "warmup-steps": 2,
+        "warmup-steps": 2, "progress": False, "plot": False,
     } | {k.replace("_", "-"): v for k, v in overrides.items()}
     args = ["finetune", str(model)]
     for key, value in opts.items():
         args += [f"--{key}"] if value is True else [f"--no-{key}"] if value is False else [f"--{key}", str(value)]
-    return [*args, "--no-progress", "--no-plot"]
+    return args
 
 
 def herd_cmd(*args: str) -> list[str]:

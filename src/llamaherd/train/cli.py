@@ -27,7 +27,7 @@ CHOICES = {"method": METHODS, "schedule": SCHEDULES, "distributed": ("auto", "dd
 
 
 def _flag_type(hint: object) -> tuple[type, bool]:
-    """(element type, is list) of a TrainConfig field's type: `int | None` -> (int, False), `list[str]` -> (str, True)."""
+    """(element type, is list) of a field type: `int | None` -> (int, False), `list[str]` -> (str, True)."""
     if isinstance(hint, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is list:

@@ -104,7 +104,12 @@ def run_sft(cfg: TrainConfig) -> dict[str, Any]:
             print(msg, flush=True)
 
     seed_everything(cfg.seed)
-    loaded = load_model(cfg.model, quantize="int8" if cfg.method == "qlora" else None)
+    nf4 = cfg.method == "qlora" and info.device.type == "cuda"  # QLoRA's 4-bit NF4 base; int8 on CPU
+    loaded = load_model(cfg.model, quantize="int8" if cfg.method == "qlora" and not nf4 else None)
+    if nf4:
+        from llamaherd.lora import quantize_nf4
+
+        quantize_nf4(loaded.model, compute_dtype=torch.bfloat16)
     parent_fp = model_fingerprint(loaded.source.path) if info.is_main else None
     chat_format = cfg.chat_format or loaded.chat_format or "alpaca"
     tok = loaded.tokenizer
