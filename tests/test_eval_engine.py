@@ -148,3 +148,15 @@ def test_empty_continuation_is_an_input_error(tiny_dir):
     engine = LoglikelihoodEngine(load_gpt(tiny_dir), TinyEncoder(tiny_dir), add_bos=False)
     with pytest.raises(InputError, match="encodes to no tokens"):
         engine.loglikelihood([("Question:", "")])
+
+
+def test_many_continuations_of_one_context_split_over_rows(tiny_dir):
+    """More continuation tokens than max_length after one context: packed over several rows, same numbers."""
+    model = load_gpt(tiny_dir, dtype=torch.float64)
+    pairs = [("Question:", f" water boils at {w} degrees and the fox jumps") for w in ("one", "zero", "a", "the")] * 3
+    engine = LoglikelihoodEngine(model, TinyEncoder(tiny_dir), add_bos=False, batch_size=2, max_length=24)
+    encoded = engine.encode(pairs)
+    assert sum(len(e.continuation) - 1 for e in encoded) > 2 * 24
+    for r, (ref_lps, ref_greedy) in zip(engine.loglikelihood(pairs), brute_force(model, encoded), strict=True):
+        assert r.token_logprobs == pytest.approx(ref_lps, abs=1e-9)
+        assert r.is_greedy == ref_greedy

@@ -5,9 +5,12 @@ context + continuation, and keeps the tokens of the whole after the context's le
 with the same context tokens share one prefix. Three things make the engine fast without changing a
 number:
 
-- each distinct context runs once; its KV state is copied to one row per continuation (a group);
-- contexts are batched longest first, left-padded under an attention mask; continuations are
-  right-padded after the shared prefix, where causal attention keeps real tokens from seeing pads;
+- each distinct context runs once, and every continuation reads its KV state in place: the
+  continuations of a context are packed one after another in its row, under a mask that lets each
+  token see the context and the earlier tokens of its own continuation only;
+- contexts are batched longest first and right-padded, so the context pass needs no mask (causal
+  attention keeps real tokens from seeing later pads); a batch of up to batch_size contexts takes two
+  forward passes, one for the contexts and one for all their continuations;
 - logits are computed only at the positions that score a continuation token, log-softmax in fp32.
 
 A request that is left-truncated to the model's context gets a context of its own (its group has one
@@ -95,7 +98,7 @@ class LoglikelihoodEngine:
     """Scores (context, continuation) pairs with a `GPT`; see the module docstring for the method.
 
     add_bos: prepend BOS to context and whole encodings (the protocol decides).
-    batch_size: most sequences per forward pass (contexts in the prefill, continuations after it).
+    batch_size: most rows per forward pass: contexts, then the same rows holding their continuations.
     max_length: the model's context length for truncation (default: config.block_size).
     """
 
@@ -136,87 +139,109 @@ class LoglikelihoodEngine:
     @torch.inference_mode()
     def iter_results(self, encoded: Sequence[Encoded]) -> Iterator[tuple[int, Result]]:
         """(request index, result) as each finishes; longest contexts first."""
-        groups: dict[tuple[int, ...], list[int]] = {}
+        by_context: dict[tuple[int, ...], list[int]] = {}
         for i, e in enumerate(encoded):
-            groups.setdefault(e.context, []).append(i)
-        order = sorted(groups.items(), key=lambda g: (-len(g[0]), g[0]))
+            by_context.setdefault(e.context, []).append(i)
+        # A row packs a context's continuations up to max_length tokens; more continuations (many
+        # requests after one short shared prefix) take more rows.
+        groups = []
+        for ctx, members in by_context.items():
+            part, packed = [], 0
+            for i in members:
+                n = len(encoded[i].continuation) - 1
+                if part and packed + n > self.max_length:
+                    groups.append((ctx, part))
+                    part, packed = [], 0
+                part.append(i)
+                packed += n
+            groups.append((ctx, part))
+        order = sorted(groups, key=lambda g: (-len(g[0]), g[0]))
         for start in range(0, len(order), self.batch_size):
             yield from self._run_groups(order[start:start + self.batch_size], encoded)
 
     def _run_groups(self, groups: list[tuple[tuple[int, ...], list[int]]],
                     encoded: Sequence[Encoded]) -> Iterator[tuple[int, Result]]:
-        """Prefill the groups' contexts together, then score their continuations in batches."""
+        """Two forward passes for up to batch_size groups: their contexts, then all their continuations."""
         model, dev = self.model, self.device
+        G = len(groups)
         ctx_lens = torch.tensor([len(c) for c, _ in groups], device=dev)
         P = int(ctx_lens.max())
-        idx = torch.zeros(len(groups), P, dtype=torch.long)
+        # Continuation inputs (continuation[:-1]) of each group packed one after another in its row.
+        segments = [[] for _ in groups]  # per row: (request index, start, length)
+        for g, (_, members) in enumerate(groups):
+            at = 0
+            for i in members:
+                segments[g].append((i, at, len(encoded[i].continuation) - 1))
+                at += len(encoded[i].continuation) - 1
+        T = max(start + n for row in segments for _, start, n in row)
+        cache = model.new_cache(G, P + T)
+
+        # Contexts right-padded: causal attention keeps every real token from seeing the padding, so
+        # the prefill runs unmasked (fast causal kernels).
+        idx = torch.zeros(G, P, dtype=torch.long)
         for g, (ctx, _) in enumerate(groups):
-            idx[g, P - len(ctx):] = torch.tensor(ctx)
-        pad_mask = torch.arange(P, device=dev)[None, :] >= (P - ctx_lens)[:, None]  # (G, P) True = real token
-        cache = model.new_cache(len(groups), P)
-        h = model(idx.to(dev), attn_mask=None if bool(pad_mask.all()) else pad_mask, cache=cache,
-                  last_only=True, return_hidden=True)  # (G, 1, n_embd)
-        first = self._log_probs(h[:, 0])  # (G, vocab): scores every continuation's first token
-        first_greedy = first.argmax(-1)
-
-        rows = [(g, i) for g, (_, members) in enumerate(groups) for i in members]
+            idx[g, : len(ctx)] = torch.tensor(ctx)
+        h = model(idx.to(dev), cache=cache, return_hidden=True)  # (G, P, n_embd)
+        first = self._log_probs(h[torch.arange(G, device=dev), ctx_lens - 1])  # (G, vocab): first tokens
+        rows = [(g, i) for g, row in enumerate(segments) for i, _, _ in row]
         targets = torch.tensor([encoded[i].continuation[0] for _, i in rows], device=dev)
-        row_groups = torch.tensor([g for g, _ in rows], device=dev)
-        first_lp = first[row_groups, targets].tolist()
-        first_ok = (first_greedy[row_groups] == targets).tolist()
-        heads = {i: (lp, ok) for (_, i), lp, ok in zip(rows, first_lp, first_ok, strict=True)}
-
-        for g, i in rows:
+        row_of = torch.tensor([g for g, _ in rows], device=dev)
+        head_lp = first[row_of, targets].tolist()
+        head_ok = (first.argmax(-1)[row_of] == targets).tolist()
+        heads = {i: (lp, ok) for (_, i), lp, ok in zip(rows, head_lp, head_ok, strict=True)}
+        for _, i in rows:
             if len(encoded[i].continuation) == 1:
                 lp, ok = heads[i]
                 yield i, Result(lp, ok, (lp,), encoded[i].truncated)
-        longer = sorted(((g, i) for g, i in rows if len(encoded[i].continuation) > 1),
-                        key=lambda r: -len(encoded[r[1]].continuation))
-        for start in range(0, len(longer), self.batch_size):
-            chunk = longer[start:start + self.batch_size]
-            tails = self._score_tails(chunk, encoded, cache, pad_mask, ctx_lens)
-            for (_, i), (lps, oks) in zip(chunk, tails, strict=True):
-                lp0, ok0 = heads[i]
-                token_lps = (lp0, *lps)
-                yield i, Result(sum(token_lps), ok0 and all(oks), token_lps, encoded[i].truncated)
+        if T == 0:
+            return
+        for i, (lps, oks) in self._score_tails(segments, encoded, cache, ctx_lens, T):
+            lp0, ok0 = heads[i]
+            token_lps = (lp0, *lps)
+            yield i, Result(sum(token_lps), ok0 and all(oks), token_lps, encoded[i].truncated)
 
-    def _score_tails(self, chunk: list[tuple[int, int]], encoded: Sequence[Encoded], cache: KVCache,
-                     pad_mask: torch.Tensor, ctx_lens: torch.Tensor) -> list[tuple[list[float], list[bool]]]:
-        """Continuation tokens after the first: feed continuation[:-1] after each row's cached context."""
+    def _score_tails(self, segments: list[list[tuple[int, int, int]]], encoded: Sequence[Encoded],
+                     cache: KVCache, ctx_lens: torch.Tensor, T: int) -> list[tuple[int, tuple[list, list]]]:
+        """Every continuation token after the first, in one pass over the packed continuations.
+
+        Each token sees its row's context (not the padding after it) and the earlier tokens of its own
+        continuation, never another continuation: the same attention as one row per request.
+        """
         dev = self.device
-        conts = [encoded[i].continuation for _, i in chunk]
-        n_in = torch.tensor([len(c) - 1 for c in conts], device=dev)
-        L = int(n_in.max())
-        groups = torch.tensor([g for g, _ in chunk], device=dev)
-        inp = torch.zeros(len(chunk), L, dtype=torch.long)
-        for r, c in enumerate(conts):
-            inp[r, : len(c) - 1] = torch.tensor(c[:-1])
-        rows = self._take_rows(cache, groups, cache.length + L)
-        positions = ctx_lens[groups, None] + torch.arange(L, device=dev)  # (R, L)
-        attn_mask = torch.cat((pad_mask[groups], torch.ones(len(chunk), L, dtype=torch.bool, device=dev)), 1)
-        h = self.model(inp.to(dev), positions=positions, attn_mask=attn_mask, cache=rows,
-                       return_hidden=True)  # (R, L, n_embd)
-        scored = torch.arange(L, device=dev)[None, :] < n_in[:, None]  # right padding is never scored
-        log_probs = self._log_probs(h[scored])  # (N, vocab), rows in order, positions ascending
-        want = torch.tensor([t for c in conts for t in c[1:]], device=dev)
+        G, P = len(segments), cache.length
+        inp = torch.zeros(G, T, dtype=torch.long)
+        offset = torch.zeros(G, T, dtype=torch.long)  # position within the continuation
+        segment = torch.full((G, T), -1)  # which continuation a position belongs to; -1 = padding
+        for g, row in enumerate(segments):
+            for k, (i, start, n) in enumerate(row):
+                inp[g, start:start + n] = torch.tensor(encoded[i].continuation[:-1])
+                offset[g, start:start + n] = torch.arange(n)
+                segment[g, start:start + n] = k
+        inp, offset, segment = inp.to(dev), offset.to(dev), segment.to(dev)
+        real = segment >= 0  # (G, T)
+        sees_context = (torch.arange(P, device=dev)[None, :] < ctx_lens[:, None])[:, None, :] & real[:, :, None]
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        sees_own = (segment[:, :, None] == segment[:, None, :]) & causal & real[:, :, None]
+        mask = torch.cat((sees_context, sees_own), dim=-1)  # (G, T, P + T)
+        h = self.model(inp, positions=ctx_lens[:, None] + offset, attn_mask=mask, cache=cache,
+                       return_hidden=True)  # (G, T, n_embd)
+        log_probs = self._log_probs(h[real])  # (N, vocab): rows in order, positions ascending
+        want = torch.tensor([t for row in segments for i, _, _ in row for t in encoded[i].continuation[1:]],
+                            device=dev)
         token_lps = log_probs.gather(1, want[:, None])[:, 0].tolist()
         greedy = (log_probs.argmax(-1) == want).tolist()
         out, at = [], 0
-        for c in conts:
-            n = len(c) - 1
-            out.append((token_lps[at:at + n], greedy[at:at + n]))
-            at += n
+        for row in segments:
+            for i, _, n in row:
+                if n:
+                    out.append((i, (token_lps[at:at + n], greedy[at:at + n])))
+                    at += n
         return out
 
-    def _take_rows(self, cache: KVCache, rows: torch.Tensor, max_len: int) -> KVCache:
-        """A cache of len(rows) rows copied from `cache` (a group's prefix once per continuation)."""
-        new = self.model.new_cache(len(rows), max_len, dtype=cache.k.dtype)
-        n = cache.length
-        new.k[:, :, :, :n] = cache.k[:, rows, :, :n]
-        new.v[:, :, :, :n] = cache.v[:, rows, :, :n]
-        new.length = n
-        return new
-
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, n_embd) final hidden states -> (N, vocab) log-probabilities in >= fp32."""
-        return F.log_softmax(F.linear(hidden, self.model.output_weight).to(self.score_dtype), dim=-1)
+        """(N, n_embd) final hidden states -> (N, vocab) log-probabilities in >= fp32.
+
+        The head is applied as GPT.forward applies it (an untied head as a module, so LoRA takes part)."""
+        model = self.model
+        logits = F.linear(hidden, model.output_weight) if model.config.tie_embeddings else model.lm_head(hidden)
+        return F.log_softmax(logits.to(self.score_dtype), dim=-1)

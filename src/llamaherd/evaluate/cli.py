@@ -1,0 +1,88 @@
+"""The `herd eval` subcommand: argument parsing and the summary table, over `runner.evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from llamaherd.evaluate.tasks import PROTOCOLS, TASK_NAMES
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `herd eval` on the `herd` parser's subcommands."""
+    p = subparsers.add_parser(
+        "eval", help="score a model on the Open LLM Leaderboard suite (resumable)",
+        description="Score a model on ARC-Challenge, HellaSwag, MMLU and TruthfulQA as the 2023 Open LLM "
+                    "Leaderboard (--suite leaderboard-2023) or today's lm-evaluation-harness (--suite harness) "
+                    "scores them. Re-running the same command resumes an interrupted run.",
+    )
+    p.add_argument("model", nargs="?", default=None,
+                   help="preset/alias name, local directory, .gguf file or hub id (default: embedded "
+                        "smollm2-135m-instruct)")
+    p.add_argument("--suite", "--protocol", dest="protocol", default="leaderboard-2023", choices=list(PROTOCOLS),
+                   help="which protocol to follow (default: leaderboard-2023)")
+    p.add_argument("--tasks", default=",".join(TASK_NAMES),
+                   help=f"comma-separated tasks (default: {','.join(TASK_NAMES)}); mmlu_<subject> names one subject")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N docs of each task (each MMLU subject); results are marked as estimates")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default: 16)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="results directory (default: eval-results/<model>-<suite>); reused to resume")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="local benchmark files laid out like ../shared/benchmarks (default: the Hugging Face hub)")
+    p.add_argument("--hellaswag-form", default=None,
+                   help="which local HellaSwag file to use when several are present (see docs/evaluation.md)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 to save memory")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="context length to truncate prompts to (default: the model's)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """`herd eval`: evaluate, then print the summary table and where the files are."""
+    from llamaherd.errors import InputError
+    from llamaherd.evaluate.runner import EvalOptions, evaluate
+
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {args.limit}")
+    name = Path(args.model).name if args.model else "smollm2-135m-instruct"
+    output = args.output or Path("eval-results") / f"{name}-{args.protocol}"
+    results = evaluate(EvalOptions(
+        model=args.model, protocol=args.protocol, tasks=args.tasks.split(","), limit=args.limit,
+        batch_size=args.batch_size, output=output, data_dir=args.data_dir, dtype=args.dtype,
+        device=args.device, quantize=args.quantize, max_length=args.max_length,
+        hellaswag_form=args.hellaswag_form, progress=args.progress,
+    ))
+    print_summary(results)
+    print(f"results: {output / 'results.json'}")
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    """A table of every task's headline metric with its standard error, then the leaderboard columns."""
+    from rich.console import Console
+    from rich.table import Table
+
+    estimate = " — ESTIMATE (--limit {})".format(results["limit"]) if results["estimate"] else ""
+    table = Table(title=f"{results['model']['name']} · {results['protocol']}{estimate}")
+    for col in ("task", "version", "shots", "docs", "metric", "value", "± stderr", "data"):
+        table.add_column(col, justify="right" if col in ("shots", "docs", "value", "± stderr") else "left")
+    for task, entry in results["tasks"].items():
+        metric = entry["metric"]
+        value, stderr = entry["metrics"][metric], entry["metrics"][f"{metric}_stderr"]
+        table.add_row(task, entry["version"], str(entry["n_shot"]), str(entry["n_docs"]), metric,
+                      f"{100 * value:.2f}", "n/a" if stderr is None else f"{100 * stderr:.2f}", entry["data_form"])
+    console = Console()
+    console.print(table)
+    scores = results["scores"]
+    console.print("  ".join(f"{k}: {'—' if v is None else f'{v:.2f}'}" for k, v in scores.items()))
+    if results["truncated_requests"]:
+        console.print(f"[yellow]{results['truncated_requests']} requests were left-truncated to the model's "
+                      f"context of {results['model']['max_length']} tokens[/yellow]")
+    for task, entry in results["tasks"].items():
+        for caveat in entry["caveats"]:
+            console.print(f"[yellow]{task}: {caveat}[/yellow]")
