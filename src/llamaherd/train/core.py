@@ -281,8 +281,8 @@ class Trainer:
         seed_everything(cfg.seed + self.info.rank)
         if cfg.resume:
             self._resume()
-        log = MetricsLog(self.out / "metrics.jsonl", self.step if cfg.resume else None, cfg.tensorboard) \
-            if main else None
+        resumed_at = self.step if self.step > 0 else None  # metrics past the checkpoint are dropped
+        log = MetricsLog(self.out / "metrics.jsonl", resumed_at, cfg.tensorboard) if main else None
         if self.step == 0 and self.val_set:
             self._log_val(log)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (main and cfg.progress),

@@ -67,7 +67,13 @@ def plot_loss(metrics_path: Path, out: Path) -> Path:
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+        steps, values = zip(*train, strict=True)
+        ax.plot(steps, values, label="train loss", linewidth=0.8, alpha=0.4)
+        window = max(1, len(values) // 20)
+        if window > 1:  # a trailing mean shows the trend under per-step noise
+            smooth = [sum(values[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+                      for i in range(len(values))]
+            ax.plot(steps, smooth, label=f"train loss, mean of {window} steps", linewidth=1.5)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
