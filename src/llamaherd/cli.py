@@ -187,18 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list presets and derivative names")
     p.set_defaults(func=cmd_models)
 
-    for module, adder in (("llamaherd.evaluate.cli", "add_eval_parser"),
-                          ("llamaherd.leaderboard.cli", "add_leaderboard_parser"),
-                          ("llamaherd.train.cli", "add_finetune_parser"),
-                          ("llamaherd.train.cli", "add_merge_parser"),
-                          ("llamaherd.train.cli", "add_estimate_parser")):
-        try:
-            mod = __import__(module, fromlist=[adder])
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("llamaherd"):
-                continue
-            raise
-        getattr(mod, adder)(sub)
+    from llamaherd.demo import add_demo_parser
+    from llamaherd.evaluate.cli import add_eval_parser
+    from llamaherd.leaderboard.cli import add_leaderboard_parser
+    from llamaherd.train.cli import add_estimate_parser, add_finetune_parser, add_merge_parser
+
+    for add in (add_eval_parser, add_leaderboard_parser, add_finetune_parser, add_merge_parser,
+                add_estimate_parser, add_demo_parser):
+        add(sub)
     return parser
 
 
