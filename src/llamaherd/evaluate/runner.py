@@ -93,17 +93,22 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     start = time.perf_counter()
     timings: dict[str, float] = {}
     protocol = get_protocol(opts.protocol)
-    tasks = resolve_tasks(opts.tasks, opts.data_dir, opts.hellaswag_form)  # bad names fail before loading
+    # Task names, data and --limit are checked before the model is loaded.
+    tasks = resolve_tasks(opts.tasks, opts.data_dir, opts.hellaswag_form)
+    for task in tasks:
+        task.data  # noqa: B018 (loads and checks the data files)
+    timings["data_s"] = time.perf_counter() - start
+    t = time.perf_counter()
+    runs = [TaskRun(task, build_requests(task, protocol, opts.limit)) for task in tasks]
+    timings["build_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(opts.model, dtype=opts.dtype, device=device, quantize=opts.quantize)
     fingerprint = model_fingerprint(loaded.source.path)
     add_bos = protocol.add_bos and loaded.tokenizer.add_bos_default
     engine = LoglikelihoodEngine(loaded.model, loaded.tokenizer, add_bos, opts.batch_size, opts.max_length)
-    timings["load_s"] = time.perf_counter() - start
-
-    t = time.perf_counter()
-    runs = [TaskRun(task, build_requests(task, protocol, opts.limit)) for task in tasks]
-    timings["build_s"] = time.perf_counter() - t
+    timings["load_s"] = time.perf_counter() - t
 
     out = Path(opts.output)
     out.mkdir(parents=True, exist_ok=True)
