@@ -70,7 +70,8 @@ def print_summary(results: dict[str, Any]) -> None:
     estimate = " — ESTIMATE (--limit {})".format(results["limit"]) if results["estimate"] else ""
     table = Table(title=f"{results['model']['name']} · {results['protocol']}{estimate}")
     for col in ("task", "version", "shots", "docs", "metric", "value", "± stderr", "data"):
-        table.add_column(col, justify="right" if col in ("shots", "docs", "value", "± stderr") else "left")
+        table.add_column(col, justify="right" if col in ("shots", "docs", "value", "± stderr") else "left",
+                         no_wrap=col != "data", overflow="fold")
     for task, entry in results["tasks"].items():
         metric = entry["metric"]
         value, stderr = entry["metrics"][metric], entry["metrics"][f"{metric}_stderr"]
