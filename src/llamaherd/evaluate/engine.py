@@ -119,6 +119,7 @@ class LoglikelihoodEngine:
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
         """Tokenize and truncate every request."""
         cache: dict[str, list[int]] = {}
+        shared: dict[tuple[int, ...], tuple[int, ...]] = {}  # one copy of a context for all its choices
         out = []
         for context, continuation in pairs:
             ctx, cont = encode_pair(self.tokenizer, context, continuation, self.add_bos, cache)
@@ -126,7 +127,8 @@ class LoglikelihoodEngine:
                 raise InputError(f"continuation {continuation!r} after context ending {context[-40:]!r} "
                                  "encodes to no tokens")
             ctx, truncated = fit_to_context(ctx, cont, self.max_length)
-            out.append(Encoded(tuple(ctx), tuple(cont), truncated))
+            key = tuple(ctx)
+            out.append(Encoded(shared.setdefault(key, key), tuple(cont), truncated))
         return out
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[Result]:
