@@ -177,7 +177,8 @@ def test_plain_text_windows_train_every_token_once(tok, tmp_path):
 @pytest.mark.parametrize(
     ("content", "jsonl", "message"),
     [
-        ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n', True, r"x\.jsonl:3: field 'output' is missing"),
+        ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n', True,
+         r"x\.jsonl:3: field 'output' is missing"),
         ('{"instruction": "a", "output": 5}\n', True, r"x\.jsonl:1: field 'output' must be a string, got int"),
         ('{"instruction": "a", "output": "b"}\n{"instruction": \n', True, r"x\.jsonl:2: invalid JSON"),
         (('[\n  {"instruction": "a", "output": "b"},\n  {"conversations": [{"from": "human", "value": "hi"},\n'

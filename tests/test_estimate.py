@@ -94,6 +94,14 @@ def test_qlora_weights_and_formatting():
         estimate(preset("smollm2-135m"), "lora", lora_targets=("q", "lm_head"))
     with pytest.raises(InputError, match="unknown method"):
         estimate(config, "prefix")
+    assert estimate("llama-2-7b", "qlora", seq_len=512, dtype="bf16") == q8  # a preset name: no download
+
+
+@pytest.mark.slow
+def test_estimate_reads_a_checkpoint_config():
+    """No model given: the embedded SmolLM2-135M-Instruct GGUF's own config."""
+    est = estimate(None, "lora", seq_len=128)
+    assert est.total_params == preset("smollm2-135m").n_params
 
 
 def gpt3_175b() -> Config:

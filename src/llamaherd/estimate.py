@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from llamaherd import config as presets
 from llamaherd.config import Config
 from llamaherd.errors import InputError
 from llamaherd.lora import TARGETS
@@ -180,8 +182,19 @@ def _activation_elements(config: Config, full: bool, targets: set[str], r: int, 
     return layers + head.elems + 2 * config.rope_dim + config.vocab_size + ids  # + saved log-probabilities
 
 
+def model_config(model: Config | str | Path | None) -> Config:
+    """A Config from a preset/alias name (no download), a local checkpoint, or None (the embedded model)."""
+    if isinstance(model, Config):
+        return model
+    if isinstance(model, str) and presets.is_known(model):
+        return presets.preset(model)
+    from llamaherd.load import read_config, resolve
+
+    return read_config(resolve(model))
+
+
 def estimate(
-    config: Config,
+    config: Config | str | Path | None,
     method: str = "full",
     seq_len: int = 512,
     batch: int = 1,
@@ -195,7 +208,7 @@ def estimate(
     bf16_autocast: bool = False,
     optimizer_in_backward: bool = False,
 ) -> Estimate:
-    """Memory for `batch` sequences of `seq_len` tokens.
+    """Memory for `batch` sequences of `seq_len` tokens of a model (a Config, or a name/path: `model_config`).
 
     method: full | lora | qlora (frozen quantized base + LoRA; `quantize` int8 (default, CPU) or nf4) |
         inference (weights, KV cache for seq_len tokens and one layer's intermediates; `quantize` optional).
@@ -209,6 +222,7 @@ def estimate(
         raise InputError(f"unknown optimizer {optimizer!r}; choose adamw or sgd")
     if seq_len < 1 or batch < 1:
         raise InputError(f"seq_len={seq_len} and batch={batch} must be >= 1")
+    config = model_config(config)
     wb = _dtype_bytes(dtype)
     ab = 2 if bf16_autocast else wb
     if method == "qlora":

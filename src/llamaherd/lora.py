@@ -211,39 +211,87 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
 
 
 # ---- PEFT layout ---------------------------------------------------------------------------------------------
-def _check_llama_layout(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    if getattr(config, "family", "llama") != "llama":
-        raise InputError(
-            f"PEFT adapter files are written for Llama-layout models, not {config.family!r} (whose Hugging Face "
-            "layers are fused); merge the adapter with merge_lora and export with save_hf instead"
-        )
+# Falcon's Hugging Face names; q, k and v live in one fused `query_key_value` layer there.
+_FALCON_NAMES = {"self_attn.o_proj": "self_attention.dense", "mlp.up_proj": "mlp.dense_h_to_4h",
+                 "mlp.down_proj": "mlp.dense_4h_to_h"}
+_FALCON_QKV = "self_attention.query_key_value"
+
+
+def _is_falcon(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "family", "llama") == "falcon"
+
+
+def _peft_modules(
+    model: nn.Module, layers: dict[str, LoRALinear]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Hugging Face module name -> (A, B, scale) for every adapted layer.
+
+    Falcon's q, k, v adapters of a block become one exact adapter on the fused layer: A stacks their A
+    matrices (rank = the sum of theirs) and B is block-diagonal, its rows in Falcon's fused order.
+    """
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    falcon = _is_falcon(model)
+    qkv: dict[str, dict[str, LoRALinear]] = {}
+    for name, m in layers.items():
+        hf = name
+        if falcon and name != "lm_head":
+            block, _, rest = name.removeprefix("model.layers.").partition(".")
+            if rest in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault(f"transformer.h.{block}.{_FALCON_QKV}", {})[rest[-6]] = m
+                continue
+            hf = f"transformer.h.{block}.{_FALCON_NAMES[rest]}"
+        out[hf] = (m.lora_A.weight.detach(), m.lora_B.weight.detach(), m.scaling)
+    if qkv:
+        from llamaherd.checkpoints.hf import fuse_falcon_qkv
+
+        config = model.config
+        widths = {"q": config.n_head * config.head_dim, "k": config.n_query_groups * config.head_dim}
+        widths["v"] = widths["k"]
+        for hf, parts in qkv.items():
+            if len({m.scaling for m in parts.values()}) > 1:
+                raise InputError(f"{hf}: q, k and v adapters with different scales cannot share Falcon's fused layer")
+            some = next(iter(parts.values())).lora_A.weight
+            rank = sum(m.r for m in parts.values())
+            a = torch.cat([parts[x].lora_A.weight.detach() for x in "qkv" if x in parts])
+            blocks, col = {}, 0
+            for x in "qkv":
+                blocks[x] = some.new_zeros(widths[x], rank)
+                if x in parts:
+                    blocks[x][:, col : col + parts[x].r] = parts[x].lora_B.weight.detach()
+                    col += parts[x].r
+            out[hf] = (a, fuse_falcon_qkv(blocks["q"], blocks["k"], blocks["v"], config),
+                       next(iter(parts.values())).scaling)
+    return out
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's layout (each file atomically)."""
-    _check_llama_layout(model)
     layers = lora_layers(model)
     if not layers:
         raise InputError("the model has no LoRA layers to save; call inject_lora or load_adapter first")
-    first = next(iter(layers.values()))
-    scalings = {round(m.scaling * m.r, 6) for m in layers.values()}
-    ranks = {m.r for m in layers.values()}
+    modules = _peft_modules(model, layers)
+    # PEFT's rank/alpha_pattern are keyed by layer name (q_proj, ...): one rank and alpha per name.
+    per_name: dict[str, set[tuple[int, float]]] = {}
+    for hf, (a, _, scaling) in modules.items():
+        per_name.setdefault(hf.rpartition(".")[2], set()).add((a.shape[0], round(scaling * a.shape[0], 6)))
+    if any(len(v) > 1 for v in per_name.values()):
+        raise InputError("layers of one name (e.g. q_proj) have different LoRA ranks or alphas; PEFT cannot say so")
+    base_r, base_alpha = next(iter(next(iter(per_name.values()))))
+    rank_pattern = {k: r for k, ((r, _),) in per_name.items() if r != base_r}
+    alpha_pattern = {k: alpha for k, ((_, alpha),) in per_name.items() if alpha != base_alpha}
     dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in layers.values()}
-    if len(scalings) != 1 or len(ranks) != 1:
-        raise InputError("all LoRA layers must share one rank and alpha to be written as one PEFT adapter")
     tensors = {}
-    for name, m in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    for hf, (a, b, _) in modules.items():
+        tensors[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = b.contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r,
-        "lora_alpha": first.scaling * first.r,
+        "r": base_r,
+        "lora_alpha": base_alpha,
         "lora_dropout": max(dropouts),
-        "target_modules": sorted({n.rpartition(".")[2] for n in layers}),
+        "target_modules": sorted({hf.rpartition(".")[2] for hf in modules}),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -251,8 +299,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
@@ -304,14 +352,32 @@ def _pattern_value(patterns: dict, module_name: str, default: float) -> float:
     return default
 
 
+def _internal_modules(model: nn.Module, hf: str, b: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The llamaherd layers (and their B) behind one Hugging Face module; Falcon's fused qkv splits in three."""
+    if not _is_falcon(model) or hf == "lm_head":
+        return [(hf, b)]
+    m = re.match(r"^transformer\.h\.(\d+)\.(.+)$", hf)
+    if m is None:
+        return [(hf, b)]
+    block, rest = m.groups()
+    if rest == _FALCON_QKV:
+        from llamaherd.checkpoints.hf import split_falcon_qkv
+
+        q, k, v = split_falcon_qkv(b, model.config)
+        return [(f"model.layers.{block}.self_attn.{x}_proj", t) for x, t in zip("qkv", (q, k, v))]
+    inverse = {v: k for k, v in _FALCON_NAMES.items()}
+    return [(f"model.layers.{block}.{inverse.get(rest, rest)}", b)]
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | None = None) -> nn.Module:
     """Inject and fill the LoRA layers of a PEFT adapter directory (in place; returns `model`).
 
     The rank of each layer comes from its tensors; alpha from `lora_alpha`/`alpha_pattern`; the scale is
-    alpha / r (alpha / sqrt(r) with `use_rslora`). Full base-layer copies PEFT may store are skipped.
+    alpha / r (alpha / sqrt(r) with `use_rslora`). Full base-layer copies PEFT may store are skipped. A Falcon
+    adapter on the fused query_key_value layer becomes q, k and v adapters sharing its A.
     """
-    _check_llama_layout(model)
     path = Path(adapter_dir)
+    weights = path / ADAPTER_WEIGHTS
     cfg, tensors = _read_adapter(path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -319,45 +385,53 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
         if m is None:
             if key.endswith(".base_layer.weight"):
                 continue
-            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: unexpected tensor {key!r} (not a LoRA A/B weight)")
+            raise CheckpointError(f"{weights}: unexpected tensor {key!r} (not a LoRA A/B weight)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    for_names = {n for n, _ in model.named_modules()}
+    names = {n for n, _ in model.named_modules()}
     dropout = cfg.get("lora_dropout", 0.0) if dropout is None else dropout
-    for name, ab in pairs.items():
+    for hf, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
-            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: {name} has {sorted(ab)} but needs lora_A and lora_B")
-        if name not in for_names:
-            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: layer {name!r} does not exist in this model")
-        module = model.get_submodule(name)
-        if not isinstance(module, LoRALinear):
-            if not hasattr(module, "in_features"):
-                raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: layer {name!r} is not a linear layer")
-            module = LoRALinear(module, ab["lora_A"].shape[0], 1.0, dropout)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module)
-        a, b = ab["lora_A"], ab["lora_B"]
-        r = a.shape[0]
-        if tuple(a.shape) != (r, module.in_features) or tuple(b.shape) != (module.out_features, r):
-            raise CheckpointError(
-                f"{path / ADAPTER_WEIGHTS}: {name} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, which do "
-                f"not fit a ({module.out_features}, {module.in_features}) layer (adapter for another model?)"
-            )
-        if module.r != r:
-            device, dtype = module.lora_A.weight.device, module.lora_A.weight.dtype
-            module.lora_A = nn.Linear(module.in_features, r, bias=False, device=device, dtype=dtype)
-            module.lora_B = nn.Linear(r, module.out_features, bias=False, device=device, dtype=dtype)
-            module.r = r
-        with torch.no_grad():
-            module.lora_A.weight.copy_(a)
-            module.lora_B.weight.copy_(b)
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
-        module.scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            raise CheckpointError(f"{weights}: {hf} has {sorted(ab)} but needs lora_A and lora_B")
+        a, r = ab["lora_A"], ab["lora_A"].shape[0]
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, hf, cfg.get("lora_alpha", 8))
+        scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        for name, b in _internal_modules(model, hf, ab["lora_B"]):
+            if name not in names:
+                raise CheckpointError(f"{weights}: layer {hf!r} does not exist in this model")
+            _fill(model, name, a, b, scaling, dropout, weights)
     for p in model.parameters():
         p.requires_grad_(False)
     for module in lora_layers(model).values():
         module.lora_A.weight.requires_grad_(True)
         module.lora_B.weight.requires_grad_(True)
     return model
+
+
+def _fill(model: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float,
+          origin: Path) -> None:
+    """Wrap layer `name` in a LoRALinear (unless it already is one) holding A, B and the scale."""
+    module = model.get_submodule(name)
+    r = a.shape[0]
+    if not isinstance(module, LoRALinear):
+        if not hasattr(module, "in_features"):
+            raise CheckpointError(f"{origin}: layer {name!r} is not a linear layer")
+        module = LoRALinear(module, r, scaling, dropout)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    if tuple(a.shape) != (r, module.in_features) or tuple(b.shape) != (module.out_features, r):
+        raise CheckpointError(
+            f"{origin}: {name} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, which do "
+            f"not fit a ({module.out_features}, {module.in_features}) layer (adapter for another model?)"
+        )
+    if module.r != r:
+        device, dtype = module.lora_A.weight.device, module.lora_A.weight.dtype
+        module.lora_A = nn.Linear(module.in_features, r, bias=False, device=device, dtype=dtype)
+        module.lora_B = nn.Linear(r, module.out_features, bias=False, device=device, dtype=dtype)
+        module.r = r
+    with torch.no_grad():
+        module.lora_A.weight.copy_(a)
+        module.lora_B.weight.copy_(b)
+    module.scaling = scaling
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

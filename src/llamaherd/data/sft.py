@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from llamaherd.chat import BuiltinChatFormat, ChatFormat, Span, get_chat_format
 from llamaherd.errors import InputError
@@ -350,6 +351,7 @@ def load_sft_data(
     max_seq_len: int,
     data_format: str = "auto",
     train_on_prompt: bool = False,
+    progress: bool = False,
 ) -> SFTData:
     """Read, render and tokenize every record; samples hold at most `max_seq_len` input tokens.
 
@@ -364,7 +366,8 @@ def load_sft_data(
     stats = SFTStats()
     samples: list[Sample] = []
     for path in [paths] if isinstance(paths, str | Path) else paths:
-        for rec in read_records(path):
+        for rec in tqdm(read_records(path), desc=f"tokenizing {Path(path).name}", unit=" records",
+                        disable=not progress):
             stats.records += 1
             content = record_to_messages(rec, data_format, accepts_input)
             if isinstance(content, str):
@@ -396,10 +399,8 @@ def load_sft_data(
 
 def _document_windows(ids: list[int], max_seq_len: int, where: str) -> list[Sample]:
     """Consecutive windows of max_seq_len + 1 tokens overlapping by one, so every token is a target once."""
-    return [
-        _shifted(ids[i : i + max_seq_len + 1], [True] * len(ids[i : i + max_seq_len + 1]), where)
-        for i in range(0, max(len(ids) - 1, 0), max_seq_len)
-    ]
+    windows = (ids[i : i + max_seq_len + 1] for i in range(0, max(len(ids) - 1, 0), max_seq_len))
+    return [_shifted(w, [True] * len(w), where) for w in windows]
 
 
 # ---- splitting, packing, batching ---------------------------------------------------------------------------
