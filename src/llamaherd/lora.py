@@ -156,7 +156,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, lora in lora_layers(model).items():
         base = lora.base_layer
         delta = lora.delta_weight()
-        if isinstance(base, nn.Linear) and base.weight.is_floating_point() and type(base) is nn.Linear:
+        if type(base) is nn.Linear:
             with torch.no_grad():
                 base.weight += delta.to(base.weight.dtype)
             merged = base
