@@ -49,3 +49,6 @@ class TinyEncoder:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_bos).ids
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_bos)]

@@ -39,6 +39,14 @@ class TextEncoder(Protocol):
     def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
 
 
+def encode_texts(tokenizer: TextEncoder, texts: list[str], add_bos: bool) -> list[list[int]]:
+    """Token ids of each text; in parallel through the tokenizer's `encode_batch` when it has one."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is not None:
+        return batch(texts, add_bos=add_bos)
+    return [tokenizer.encode(t, add_bos=add_bos) for t in texts]
+
+
 @dataclass(frozen=True)
 class Encoded:
     """Token ids of one request as the model sees them: it reads context + continuation[:-1]."""
@@ -59,29 +67,10 @@ class Result:
     truncated: bool
 
 
-def encode_pair(tokenizer: TextEncoder, context: str, continuation: str, add_bos: bool,
-                context_cache: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as the harness splits them.
-
-    Trailing whitespace of the context moves to the continuation; context + continuation is encoded
-    whole and split at the length of the encoded context. An empty context becomes the BOS token
-    (EOS when there is none), as in lm-eval 0.4.
-    """
-    if not context:
-        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-        cont = tokenizer.encode(continuation, add_bos=False)
-        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    if context_cache is None or context not in context_cache:
-        ctx = tokenizer.encode(context, add_bos=add_bos)
-        if context_cache is not None:
-            context_cache[context] = ctx
-    else:
-        ctx = context_cache[context]
-    whole = tokenizer.encode(context + continuation, add_bos=add_bos)
-    return ctx, whole[len(ctx):]
+def harness_split(context: str, continuation: str) -> tuple[str, str]:
+    """Move trailing whitespace of the context to the front of the continuation, as the harness does."""
+    kept = context.rstrip()
+    return kept, context[len(kept):] + continuation
 
 
 def fit_to_context(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], bool]:
@@ -117,12 +106,27 @@ class LoglikelihoodEngine:
         self.score_dtype = torch.promote_types(weight.dtype, torch.float32)
 
     def encode(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
-        """Tokenize and truncate every request."""
-        cache: dict[str, list[int]] = {}
+        """Tokenize and truncate every request, as the harness does.
+
+        The context and context + continuation are encoded (BOS per `add_bos`) and the continuation is
+        the whole's tokens after the context's length. An empty context becomes the BOS token (EOS when
+        there is none) before the continuation encoded alone, as in lm-eval 0.4.
+        """
+        split = [harness_split(c, k) if c else (c, k) for c, k in pairs]
+        texts = list(dict.fromkeys(t for c, k in split if c for t in (c, c + k)))
+        ids = dict(zip(texts, encode_texts(self.tokenizer, texts, self.add_bos), strict=True))
+        alone = list(dict.fromkeys(k for c, k in split if not c))
+        ids_alone = dict(zip(alone, encode_texts(self.tokenizer, alone, False), strict=True))
+        prefix = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
         shared: dict[tuple[int, ...], tuple[int, ...]] = {}  # one copy of a context for all its choices
         out = []
-        for context, continuation in pairs:
-            ctx, cont = encode_pair(self.tokenizer, context, continuation, self.add_bos, cache)
+        for (context, continuation), (c, k) in zip(pairs, split, strict=True):
+            if c:
+                ctx = ids[c]
+                cont = ids[c + k][len(ctx):]
+            else:
+                cont = ids_alone[k]
+                ctx, cont = ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
             if not cont:
                 raise InputError(f"continuation {continuation!r} after context ending {context[-40:]!r} "
                                  "encodes to no tokens")

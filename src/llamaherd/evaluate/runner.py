@@ -50,6 +50,7 @@ from llamaherd.evaluate.tasks import (
 )
 
 SCHEMA = 1
+TOKENIZE_CHUNK = 256  # docs per call to the (parallel) tokenizer
 Done = dict[str, dict[int, tuple[list[tuple[float, bool]], int]]]  # task -> doc_id -> (results, n truncated)
 SCORE_COLUMNS = {"arc_challenge": "arc", "hellaswag": "hellaswag", "mmlu": "mmlu", "truthfulqa_mc2": "truthfulqa"}
 
@@ -200,10 +201,13 @@ def _score_pending(engine: LoglikelihoodEngine, runs: list[TaskRun], done: Done,
     Returns the timings."""
     pending = [(run, doc) for run in runs for doc in run.docs if doc.doc_id not in done[run.task.name]]
     t = time.perf_counter()
-    encoded, owner = [], []
-    for k, (_, doc) in enumerate(tqdm(pending, desc="tokenizing", unit="doc", disable=not progress)):
-        encoded += engine.encode([(r.context, r.continuation) for r in doc.requests])
-        owner += [(k, j) for j in range(len(doc.requests))]
+    owner = [(k, j) for k, (_, doc) in enumerate(pending) for j in range(len(doc.requests))]
+    encoded = []
+    with tqdm(total=len(pending), desc="tokenizing", unit="doc", disable=not progress) as bar:
+        for start in range(0, len(pending), TOKENIZE_CHUNK):
+            chunk = pending[start:start + TOKENIZE_CHUNK]
+            encoded += engine.encode([(r.context, r.continuation) for _, doc in chunk for r in doc.requests])
+            bar.update(len(chunk))
     tokenize_s = time.perf_counter() - t
 
     t = time.perf_counter()
