@@ -160,3 +160,18 @@ def test_truthfulqa_record_marks_true_answers(setup, tmp_path):
         probs = lps.exp() / lps.exp().sum()
         assert rec["metrics"]["mc2"] == pytest.approx(float(probs[torch.tensor(labels) == 1].sum()), abs=1e-9)
         assert rec["correct"] == bool(labels[rec["prediction"]])
+
+
+def test_summary_table(setup, tmp_path, capsys):
+    from llamaherd.evaluate.cli import print_summary
+
+    model_dir, data_dir = setup
+    results = evaluate(_options(model_dir, data_dir, tmp_path / "o", tasks=["truthfulqa_mc2"], limit=3,
+                                max_length=40))
+    results["tasks"]["truthfulqa_mc2"]["caveats"] = ["rare [tags] are kept"]
+    print_summary(results)
+    out = capsys.readouterr().out
+    mc2 = results["tasks"]["truthfulqa_mc2"]["metrics"]["mc2"]
+    assert "truthfulqa_mc2" in out and f"{100 * mc2:.2f}" in out and "ESTIMATE (--limit 3)" in out
+    assert "rare [tags] are kept" in out  # data text is not taken for markup
+    assert results["truncated_requests"] > 0 and f"{results['truncated_requests']} requests were left-truncated" in out

@@ -65,6 +65,7 @@ def run_eval(args: argparse.Namespace) -> None:
 def print_summary(results: dict[str, Any]) -> None:
     """A table of every task's headline metric with its standard error, then the leaderboard columns."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     estimate = " — ESTIMATE (--limit {})".format(results["limit"]) if results["estimate"] else ""
@@ -75,8 +76,9 @@ def print_summary(results: dict[str, Any]) -> None:
     for task, entry in results["tasks"].items():
         metric = entry["metric"]
         value, stderr = entry["metrics"][metric], entry["metrics"][f"{metric}_stderr"]
-        table.add_row(task, entry["version"], str(entry["n_shot"]), str(entry["n_docs"]), metric,
-                      f"{100 * value:.2f}", "n/a" if stderr is None else f"{100 * stderr:.2f}", entry["data_form"])
+        table.add_row(escape(task), entry["version"], str(entry["n_shot"]), str(entry["n_docs"]), metric,
+                      f"{100 * value:.2f}", "n/a" if stderr is None else f"{100 * stderr:.2f}",
+                      escape(entry["data_form"]))
     console = Console()
     console.print(table)
     scores = results["scores"]
@@ -86,4 +88,4 @@ def print_summary(results: dict[str, Any]) -> None:
                       f"context of {results['model']['max_length']} tokens[/yellow]")
     for task, entry in results["tasks"].items():
         for caveat in entry["caveats"]:
-            console.print(f"[yellow]{task}: {caveat}[/yellow]")
+            console.print(f"[yellow]{escape(f'{task}: {caveat}')}[/yellow]")
