@@ -116,8 +116,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     _claim_output(out, {
         "schema": SCHEMA, "model_fingerprint": fingerprint, "protocol": protocol.name, "add_bos": add_bos,
         "max_length": engine.max_length, "dtype": opts.dtype, "quantize": opts.quantize,
-        "tasks": {r.task.name: {"version": r.task.versions[protocol.name], "data_form": r.task.data.form,
-                                "data_source": r.task.data.source} for r in runs},
+        "tasks": {r.task.name: {"version": r.task.versions[protocol.name], "data_form": r.task.data.form}
+                  for r in runs},  # the files may move; each record's prompt hash checks the content
     })
     done = _load_samples(out, runs)
     n_resumed = sum(len(v) for v in done.values())
