@@ -4,7 +4,8 @@
 
 Both sides train the embedded SmolLM2-135M-Instruct (exported once to Hugging Face safetensors so
 transformers loads the same weights) on the same token sequences, in the same order (no shuffling), with the
-same loss (response tokens and EOS only), batch, optimizer (fused AdamW, constant lr, clip 1.0) and steps.
+same loss (response tokens and EOS only), batch, optimizer (fused AdamW, constant lr, clip 1.0), steps and
+precision (fp32: trl's default bf16 autocast and activation checkpointing are turned off).
 Each side runs in its own subprocess, so peak RSS (ru_maxrss: imports, model, data and training) is its own.
 Prints tokens/s, peak RSS, first and final loss (mean of the last 5 steps) and the ratios; writes the JSON
 beside the table. Targets: >= 1.3x tokens/s and <= 0.8x peak RSS at matching loss. Run on a quiet machine.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -82,6 +84,7 @@ def worker_llamaherd(args: argparse.Namespace, rows: list[dict]) -> dict:
                       lr=args.lr, schedule="constant", warmup_steps=0, grad_clip=1.0, lora_r=args.lora_r,
                       lora_alpha=2 * args.lora_r, lora_dropout=0.0, lora_targets=LORA_TARGETS, val_fraction=0.0,
                       save_every=10**9, progress=False, plot=False, out_dir=str(args.work / f"llamaherd-{args.method}"))
+    shutil.rmtree(cfg.out_dir, ignore_errors=True)  # a scratch run, never resumed
     seed_everything(0)
     loaded = load_model(args.hf_dir)
     model = prepare_model(loaded.model, cfg)
@@ -108,7 +111,7 @@ def worker_peer(args: argparse.Namespace, rows: list[dict]) -> dict:
         "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": args.lr,
         "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0,
         "optim": "adamw_torch_fused", "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True,
-        "dataloader_num_workers": 0, "seed": 0, "disable_tqdm": True,
+        "dataloader_num_workers": 0, "seed": 0, "disable_tqdm": True, "bf16": False,
     }
     # HF shifts labels itself: give it the full sequence (input + last target) and unshifted labels.
     full_ids = [r["input_ids"] + [r["labels"][-1]] for r in rows]
@@ -124,8 +127,9 @@ def worker_peer(args: argparse.Namespace, rows: list[dict]) -> dict:
         dataset = Dataset.from_dict({"input_ids": full_ids, "completion_mask": masks})
         peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                  target_modules=[f"{t}_proj" for t in LORA_TARGETS], task_type="CAUSAL_LM")
+        # SFTConfig defaults to bf16 autocast and activation checkpointing; both off, as on our side.
         cfg = SFTConfig(**common, completion_only_loss=True, max_length=args.seq_len + 1, packing=False,
-                        pad_token="<|endoftext|>", dataset_num_proc=None)
+                        pad_token="<|endoftext|>", dataset_num_proc=None, gradient_checkpointing=False)
         trainer = SequentialSFT(model=model, args=cfg, train_dataset=dataset, peft_config=peft_config)
     else:
         class SequentialTrainer(Trainer):

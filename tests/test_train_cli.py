@@ -88,3 +88,27 @@ def test_config_errors_name_the_field(tmp_path, capsys):
     assert "unknown field 'lerning_rate'" in capsys.readouterr().err
     assert main(["finetune", "--data", "x.json", "--batch-size", "6", "--micro-batch-size", "4"]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_falcon_lora_is_exported_merged(tmp_path):
+    """PEFT has no adapter layout for Falcon's fused attention: the run writes the merged model instead."""
+    from eval_tiny import save_tiny_tokenizer
+    from hf_tiny import save_hf_model
+    from train_tiny import tiny_args
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "falcon"
+    save_hf_model("falcon-7b-style", model_dir)
+    save_tiny_tokenizer(model_dir)
+    _, data = make_tiny_run_inputs(tmp_path / "data")
+    out = tmp_path / "run"
+    run_in_process(tiny_args(model_dir, data, out, method="lora", lora_targets="q", max_steps=2, lr=1e-2))
+    assert not (out / "adapter").exists()
+    ids = torch.tensor([[1, 5, 17, 33, 64, 90, 2, 7]])
+    with torch.no_grad():
+        ours = load_model(out / "model").model(ids)
+        theirs = AutoModelForCausalLM.from_pretrained(out / "model").eval()(ids).logits
+        base = load_model(model_dir).model(ids)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert (ours - base).abs().max() > 1e-4
+    assert json.loads((out / "lineage.json").read_text())["child"]["path"] == str((out / "model").resolve())

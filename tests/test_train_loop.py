@@ -97,3 +97,5 @@ def test_crash_then_resume_is_exact_and_ignores_half_written_checkpoints(tiny, t
     assert not (out / "checkpoints" / "step-00000009.tmp").exists()
     with pytest.raises(CheckpointError, match="lr"):
         _run(tiny, out, resume=True, lr=5e-4, **common)
+    with pytest.raises(CheckpointError, match="--resume"):  # a fresh run never mixes with an earlier one
+        _run(tiny, out, **common)

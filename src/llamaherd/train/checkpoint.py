@@ -111,7 +111,13 @@ def save_checkpoint(
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
         (tmp / STATE).write_text(json.dumps(trainer_state, indent=2))
-        tmp.replace(final)
+        if final.exists():  # the same step again: keep a whole checkpoint on disk at every moment
+            old = final.with_name(final.name + ".old.tmp")
+            final.replace(old)
+            tmp.replace(final)
+            shutil.rmtree(old)
+        else:
+            tmp.replace(final)
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)

@@ -271,6 +271,9 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train to `total_steps` (resuming if asked); return the final metrics."""
         cfg, main = self.cfg, self.info.is_main
+        if not cfg.resume and list_checkpoints(self.ckpt_root):
+            raise CheckpointError(f"{self.ckpt_root} holds checkpoints of an earlier run; pass --resume to continue "
+                                  "it, or choose another out_dir")
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.ckpt_root.mkdir(exist_ok=True)

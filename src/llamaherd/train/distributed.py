@@ -63,6 +63,9 @@ def wrap(module: nn.Module, blocks: list[nn.Module], strategy: str, info: DistIn
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        for p in module.parameters():  # fully_shard needs row-major storage (the loader may lay weights out
+            if not p.is_contiguous():   # column-major for faster inference)
+                p.data = p.data.contiguous()
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         for block in blocks:
             fully_shard(block, mesh=mesh)

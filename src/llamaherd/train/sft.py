@@ -115,6 +115,10 @@ def run_sft(cfg: TrainConfig) -> dict[str, Any]:
     tok = loaded.tokenizer
     train, val = load_datasets(cfg, tok, chat_format, log)
     model = prepare_model(loaded.model, cfg)
+    peft_layout = model.config.family == "llama"
+    if cfg.method != "full" and not peft_layout and info.enabled and cfg.distributed == "fsdp":
+        raise InputError(f"LoRA on a {model.config.family} model is exported merged, which needs unsharded "
+                         "weights: use --distributed ddp (or a single process)")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     log(f"{cfg.method}: {n_train:,} trainable of {n_all:,} parameters")
@@ -125,18 +129,22 @@ def run_sft(cfg: TrainConfig) -> dict[str, Any]:
     state = full_state(trainer.module, trainable_only=cfg.method != "full")
     if not info.is_main:
         return metrics
-    if cfg.method == "full":
-        from llamaherd.checkpoints.hf import save_hf
-
-        child = save_hf(state, model.config, out / "model")
-        tok.save_pretrained(child)
-    else:
-        from llamaherd.lora import save_adapter
-
+    if cfg.method != "full":
         for name, t in state.items():  # the gathered tensors (FSDP2 leaves the model's own ones sharded)
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, torch.nn.Parameter(t, requires_grad=False))
+    if cfg.method != "full" and peft_layout:
+        from llamaherd.lora import save_adapter
+
         child = save_adapter(model, out / "adapter", base_model_name_or_path=str(loaded.source.path))
+    else:
+        from llamaherd.checkpoints.hf import save_hf
+        from llamaherd.lora import merge_lora
+
+        if cfg.method != "full":  # PEFT has no adapter layout for this family: export the merged model
+            state = merge_lora(model).state_dict()
+        child = save_hf(state, model.config, out / "model")
+        tok.save_pretrained(child)
     hyper = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "data", "val_data", "out_dir", "resume",
                                                                  "progress", "plot", "tensorboard")}
     hyper |= {"world_size": info.world_size, "chat_format": chat_format, "trainable_params": n_train}
