@@ -112,3 +112,11 @@ def test_falcon_lora_is_exported_merged(tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-4)
     assert (ours - base).abs().max() > 1e-4
     assert json.loads((out / "lineage.json").read_text())["child"]["path"] == str((out / "model").resolve())
+
+
+def test_estimate_prints_the_table(capsys):
+    assert main(["estimate", "llama-7b", "--method", "lora", "--seq-len", "512", "--batch", "2"]) == 0
+    table = capsys.readouterr().out
+    for row in ("parameters", "trainable", "weights", "gradients", "optimizer state", "activations", "total"):
+        assert row in table
+    assert "6,738,415,616" in table  # LLaMA-7B's published parameter count

@@ -95,19 +95,26 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def add_estimate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("estimate", help="training memory: parameters, weights, gradients, optimizer, activations")
-    p.add_argument("model", nargs="?", default=None, help="preset/alias name or checkpoint path")
-    p.add_argument("--method", default="lora", choices=["full", "lora", "qlora"])
+    p.add_argument("model", nargs="?", default=None, help="preset/alias name or checkpoint path "
+                                                          "(default: embedded smollm2-135m-instruct)")
+    p.add_argument("--method", default="lora", choices=["full", "lora", "qlora", "inference"])
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=1, help="micro-batch size")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", nargs="+", default=["q", "v"])
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype")
+    p.add_argument("--quantize", default=None, choices=["int8", "nf4"], help="frozen base for qlora/inference")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (as `herd finetune --bf16`)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.set_defaults(func=cmd_estimate)
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:
-    from llamaherd.estimate import estimate, format_table
+    from llamaherd.estimate import estimate, format_estimate
 
-    result = estimate(args.model, method=args.method, seq_len=args.seq_len, batch=args.batch, lora_r=args.lora_r,
-                      lora_targets=args.lora_targets, activation_checkpointing=args.activation_checkpointing)
-    print(format_table(result))
+    est = estimate(args.model, method=args.method, seq_len=args.seq_len, batch=args.batch, lora_r=args.lora_r,
+                   lora_targets=args.lora_targets, lora_dropout=args.lora_dropout, dtype=args.dtype,
+                   quantize=args.quantize, activation_checkpointing=args.activation_checkpointing,
+                   bf16_autocast=args.bf16)
+    print(format_estimate(est))
