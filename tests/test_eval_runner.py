@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -110,7 +111,8 @@ def test_resume_after_sigkill_gives_the_same_numbers(setup, tmp_path):
     cmd = [sys.executable, "-m", "llamaherd.cli", "eval", str(model_dir), "--suite", "harness",
            "--tasks", "arc_challenge,truthfulqa_mc2", "--data-dir", str(data_dir), "--batch-size", "1",
            "--device", "cpu", "--output", str(out), "--no-progress"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    db = tmp_path / "leaderboard.sqlite"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LLAMAHERD_DB": str(db)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     samples = out / "samples_arc_challenge.jsonl"
     deadline = time.monotonic() + 240
@@ -136,6 +138,10 @@ def test_resume_after_sigkill_gives_the_same_numbers(setup, tmp_path):
         assert resumed["tasks"][task]["metrics"] == pytest.approx(entry["metrics"], abs=1e-9)
     assert resumed["scores"] == pytest.approx(fresh["scores"], abs=1e-7)
     assert resumed["estimate"] is False and resumed["limit"] is None
+
+    with sqlite3.connect(db) as con:  # herd eval recorded the finished run in the leaderboard, once per task
+        n_runs = con.execute("SELECT COUNT(*) FROM eval_runs").fetchone()[0]
+    assert n_runs == len(resumed["tasks"])
 
 
 def test_output_of_another_run_is_refused(setup, tmp_path):

@@ -39,6 +39,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--max-length", type=int, default=None,
                    help="context length to truncate prompts to (default: the model's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--db", default=None,
+                   help="leaderboard database to record the results in (default: $LLAMAHERD_DB or the user data dir)")
+    p.add_argument("--no-record", dest="record", action="store_false", help="do not record in the leaderboard")
     p.set_defaults(func=run_eval)
     return p
 
@@ -60,6 +63,11 @@ def run_eval(args: argparse.Namespace) -> None:
     ))
     print_summary(results)
     print(f"results: {output / 'results.json'}")
+    if args.record:
+        from llamaherd.leaderboard import record_results
+
+        record_results(args.db, output / "results.json")
+        print("recorded in the leaderboard (`herd leaderboard` shows it)")
 
 
 def print_summary(results: dict[str, Any]) -> None:
