@@ -153,7 +153,10 @@ def load_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtype:
         if isinstance(module, Int8Linear) and attr == "weight":
             module.set_weight(t)
         else:
-            t = matmul_layout(t.to(dtype).contiguous())
+            owned = matmul_layout(t.to(dtype).contiguous())
+            if owned.data_ptr() == t.data_ptr():
+                owned = owned.clone()  # never keep a view into a memory-mapped checkpoint file alive
+            t = owned
             setattr(module, attr, nn.Parameter(t, requires_grad=t.is_floating_point()))
         seen.add(name)
     missing = sorted(set(expected) - seen)
