@@ -107,13 +107,18 @@ def test_missing_tensor_reports_incomplete(tmp_path):
 
 
 _PEAK_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from llamaherd.load import load_gpt
 import llamaherd.checkpoints.hf, safetensors.torch  # imports before the baseline
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def high_water_kb():  # this address space's own peak (ru_maxrss would carry the parent's across exec)
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM:")).split()[1])
+
+
+base = high_water_kb()
 model = load_gpt(sys.argv[1])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024)
+print((high_water_kb() - base) * 1024)
 """
 
 
@@ -133,4 +138,7 @@ def test_loading_does_not_allocate_twice(tmp_path):
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          check=True)
     grown = int(out.stdout.strip().splitlines()[-1])
-    assert grown < 1.5 * weights, f"loading grew peak RSS by {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+    # The peak counts the safetensors file's pages (it is memory-mapped while read: reclaimable page cache,
+    # one weights' worth) plus the model (one more) plus per-tensor transients. A second full copy of the
+    # model would add a third weights' worth on top of that.
+    assert grown < 3.0 * weights, f"loading grew peak RSS by {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
