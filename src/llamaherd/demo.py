@@ -15,7 +15,7 @@ DEFAULT_DATA_DIRS = (Path("../shared/benchmarks"), Path("shared/benchmarks"))
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="chat, a quick evaluation and the leaderboard on the embedded model")
     p.add_argument("model", nargs="?", default=None, help="default: embedded smollm2-135m-instruct")
-    p.add_argument("--limit", type=int, default=2, help="docs per task (per MMLU subject); default 2")
+    p.add_argument("--limit", type=int, default=1, help="docs per task (per MMLU subject: 57 docs); default 1")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="local benchmark files (default: ../shared/benchmarks when present, else the hub)")
     p.add_argument("--output", type=Path, default=Path("runs/demo"), help="where results and the page go")
