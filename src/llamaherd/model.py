@@ -245,8 +245,11 @@ class GPT(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x
-        # Untied: call the module, so a wrapped head (LoRA, int8) takes part.
-        return F.linear(x, self.output_weight) if self.config.tie_embeddings else self.lm_head(x)
+        return self.head(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits for final-norm hidden states: the tied embedding, or the lm_head module (so LoRA/int8 take part)."""
+        return F.linear(h, self.output_weight) if self.config.tie_embeddings else self.lm_head(h)
 
     @staticmethod
     def _attention_mask(attn_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:

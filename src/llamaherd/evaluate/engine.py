@@ -247,7 +247,6 @@ class LoglikelihoodEngine:
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, n_embd) final hidden states -> (N, vocab) log-probabilities in >= fp32.
 
-        The head is applied as GPT.forward applies it (an untied head as a module, so LoRA takes part)."""
-        model = self.model
-        logits = F.linear(hidden, model.output_weight) if model.config.tie_embeddings else model.lm_head(hidden)
+        The head is GPT.head (an untied head as a module, so LoRA takes part)."""
+        logits = self.model.head(hidden)
         return F.log_softmax(logits.to(self.score_dtype), dim=-1)

@@ -20,13 +20,6 @@ from llamaherd.train.core import Batch, LossOutput, Objective, Trainer, seed_eve
 from llamaherd.train.lineage import build_lineage, write_lineage
 
 
-def project(gpt: GPT, h: torch.Tensor) -> torch.Tensor:
-    """Logits for hidden states h (N, n_embd), through lm_head (a LoRA-wrapped one included) or the tied embedding."""
-    if gpt.config.tie_embeddings:
-        return F.linear(h, gpt.model.embed_tokens.weight)
-    return gpt.lm_head(h)
-
-
 class SFTObjective(Objective):
     """Next-token cross-entropy summed over the trained tokens (labels are already shifted by the data).
 
@@ -43,7 +36,7 @@ class SFTObjective(Objective):
                        return_hidden=True)
         labels = batch["labels"]
         sel = labels != IGNORE_INDEX
-        logits = project(self.model, h[sel])  # (N, vocab)
+        logits = self.model.head(h[sel])  # (N, vocab)
         return LossOutput(F.cross_entropy(logits.float(), labels[sel], reduction="sum"))
 
     def n_tokens(self, batch: Batch) -> int:
