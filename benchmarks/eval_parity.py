@@ -13,43 +13,19 @@ files are not available here.
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
 import sys
-from pathlib import Path
 
-import torch
+from eval_speed import parse_args, report_speed, run_side_by_side
 from rich.console import Console
 from rich.table import Table
-
-from llamaherd.evaluate.data import MMLU_SUBJECTS
-from llamaherd.evaluate.reference import side_by_side
 
 LOGPROB_TARGET = 1e-3
 METRIC_TARGET_POINTS = 0.1
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limit", type=int, default=100, help="docs per task (MMLU: split over the 57 subjects)")
-    parser.add_argument("--tasks", default="arc_challenge,hellaswag,mmlu,truthfulqa_mc2")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--benchmarks", type=Path, default=Path(__file__).resolve().parents[2] / "shared/benchmarks")
-    parser.add_argument("--work", type=Path, default=Path(".cache/eval-parity"),
-                        help="where the export, the data stand-in and both runs' records go")
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-    per_subject = math.ceil(args.limit / len(MMLU_SUBJECTS))
-    names = args.tasks.split(",")
-    others = ",".join(n for n in names if n != "mmlu")
-    task_limits = [(others, args.limit)] * bool(others) + [("mmlu", per_subject)] * ("mmlu" in names)
-    run = side_by_side(args.work, args.benchmarks,
-                       task_limits,
-                       args.batch_size, args.device, progress=True)
+    args = parse_args(__doc__, 100, ".cache/eval-parity")
+    run = run_side_by_side(args, progress=True)
 
     table = Table(title=f"llamaherd vs lm-eval --model hf · harness protocol · batch size {args.batch_size} · "
                         f"{args.device}")
@@ -65,6 +41,7 @@ def main() -> int:
     Console().print(table)
     print(f"targets: identical predictions, |Δ loglik| <= {LOGPROB_TARGET}, |Δ metric| <= {METRIC_TARGET_POINTS} "
           f"points -> {'PASS' if ok else 'FAIL'}")
+    report_speed(run, args)  # no warm-up run here: eval_speed.py is the speed benchmark
     return 0 if ok else 1
 
 

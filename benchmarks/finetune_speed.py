@@ -89,8 +89,8 @@ def worker_llamaherd(args: argparse.Namespace, rows: list[dict]) -> dict:
     loaded = load_model(args.hf_dir)
     model = prepare_model(loaded.model, cfg)
     samples = [Sample(r["input_ids"], r["labels"], [len(r["input_ids"])], ["-"]) for r in rows]
-    trainer = Sequential(SFTObjective(model), samples, [], functools.partial(collate, pad_id=0), cfg,
-                         DistInfo(0, 1, 0, torch.device("cpu")))
+    batches = functools.partial(collate, pad_id=0, padding_free=cfg.padding_free)
+    trainer = Sequential(SFTObjective(model), samples, [], batches, cfg, DistInfo(0, 1, 0, torch.device("cpu")))
     t = time.perf_counter()
     trainer.fit()
     elapsed = time.perf_counter() - t

@@ -110,6 +110,8 @@ _PEAK_SCRIPT = """
 import sys, torch
 from llamaherd.load import load_gpt
 import llamaherd.checkpoints.hf, safetensors.torch  # imports before the baseline
+with torch.device("meta"):  # torch's first meta-device init costs ~75 MB once, whatever the model size
+    torch.nn.Embedding(2, 2)
 
 
 def high_water_kb():  # this address space's own peak (ru_maxrss would carry the parent's across exec)
@@ -138,7 +140,6 @@ def test_loading_does_not_allocate_twice(tmp_path):
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          check=True)
     grown = int(out.stdout.strip().splitlines()[-1])
-    # The peak counts the safetensors file's pages (it is memory-mapped while read: reclaimable page cache,
-    # one weights' worth) plus the model (one more) plus per-tensor transients. A second full copy of the
-    # model would add a third weights' worth on top of that.
-    assert grown < 3.0 * weights, f"loading grew peak RSS by {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+    # The model (one weights' worth) plus per-tensor transients (the largest tensor is the embedding);
+    # a second full copy, or keeping the file memory-mapped while copying, would reach 2x.
+    assert grown < 1.5 * weights, f"loading grew peak RSS by {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from eval_tiny import save_tiny_eval_model
@@ -62,8 +63,13 @@ def test_lm_eval_cli_runs_llamaherd_model_type(tiny_dir, tmp_path):
     task_dir.mkdir()
     (task_dir / "tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
 
+    # The bare `lm_eval` command, as a user types it: the start-up hook that `make setup` installs registers
+    # the model type (installing it again here is harmless).
+    from llamaherd.evaluate import lm_eval_hook
+
+    assert lm_eval_hook.main(["install"]) == 0
     ours, our_samples = _run_lm_eval(
-        [sys.executable, "-m", "llamaherd.evaluate.lm_eval_adapter", "--model", "llamaherd",
+        [str(Path(sys.executable).parent / "lm_eval"), "--model", "llamaherd",
          "--model_args", f"model={tiny_dir},dtype=fp32"], tmp_path / "ours", task_dir)
     ref, ref_samples = _run_lm_eval(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_dir},dtype=float32"],

@@ -45,3 +45,17 @@ def test_greedy_generation_matches_transformers(kind, tmp_path):
     for use_cache in (True, False):
         got = generate_ids(ours, prompt[0].tolist(), max_new_tokens=32, use_cache=use_cache, stop_ids=set())
         assert got == expected, f"{kind} use_cache={use_cache}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_linear_agrees_with_the_native_kernel(dtype):
+    """`model.linear` may compute a half-precision product in fp32 (CPUs without half matrix units);
+    its result must agree with ATen's own half kernel to half-precision rounding, for one row and many."""
+    from llamaherd.model import linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    for x in (torch.randn(1, 1, 64).to(dtype), torch.randn(3, 17, 64).to(dtype)):
+        ours, native = linear(x, w, b), torch.nn.functional.linear(x, w, b)
+        assert ours.dtype == dtype and ours.shape == native.shape
+        torch.testing.assert_close(ours.float(), native.float(), rtol=2e-2, atol=2e-2)

@@ -35,7 +35,7 @@ def test_lr_schedule_matches_transformers(schedule):
     assert ours == pytest.approx(expected, abs=1e-12)
 
 
-def test_sft_loss_matches_transformers_padded_and_packed(tiny):
+def test_sft_loss_matches_transformers_padded_packed_and_padding_free(tiny):
     from transformers import AutoModelForCausalLM
 
     model_dir, data = tiny
@@ -51,10 +51,14 @@ def test_sft_loss_matches_transformers_padded_and_packed(tiny):
     expected = sum(hf_sum(s) for s in samples)
     n_trained = sum(sum(t != -100 for t in s.labels) for s in samples)
     with torch.no_grad():
-        for batch in (collate(samples, pad_id=0), collate(pack(samples, 600), pad_id=0)):
+        batches = (collate(samples, pad_id=0), collate(pack(samples, 600), pad_id=0),
+                   collate(samples, pad_id=0, padding_free=True))
+        for batch in batches:
             assert objective.count(batch) == n_trained
             assert objective(batch).loss_sum.item() == pytest.approx(expected, rel=1e-5)
     assert "attn_mask" in collate(pack(samples, 600), pad_id=0)  # packed rows really were packed
+    flat = batches[2]  # one row, no padding
+    assert flat["input_ids"].shape == (1, sum(len(s) for s in samples)) and bool((flat["segment_ids"] > 0).all())
 
 
 def _run(tiny, out, **overrides) -> list[float]:
@@ -65,9 +69,11 @@ def _run(tiny, out, **overrides) -> list[float]:
 
 def test_accumulation_and_checkpointing_do_not_change_the_losses(tiny, tmp_path):
     one = _run(tiny, tmp_path / "micro4", micro_batch_size=4, max_steps=4)
+    padded = _run(tiny, tmp_path / "padded", micro_batch_size=4, max_steps=4, padding_free=False)
     accumulated = _run(tiny, tmp_path / "micro1", micro_batch_size=1, max_steps=4)
     recomputed = _run(tiny, tmp_path / "ckpt", micro_batch_size=2, max_steps=4, activation_checkpointing=True)
     assert accumulated == pytest.approx(one, rel=1e-5)
+    assert padded == pytest.approx(one, rel=1e-5)
     assert recomputed == pytest.approx(one, rel=1e-5)
 
 

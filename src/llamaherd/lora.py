@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llamaherd.errors import CheckpointError, InputError
+from llamaherd.model import Linear
 from llamaherd.quantize import Int8Linear
 
 # Short target names -> the module names in `GPT` (Hugging Face Llama names).
@@ -156,13 +157,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, lora in lora_layers(model).items():
         base = lora.base_layer
         delta = lora.delta_weight()
-        if type(base) is nn.Linear:
+        if type(base) in (nn.Linear, Linear):
             with torch.no_grad():
                 base.weight += delta.to(base.weight.dtype)
             merged = base
         else:
             dtype = lora.lora_A.weight.dtype
-            merged = nn.Linear(lora.in_features, lora.out_features, bias=base.bias is not None,
+            merged = Linear(lora.in_features, lora.out_features, bias=base.bias is not None,
                                device=delta.device, dtype=dtype)
             with torch.no_grad():
                 merged.weight.copy_(_dequantize(base) + delta)
@@ -200,7 +201,7 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
         raise InputError("4-bit NF4 needs a CUDA GPU; on CPU use the int8 base (load_model(..., quantize='int8'))")
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child_name not in skip:
+            if type(child) in (nn.Linear, Linear) and child_name not in skip:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=compute_dtype, quant_type="nf4")
                 q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")

@@ -11,6 +11,8 @@ Parameter names follow Hugging Face Llama (see llamaherd.checkpoints) so checkpo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,37 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (as Meta and HF do), scale in the input dtype.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+@functools.cache
+def _slow_half_matmul(dtype: torch.dtype) -> bool:
+    """True when this CPU has no bf16/fp16 matrix units, so ATen falls back to a slow reference GEMM."""
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return not getattr(torch.ops.mkldnn, probe)()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; on a CPU without bf16/fp16 matrix units, a half-precision product of several rows runs in fp32.
+
+    ATen's fallback half GEMM is some 50x slower than its fp32 GEMM there, while converting the weight costs
+    one pass over it: prefill and batched scoring go from unusable to fp32 speed. The products of half values
+    are exact in fp32 and both accumulate in fp32, so results agree with the native kernel up to summation
+    order. A single row (decode) keeps the native matrix-vector kernel, which reads half the bytes.
+    """
+    if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
+            and x.numel() > x.shape[-1] and _slow_half_matmul(weight.dtype)):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose half-precision matmuls stay fast on CPUs without half matrix units (see `linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def make_norm(config: Config) -> nn.Module:
@@ -107,10 +140,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_query_groups, config.head_dim
         d, hd = config.n_embd, config.head_dim
-        self.q_proj = nn.Linear(d, self.n_head * hd, bias=config.attn_bias)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=config.attn_bias)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=config.attn_bias)
-        self.o_proj = nn.Linear(self.n_head * hd, d, bias=config.attn_out_bias)
+        self.q_proj = Linear(d, self.n_head * hd, bias=config.attn_bias)
+        self.k_proj = Linear(d, self.n_kv * hd, bias=config.attn_bias)
+        self.v_proj = Linear(d, self.n_kv * hd, bias=config.attn_bias)
+        self.o_proj = Linear(self.n_head * hd, d, bias=config.attn_out_bias)
 
     def forward(
         self,
@@ -145,9 +178,9 @@ class MLP(nn.Module):
         d, f, b = config.n_embd, config.intermediate_size, config.mlp_bias
         self.swiglu = config.mlp_class == "swiglu"
         if self.swiglu:
-            self.gate_proj = nn.Linear(d, f, bias=b)
-        self.up_proj = nn.Linear(d, f, bias=b)
-        self.down_proj = nn.Linear(f, d, bias=b)
+            self.gate_proj = Linear(d, f, bias=b)
+        self.up_proj = Linear(d, f, bias=b)
+        self.down_proj = Linear(f, d, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -193,7 +226,7 @@ class GPT(nn.Module):
         self.model = DecoderStack(config)
         self.rope = RotaryEmbedding(config)
         if not config.tie_embeddings:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -249,7 +282,7 @@ class GPT(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits for final-norm hidden states: the tied embedding, or the lm_head module (so LoRA/int8 take part)."""
-        return F.linear(h, self.output_weight) if self.config.tie_embeddings else self.lm_head(h)
+        return linear(h, self.output_weight) if self.config.tie_embeddings else self.lm_head(h)
 
     @staticmethod
     def _attention_mask(attn_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:

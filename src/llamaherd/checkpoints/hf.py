@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from llamaherd.config import Config
 from llamaherd.errors import CheckpointError
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 LLAMA_TYPES = {"llama", "mistral"}
 FALCON_TYPES = {"falcon", "RefinedWeb", "RefinedWebModel"}
 
@@ -101,12 +103,7 @@ def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if not path.exists():
         raise CheckpointError(f"{path}: weight file listed in the index is missing")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+        yield from read_safetensors(path)
         return
     try:
         try:
@@ -124,6 +121,42 @@ def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
     yield from state.items()
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a .safetensors file, read into its own memory (in file order).
+
+    Reading instead of memory-mapping keeps the file's pages out of this process: a mapped file counts
+    in the resident memory as long as a view of it lives, and the loader copies every tensor anyway.
+    """
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: truncated or corrupt safetensors file ({why})")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise corrupt("bad header length")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt(f"header is not JSON: {e}") from None
+        header.pop("__metadata__", None)
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, e in entries:
+            dtype = SAFETENSORS_DTYPES.get(e.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
+            start, end = e["data_offsets"]
+            t = torch.empty(e["shape"], dtype=dtype)
+            nbytes = t.numel() * t.element_size()
+            if end - start != nbytes or 8 + n + end > size:
+                raise corrupt(f"tensor {name!r} runs past the end of the file or has the wrong size")
+            f.seek(8 + n + start)
+            if nbytes and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != nbytes:
+                raise corrupt(f"tensor {name!r} is cut short")
+            yield name, t
 
 
 def iter_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, torch.Tensor]]:

@@ -432,23 +432,29 @@ def pack(samples: Sequence[Sample], max_seq_len: int) -> list[Sample]:
         if len(s) > max_seq_len:
             raise InputError(f"{s.sources[0]}: sample of {len(s)} tokens is longer than max_seq_len={max_seq_len}")
         if rows and len(rows[-1]) + len(s) <= max_seq_len:
-            row = rows[-1]
-            row.input_ids += s.input_ids
-            row.labels += s.labels
-            row.lengths += s.lengths
-            row.sources += s.sources
+            rows[-1] = concatenate([rows[-1], s])
         else:
-            rows.append(Sample(list(s.input_ids), list(s.labels), list(s.lengths), list(s.sources)))
+            rows.append(s)
     return rows
 
 
-def collate(batch: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+def concatenate(samples: Sequence[Sample]) -> Sample:
+    """One row holding `samples` one after another (each keeps its own length, hence its own positions)."""
+    return Sample([t for s in samples for t in s.input_ids], [t for s in samples for t in s.labels],
+                  [n for s in samples for n in s.lengths], [w for s in samples for w in s.sources])
+
+
+def collate(batch: Sequence[Sample], pad_id: int, padding_free: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded tensors (B, T): input_ids, labels (IGNORE_INDEX on padding), positions, segment_ids.
 
     positions restart at 0 for every packed sample; segment_ids number the samples of a row from 1
     (0 = padding). When a row holds more than one sample, `attn_mask` (B, T, T) is added: pass it with
     `positions` to `GPT.forward`. Without it plain causal attention is exact (padding is on the right).
+    padding_free: put the whole batch in one row (B = 1) instead, so no compute is spent on padding; the
+    block-diagonal mask keeps the samples apart, so a sum of per-token losses is the same as padded.
     """
+    if padding_free and len(batch) > 1:
+        batch = [concatenate(batch)]
     T = max(len(s) for s in batch)
     input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)

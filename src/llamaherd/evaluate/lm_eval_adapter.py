@@ -1,7 +1,8 @@
 """llamaherd models inside lm-evaluation-harness, as the registered model type "llamaherd".
 
 lm-eval 0.4 finds model types only in its own registry (no plugin entry points), so the type is
-registered when this module is imported. From the shell, run lm-eval through this module:
+registered when this module is imported, and by the start-up hook of `llamaherd.evaluate.lm_eval_hook`
+(which makes plain `lm_eval --model llamaherd ...` work). Without the hook, run lm-eval through this module:
 
     python -m llamaherd.evaluate.lm_eval_adapter --model llamaherd \\
         --model_args model=smollm2-135m-instruct,dtype=fp32 --tasks arc_challenge --batch_size 16

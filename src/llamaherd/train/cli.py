@@ -21,6 +21,7 @@ HELP = {
     "distributed": "under torchrun: ddp (replicated) or fsdp (FSDP2 fully_shard); auto = ddp",
     "resume": "continue exactly from the newest checkpoint in out_dir",
     "max_steps": "optimizer steps (default: epochs over the data)",
+    "padding_free": "run a micro-batch as one unpadded row with a block-diagonal mask (default; same loss)",
 }
 CHOICES = {"method": METHODS, "schedule": SCHEDULES, "distributed": ("auto", "ddp", "fsdp"),
            "data_format": ("auto", "alpaca", "sharegpt", "messages", "text")}

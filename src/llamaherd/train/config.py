@@ -30,6 +30,7 @@ class TrainConfig:
     chat_format: str | None = None  # None: the model's own template (alpaca for base models)
     max_seq_len: int = 512
     packing: bool = False
+    padding_free: bool = True  # a micro-batch of several samples runs as one unpadded row (same loss)
     train_on_prompt: bool = False  # False: loss on assistant tokens (and EOS) only
     method: str = "lora"
     out_dir: str = "out/finetune"
