@@ -302,3 +302,23 @@ def test_truncated_embedded_file(embedded, tmp_path):
         cut.write_bytes(f.read(embedded.stat().st_size // 2))
     with pytest.raises(CheckpointError, match=r"SmolLM2-cut\.gguf: truncated or not a GGUF file"):
         read_config(cut)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q6_K])
+def test_dequantize_equals_the_gguf_package(qtype):
+    """Our torch dequantizers (Q8_0, Q4_0, Q4_1; Q6_K goes through gguf-py) against gguf-py's numpy ones,
+    on random blocks with finite fp16 scales."""
+    from llamaherd.checkpoints.gguf_file import dequantize
+
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(64, type_size), dtype=np.uint8)
+    if qtype != QT.Q6_K:  # legacy blocks start with fp16 scale(s): make them finite
+        n_scales = 2 if qtype == QT.Q4_1 else 1
+        raw[:, : 2 * n_scales] = rng.normal(0, 0.1, size=(64, n_scales)).astype(np.float16).view(np.uint8)
+    else:
+        raw[:, -2:] = rng.normal(0, 0.1, size=(64, 1)).astype(np.float16).view(np.uint8)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(8, -1)
+    ours = dequantize(torch.from_numpy(raw.reshape(-1)), int(qtype), (8, 64 * block // 8), "t", Path("x.gguf"))
+    assert ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-6, atol=1e-7)

@@ -110,8 +110,6 @@ _PEAK_SCRIPT = """
 import sys, torch
 from llamaherd.load import load_gpt
 import llamaherd.checkpoints.hf, safetensors.torch  # imports before the baseline
-with torch.device("meta"):  # torch's first meta-device init costs ~75 MB once, whatever the model size
-    torch.nn.Embedding(2, 2)
 
 
 def high_water_kb():  # this address space's own peak (ru_maxrss would carry the parent's across exec)

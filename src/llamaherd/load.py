@@ -12,7 +12,7 @@ from torch import nn
 from llamaherd import config as presets
 from llamaherd.config import Config
 from llamaherd.errors import CheckpointError, InputError
-from llamaherd.model import GPT, RotaryEmbedding
+from llamaherd.model import GPT
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -115,7 +115,7 @@ def build_on_meta(config: Config, quantize: str | None = None) -> GPT:
         swap_linears_for_int8(model)
     elif quantize is not None:
         raise InputError(f"unknown quantization {quantize!r}; supported: int8")
-    model.rope = RotaryEmbedding(config)  # a computed buffer, not a checkpoint tensor
+    assert model.rope.inv_freq.device.type == "cpu"  # computed, not a checkpoint tensor (see RotaryEmbedding)
     return model
 
 

@@ -62,6 +62,15 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the meta device (the loader fills it): torch's meta
+    `normal_` goes through Python decompositions whose first use costs seconds of imports."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
 def make_norm(config: Config) -> nn.Module:
     if config.norm_class == "rmsnorm":
         return RMSNorm(config.n_embd, config.norm_eps)
@@ -74,7 +83,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.rope_dim = config.rope_dim
-        inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, config.rope_dim, 2, dtype=torch.float32) / config.rope_dim))
+        # Computed on the CPU even under a meta-device build (the meta kernels for this cost seconds of imports).
+        exponents = torch.arange(0, config.rope_dim, 2, dtype=torch.float32, device="cpu") / config.rope_dim
+        inv_freq = 1.0 / (config.rope_base**exponents)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +225,7 @@ class DecoderStack(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.embed_tokens = Embedding(config.vocab_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = make_norm(config)
 

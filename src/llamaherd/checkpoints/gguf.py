@@ -7,15 +7,15 @@ in Meta's interleaved RoPE layout; both are undone here so tensors come out exac
 from __future__ import annotations
 
 import functools
+import mmap
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import gguf
-import numpy as np
 import torch
 
+from llamaherd.checkpoints.gguf_file import GGUFFile, read_gguf, read_tensor
 from llamaherd.checkpoints.rope_layout import to_rotate_half
 from llamaherd.config import Config
 from llamaherd.errors import CheckpointError
@@ -39,11 +39,10 @@ _PER_LAYER = {
     "ffn_down": "mlp.down_proj",
 }
 _BLOCK_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_UNQUANTIZED = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
 
 
-def _open(path: str | Path) -> gguf.GGUFReader:
-    """A parsed reader, tensor data memory-mapped; cached since parsing a vocabulary takes seconds."""
+def _open(path: str | Path) -> GGUFFile:
+    """Metadata and tensor directory; cached, since a model is often opened twice (config, then weights)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file not found")
@@ -52,45 +51,29 @@ def _open(path: str | Path) -> gguf.GGUFReader:
 
 
 @functools.lru_cache(maxsize=2)
-def _parse(path: Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError) as e:
-        raise CheckpointError(f"{path}: truncated or not a GGUF file ({e})") from None
-
-
-def _value(field: Any) -> Any:
-    """A metadata value as plain Python; float32 scalars keep their shortest decimal (1e-05, not 9.99e-06)."""
-    value = field.contents()
-    if field.types == [gguf.GGUFValueType.FLOAT32]:
-        return float(str(np.float32(value)))
-    return value
+def _parse(path: Path, mtime_ns: int, size: int) -> GGUFFile:
+    return read_gguf(path)
 
 
 def gguf_metadata(path: str | Path) -> dict[str, Any]:
     """Every key/value of the file's metadata (tokenizer vocabulary, chat template, hyper-parameters)."""
-    reader = _open(path)
-    return {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return dict(_open(path).metadata)
 
 
-def _architecture(reader: gguf.GGUFReader, path: str | Path) -> str:
-    field = reader.get_field("general.architecture")
-    arch = _value(field) if field is not None else None
+def _architecture(gf: GGUFFile) -> str:
+    arch = gf.metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
-            f"unknown architecture {arch!r} in {path}: supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"unknown architecture {arch!r} in {gf.path}: supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return arch
 
 
 def read_config(path: str | Path) -> Config:
     """The model architecture from the GGUF metadata (`llama.*` and `tokenizer.ggml.*` keys)."""
-    reader = _open(path)
-    arch = _architecture(reader, path)
-
-    def get(key: str, default: Any = None) -> Any:
-        field = reader.get_field(key)
-        return _value(field) if field is not None else default
+    gf = _open(path)
+    arch = _architecture(gf)
+    get = gf.metadata.get
 
     def need(key: str) -> Any:
         value = get(key)
@@ -101,7 +84,7 @@ def read_config(path: str | Path) -> Config:
     scaling = get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise CheckpointError(f"{path}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) is not supported")
-    names = {t.name: t for t in reader.tensors}
+    names = {t.name: t for t in gf.tensors}
     if "token_embd.weight" not in names:
         raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing")
     n_head = need(f"{arch}.attention.head_count")
@@ -110,7 +93,7 @@ def read_config(path: str | Path) -> Config:
         family=arch,
         block_size=need(f"{arch}.context_length"),
         # The embedding's row count is the model's vocabulary, even when the token list is shorter.
-        vocab_size=int(names["token_embd.weight"].shape[1]),
+        vocab_size=int(names["token_embd.weight"].shape[0]),
         n_layer=need(f"{arch}.block_count"),
         n_head=n_head,
         n_query_groups=get(f"{arch}.attention.head_count_kv", n_head),
@@ -141,37 +124,19 @@ def internal_name(gguf_name: str) -> str | None:
     return None
 
 
-def _to_torch(tensor: Any, path: str | Path) -> torch.Tensor:
-    """One tensor in torch (out, in) order: F32/F16/BF16 keep their dtype, quantized types become fp32."""
-    qtype = tensor.tensor_type
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # ggml ne order -> row-major
-    if qtype in _UNQUANTIZED:
-        return torch.from_numpy(np.array(tensor.data)).reshape(shape)
-    if qtype == gguf.GGMLQuantizationType.BF16:
-        return torch.from_numpy(np.array(tensor.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
-    try:
-        values = gguf.quants.dequantize(tensor.data, qtype)
-    except NotImplementedError:
-        raise CheckpointError(
-            f"{path}: tensor {tensor.name!r} has type {qtype.name}, which cannot be dequantized "
-            "(supported: F32, F16, BF16 and the quantized types of the gguf package, e.g. Q4_0, Q4_1, Q8_0, "
-            "Q4_K, Q6_K)"
-        ) from None
-    return torch.from_numpy(values.astype(np.float32, copy=False)).reshape(shape)
-
-
 def iter_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (internal name, tensor) one at a time, dequantized, q/k rows back in rotate-half order."""
-    reader = _open(path)
-    _architecture(reader, path)
-    unknown = [t.name for t in reader.tensors if internal_name(t.name) is None]
+    gf = _open(path)
+    _architecture(gf)
+    unknown = [t.name for t in gf.tensors if internal_name(t.name) is None]
     if unknown:
         raise CheckpointError(f"{path}: tensors with no llama equivalent: {', '.join(unknown[:5])}")
-    for tensor in reader.tensors:
-        name = internal_name(tensor.name)
-        w = _to_torch(tensor, path)
-        if ".self_attn.q_proj." in name:
-            w = to_rotate_half(w, config.n_head)
-        elif ".self_attn.k_proj." in name:
-            w = to_rotate_half(w, config.n_query_groups)
-        yield name, w
+    with open(gf.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as buf:
+        for info in gf.tensors:
+            name = internal_name(info.name)
+            w = read_tensor(gf, info, buf)
+            if ".self_attn.q_proj." in name:
+                w = to_rotate_half(w, config.n_head)
+            elif ".self_attn.k_proj." in name:
+                w = to_rotate_half(w, config.n_query_groups)
+            yield name, w
