@@ -22,6 +22,10 @@ PAIRS = [
     ("", "ice melts at zero degrees"),
     ("water", " boils"),
 ]
+# MMLU-like: three questions after the same long few-shot prefix (the engine runs that prefix once).
+SHOTS = "".join(f"Question: where does the {a} live?\nAnswer: on the farm\n\n" for a in ("cow", "pig", "hen", "goat"))
+SHARED_PREFIX_PAIRS = [(f"{SHOTS}Question: where does the {a} live?\nAnswer:", c)
+                       for a in ("fox", "fish", "bee") for c in (" in the sea", " on land", " in a hive")]
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +63,10 @@ def test_engine_matches_brute_force(tiny_dir, add_bos):
     model = load_gpt(tiny_dir, dtype=torch.float64)
     enc = TinyEncoder(tiny_dir)
     engine = LoglikelihoodEngine(model, enc, add_bos=add_bos, batch_size=4)
-    pairs = [*PAIRS, greedy_pair(model, enc, add_bos)]
+    pairs = [*PAIRS, *SHARED_PREFIX_PAIRS, greedy_pair(model, enc, add_bos)]
     encoded = engine.encode(pairs)
     results = engine.loglikelihood(pairs)
+    assert engine.prefix_tokens_reused >= 2 * 64  # the shared-prefix batch really took that path
     for r, (ref_lps, ref_greedy), e in zip(results, brute_force(model, encoded), encoded, strict=True):
         assert len(r.token_logprobs) == len(e.continuation)
         assert r.token_logprobs == pytest.approx(ref_lps, abs=1e-9)
@@ -75,7 +80,8 @@ def test_results_do_not_change_with_batch_size(tiny_dir, dtype, tol):
     """Padding never leaks: in fp64 batch sizes 1, 3 and 8 agree to 1e-9; in fp32 only kernel rounding
     differs (a few ulp of these large random-model log-probs)."""
     model = load_gpt(tiny_dir, dtype=dtype)
-    runs = [LoglikelihoodEngine(model, TinyEncoder(tiny_dir), add_bos=False, batch_size=b).loglikelihood(PAIRS)
+    pairs = PAIRS + SHARED_PREFIX_PAIRS
+    runs = [LoglikelihoodEngine(model, TinyEncoder(tiny_dir), add_bos=False, batch_size=b).loglikelihood(pairs)
             for b in (1, 3, 8)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):

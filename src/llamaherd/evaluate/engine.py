@@ -11,6 +11,9 @@ number:
 - contexts are batched longest first and right-padded, so the context pass needs no mask (causal
   attention keeps real tokens from seeing later pads); a batch of up to batch_size contexts takes two
   forward passes, one for the contexts and one for all their continuations;
+- contexts that share a long prefix (MMLU: the description and the same five dev examples for every
+  question of a subject) are batched together, and the batch's common prefix runs once, its KV state
+  copied to every row;
 - logits are computed only at the positions that score a continuation token, log-softmax in fp32.
 
 A request that is left-truncated to the model's context gets a context of its own (its group has one
@@ -19,6 +22,7 @@ member), so it takes the same path with no sharing. Batch size changes only the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +32,40 @@ import torch.nn.functional as F
 
 from llamaherd.errors import InputError
 from llamaherd.model import GPT, KVCache
+
+
+# Contexts sharing at least this many leading tokens are batched together and the prefix runs once;
+# shorter common prefixes are not worth the separate pass.
+SHARED_PREFIX_MIN = 64
+
+Group = tuple[tuple[int, ...], list[int]]  # a context and the requests (indices) that share it
+
+
+def common_prefix_len(contexts: Sequence[Sequence[int]]) -> int:
+    return len(os.path.commonprefix(list(contexts)))
+
+
+def plan_batches(groups: list[Group], batch_size: int) -> list[list[Group]]:
+    """Batches of up to batch_size groups, longest contexts first.
+
+    Sorted lexicographically, contexts with a long common prefix sit next to each other; each such run
+    is batched on its own (so its prefix can run once), the remaining contexts by length (least padding).
+    """
+    lex = sorted(groups, key=lambda g: g[0])
+    runs, run = [], lex[:1]
+    for prev, g in zip(lex, lex[1:]):
+        if common_prefix_len([prev[0], g[0]]) >= SHARED_PREFIX_MIN:
+            run.append(g)
+        else:
+            runs.append(run)
+            run = [g]
+    runs.append(run)
+    singles = sorted((g for r in runs if len(r) == 1 for g in r), key=lambda g: (-len(g[0]), g[0]))
+    batches = []
+    for r in [r for r in runs if len(r) > 1] + [singles]:
+        r.sort(key=lambda g: (-len(g[0]), g[0]))
+        batches += [r[i:i + batch_size] for i in range(0, len(r), batch_size)]
+    return sorted(batches, key=lambda b: (-len(b[0][0]), b[0][0]))
 
 
 class TextEncoder(Protocol):
@@ -100,6 +138,7 @@ class LoglikelihoodEngine:
         self.add_bos = add_bos
         self.batch_size = batch_size
         self.max_length = max_length or model.config.block_size
+        self.prefix_tokens_reused = 0  # context tokens not recomputed thanks to shared prefixes
         weight = model.output_weight
         self.device = weight.device
         # Log-probabilities in at least fp32, whatever the model's dtype.
@@ -161,11 +200,10 @@ class LoglikelihoodEngine:
                 part.append(i)
                 packed += n
             groups.append((ctx, part))
-        order = sorted(groups, key=lambda g: (-len(g[0]), g[0]))
-        for start in range(0, len(order), self.batch_size):
-            yield from self._run_groups(order[start:start + self.batch_size], encoded)
+        for batch in plan_batches(groups, self.batch_size):
+            yield from self._run_groups(batch, encoded)
 
-    def _run_groups(self, groups: list[tuple[tuple[int, ...], list[int]]],
+    def _run_groups(self, groups: list[Group],
                     encoded: Sequence[Encoded]) -> Iterator[tuple[int, Result]]:
         """Two forward passes for up to batch_size groups: their contexts, then all their continuations."""
         model, dev = self.model, self.device
@@ -180,15 +218,23 @@ class LoglikelihoodEngine:
                 segments[g].append((i, at, len(encoded[i].continuation) - 1))
                 at += len(encoded[i].continuation) - 1
         T = max(start + n for row in segments for _, start, n in row)
-        cache = model.new_cache(G, P + T)
+        # A prefix common to every context runs once; each row keeps at least its last context token.
+        L = min(common_prefix_len([c for c, _ in groups]), int(ctx_lens.min()) - 1) if G > 1 else 0
+        if L >= SHARED_PREFIX_MIN:
+            one = model.new_cache(1, P + T)
+            model(torch.tensor([groups[0][0][:L]], device=dev), cache=one, last_only=True, return_hidden=True)
+            cache = one.expand(G)
+            self.prefix_tokens_reused += L * (G - 1)
+        else:
+            L, cache = 0, model.new_cache(G, P + T)
 
-        # Contexts right-padded: causal attention keeps every real token from seeing the padding, so
-        # the prefill runs unmasked (fast causal kernels).
-        idx = torch.zeros(G, P, dtype=torch.long)
+        # The rest of the contexts right-padded: causal attention keeps every real token from seeing the
+        # padding, so this pass needs no padding mask (fast causal kernels).
+        idx = torch.zeros(G, P - L, dtype=torch.long)
         for g, (ctx, _) in enumerate(groups):
-            idx[g, : len(ctx)] = torch.tensor(ctx)
-        h = model(idx.to(dev), cache=cache, return_hidden=True)  # (G, P, n_embd)
-        first = self._log_probs(h[torch.arange(G, device=dev), ctx_lens - 1])  # (G, vocab): first tokens
+            idx[g, : len(ctx) - L] = torch.tensor(ctx[L:])
+        h = model(idx.to(dev), cache=cache, return_hidden=True)  # (G, P - L, n_embd)
+        first = self._log_probs(h[torch.arange(G, device=dev), ctx_lens - 1 - L])  # (G, vocab): first tokens
         rows = [(g, i) for g, row in enumerate(segments) for i, _, _ in row]
         targets = torch.tensor([encoded[i].continuation[0] for _, i in rows], device=dev)
         row_of = torch.tensor([g for g, _ in rows], device=dev)

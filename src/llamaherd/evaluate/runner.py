@@ -234,7 +234,8 @@ def _score_pending(engine: LoglikelihoodEngine, runs: list[TaskRun], done: Done,
             os.close(fd)
     elapsed = time.perf_counter() - t
     return {"tokenize_s": tokenize_s, "score_s": elapsed, "requests": len(encoded),
-            "requests_per_s": len(encoded) / elapsed if elapsed > 0 else 0.0}
+            "requests_per_s": len(encoded) / elapsed if elapsed > 0 else 0.0,
+            "prefix_tokens_reused": engine.prefix_tokens_reused}
 
 
 def _record(run: TaskRun, doc: Doc, results: list[Any]) -> dict[str, Any]:
