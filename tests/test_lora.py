@@ -113,7 +113,7 @@ def test_peft_adapter_loads_into_llamaherd(base_dir, ids, tmp_path):
 
     torch.manual_seed(0)
     cfg = LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "lm_head"],
-                     alpha_pattern={"k_proj": 2}, rank_pattern={"o_proj": 2}, use_rslora=True,
+                     alpha_pattern={"k_proj": 2}, rank_pattern={"o_proj": 2}, use_rslora=True, lora_dropout=0.1,
                      init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(hf_model(base_dir), cfg).eval()
     with torch.no_grad():
@@ -121,6 +121,7 @@ def test_peft_adapter_loads_into_llamaherd(base_dir, ids, tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
     model = load_adapter(load_gpt(base_dir), tmp_path / "peft")
     assert model.model.layers[0].self_attn.o_proj.r == 2
+    assert not any(m.training for m in model.modules())  # an eval-mode model gets eval-mode adapters (no dropout)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), theirs, atol=1e-4, rtol=0)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_state_dict(model))

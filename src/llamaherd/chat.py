@@ -252,7 +252,9 @@ def _chatml(system: str | None, turns: list[_Turn], agp: bool, bos: str, eos: st
     return pieces
 
 
-_ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+_ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 _ALPACA_PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."

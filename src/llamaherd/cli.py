@@ -74,7 +74,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if args.prompt is not None:
         reply(args.prompt)
         return
-    print(f"chatting with {loaded.source.name} — /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    print(f"chatting with {loaded.source.name} — /reset clears the conversation, /exit or Ctrl-D quits",
+          file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()

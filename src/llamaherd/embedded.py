@@ -17,7 +17,8 @@ def embedded_model_path() -> Path:
     """
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"the embedded model is not installed (package {EMBEDDED_PACKAGE!r}); run `{INSTALL_HINT}`")
+        raise CheckpointError(
+            f"the embedded model is not installed (package {EMBEDDED_PACKAGE!r}); run `{INSTALL_HINT}`")
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: embedded model file missing; reinstall it with `{INSTALL_HINT}`")

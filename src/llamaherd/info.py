@@ -45,7 +45,8 @@ def describe(config: Config) -> str:
         f"{config.n_query_groups} KV groups, context {config.block_size}, vocab {config.vocab_size}",
     ]
     if config.hub_id:
-        lines.append(f"  hub id {config.hub_id}" + (f", chat format {config.chat_format}" if config.chat_format else ""))
+        fmt = f", chat format {config.chat_format}" if config.chat_format else ""
+        lines.append(f"  hub id {config.hub_id}{fmt}")
     lines.append("  memory for the weights alone (1 GB = 1e9 bytes):")
     for precision, nbytes in weight_bytes(config).items():
         lines.append(f"    {precision:5s} {human_bytes(nbytes):>10s}")

@@ -405,6 +405,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
     for module in lora_layers(model).values():
         module.lora_A.weight.requires_grad_(True)
         module.lora_B.weight.requires_grad_(True)
+        module.train(model.training)  # new layers follow the model's mode (no dropout at inference)
     return model
 
 

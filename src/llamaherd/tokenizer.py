@@ -341,7 +341,8 @@ def _sentencepiece_backend(
         models.BPE(vocab, _merges_from_scores(tokens, scores, types), unk_token=unk, fuse_unk=True,
                    byte_fallback=BYTE in types)
     )
-    steps = [*extra_normalizers, *([normalizers.Prepend("▁")] if add_prefix_space else []), normalizers.Replace(" ", "▁")]
+    prefix = [normalizers.Prepend("▁")] if add_prefix_space else []
+    steps = [*extra_normalizers, *prefix, normalizers.Replace(" ", "▁")]
     backend.normalizer = normalizers.Sequence(steps)
     backend.pre_tokenizer = None
     backend.decoder = decoders.Sequence(

@@ -256,7 +256,8 @@ def _internal_to_falcon(state: dict[str, torch.Tensor], config: Config) -> dict[
     inverse = [
         (r"^model\.embed_tokens\.", "transformer.word_embeddings."),
         (r"^model\.norm\.", "transformer.ln_f."),
-        (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1." + ("ln_attn." if new_arch else "input_layernorm.")),
+        (r"^model\.layers\.(\d+)\.input_layernorm\.",
+         r"transformer.h.\1." + ("ln_attn." if new_arch else "input_layernorm.")),
         (r"^model\.layers\.(\d+)\.post_attention_layernorm\.",
          r"transformer.h.\1." + ("ln_mlp." if new_arch else "post_attention_layernorm.")),
         (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.self_attention.dense."),
@@ -283,7 +284,8 @@ def _internal_to_falcon(state: dict[str, torch.Tensor], config: Config) -> dict[
     return out
 
 
-def save_hf(state: dict[str, torch.Tensor], config: Config, out_dir: str | Path, max_shard_bytes: int = 5 << 30) -> Path:
+def save_hf(state: dict[str, torch.Tensor], config: Config, out_dir: str | Path,
+            max_shard_bytes: int = 5 << 30) -> Path:
     """Write `config.json` and safetensors (sharded with an index above `max_shard_bytes`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
