@@ -319,6 +319,6 @@ def test_dequantize_equals_the_gguf_package(qtype):
     else:
         raw[:, -2:] = rng.normal(0, 0.1, size=(64, 1)).astype(np.float16).view(np.uint8)
     expected = gguf.quants.dequantize(raw, qtype).reshape(8, -1)
-    ours = dequantize(torch.from_numpy(raw.reshape(-1)), int(qtype), (8, 64 * block // 8), "t", Path("x.gguf"))
+    ours = dequantize(torch.from_numpy(raw.reshape(-1)), int(qtype), (8, 64 * block // 8))
     assert ours.dtype == torch.float32
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-6, atol=1e-7)

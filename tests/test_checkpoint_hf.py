@@ -141,4 +141,5 @@ def test_loading_does_not_allocate_twice(tmp_path):
     # The model (one weights' worth) plus per-tensor transients (the largest tensor is the embedding) that
     # the allocator may keep: measured 1.34x alone and 1.52x inside the full suite. A second full copy, or
     # keeping the file memory-mapped while copying, would reach 2x.
-    assert grown < 1.75 * weights, f"loading grew peak RSS by {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+    assert grown < 1.75 * weights, (
+        f"loading grew peak RSS by {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights")

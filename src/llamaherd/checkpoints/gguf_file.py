@@ -147,7 +147,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return out.view(qs.shape[0], -1)
 
 
-def dequantize(raw: torch.Tensor, kind: int, shape: tuple[int, ...], name: str, path: Path) -> torch.Tensor:
+def dequantize(raw: torch.Tensor, kind: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Bytes of one tensor (uint8) -> torch tensor of `shape`: F32/F16/BF16 keep their dtype, the rest fp32."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
@@ -179,7 +179,7 @@ def read_tensor(gf: GGUFFile, info: TensorInfo, buf: mmap.mmap) -> torch.Tensor:
     `buf` is a copy-on-write mapping of the file (torch.frombuffer wants a writable buffer; nothing writes)."""
     raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.n_bytes, offset=info.offset)
     try:
-        t = dequantize(raw, info.type, info.shape, info.name, gf.path)
+        t = dequantize(raw, info.type, info.shape)
     except NotImplementedError:
         from gguf import GGMLQuantizationType
 
