@@ -19,12 +19,11 @@ from llamaherd.data import (
     encode_conversation,
     load_sft_data,
     pack,
-    packed_attention_mask,
     read_records,
     split_validation,
 )
 from llamaherd.errors import InputError
-from llamaherd.model import GPT
+from llamaherd.model import GPT, Spans
 from llamaherd.tokenizer import Tokenizer
 
 SPECIALS = ("<s>", "</s>", "<|im_end|>")
@@ -230,7 +229,6 @@ def test_packed_samples_do_not_attend_to_each_other(tok, tmp_path):
     assert len(rows) < len(samples) and all(len(r) <= 64 for r in rows)
     assert [s for r in rows for s in r.sources] == [s.sources[0] for s in samples]
     batch = collate(rows, pad_id=tok.eos_id)
-    assert batch["attn_mask"].shape == (len(rows), batch["input_ids"].shape[1], batch["input_ids"].shape[1])
     # positions restart at each sample; segment ids number the samples, 0 on padding
     r0 = batch["positions"][0, : len(rows[0])].tolist()
     assert r0 == [p for n in rows[0].lengths for p in range(n)]
@@ -240,8 +238,17 @@ def test_packed_samples_do_not_attend_to_each_other(tok, tmp_path):
     torch.manual_seed(0)
     model = GPT(Config(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
                        intermediate_size=48, block_size=128)).eval()
+    # the block-diagonal causal mask, written out: query t sees key s <= t of the same sample
+    T = batch["input_ids"].shape[1]
+    block_diagonal = torch.zeros(len(rows), T, T, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        start = 0
+        for n in [*row.lengths, T - len(row)]:  # the padding as one more block
+            block_diagonal[b, start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            start += n
     with torch.no_grad():
-        packed = model(batch["input_ids"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+        packed = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        masked = model(batch["input_ids"], positions=batch["positions"], attn_mask=block_diagonal)
         separate = [model(torch.tensor([s.input_ids]))[0] for s in samples]
     k = 0
     for b, row in enumerate(rows):
@@ -249,7 +256,8 @@ def test_packed_samples_do_not_attend_to_each_other(tok, tmp_path):
         for n in row.lengths:
             torch.testing.assert_close(packed[b, start : start + n], separate[k], atol=1e-5, rtol=1e-5)
             start, k = start + n, k + 1
-    # without the mask the later samples would see the earlier ones
+        torch.testing.assert_close(packed[b, : len(row)], masked[b, : len(row)], atol=1e-5, rtol=1e-5)
+    # without the segments the later samples would see the earlier ones
     with torch.no_grad():
         leaky = model(batch["input_ids"], positions=batch["positions"])
     assert (leaky[0, rows[0].lengths[0] :] - packed[0, rows[0].lengths[0] :]).abs().max() > 1e-3
@@ -260,12 +268,13 @@ def test_collate_unpacked_right_pads_without_mask(tok, tmp_path):
                                                          {"instruction": "ccc", "output": "dddd"}]),
                             tok, "llama-2", 64).samples
     batch = collate(samples, pad_id=tok.eos_id)
-    assert "attn_mask" not in batch
     assert batch["input_ids"][0, len(samples[0]):].eq(tok.eos_id).all()
     assert batch["labels"][0, len(samples[0]):].eq(IGNORE_INDEX).all()
-    assert packed_attention_mask(torch.tensor([[1, 1, 2, 0]])).int().tolist() == [
-        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
-    ]
+    assert batch["segment_ids"].tolist() == [[1] * len(samples[0]) + [0] * (len(samples[1]) - len(samples[0])),
+                                             [1] * len(samples[1])]
+    # one sample per row, padded on the right: plain causal attention is exact, no per-sample spans needed
+    assert Spans.from_segment_ids(batch["segment_ids"]) is None
+    assert Spans.from_segment_ids(torch.tensor([[1, 1, 2, 0]])).rows == [[(0, 2), (2, 3), (3, 4)]]
 
 
 # ---- real instruction data and the real SmolLM2 vocabulary --------------------------------------------------

@@ -149,13 +149,10 @@ class _Saved:
         g_up = self.linear(mlp_in, d, g_mlp_in, "up")
         if c.mlp_class == "swiglu":
             g_gate = self.linear(mlp_in, d, g_mlp_in, "gate")
-            if g_gate:
-                self.keep("gate_out", f)  # silu's input
-            if g_up:
-                self.keep("silu", f)  # the product's gradient w.r.t. up reads silu(gate)
-            if g_gate:
-                self.keep("up_out", f)  # ... and w.r.t. silu(gate) reads up
             g_act = g_gate or g_up
+            if g_act:  # model.SiluMul keeps gate and up, and recomputes silu(gate) in backward
+                self.keep("gate_out", f)
+                self.keep("up_out", f)
         else:
             if g_up:
                 self.keep("up_out", f)  # GELU's input

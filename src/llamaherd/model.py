@@ -12,6 +12,7 @@ Parameter names follow Hugging Face Llama (see llamaherd.checkpoints) so checkpo
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,24 @@ class KVCache(nn.Module):
         return new
 
 
+class Spans(NamedTuple):
+    """Packed samples: per row of a batch, the (start, end) of each causal segment, covering the row in order."""
+
+    rows: list[list[tuple[int, int]]]
+
+    @staticmethod
+    def from_segment_ids(segment_ids: torch.Tensor) -> Spans | None:
+        """Spans of runs of equal ids in (B, T) `segment_ids`; None when each row holds a single sample from its
+        start (plus trailing padding, id 0), where plain causal attention is already exact."""
+        rows, packed = [], False
+        for ids in segment_ids.tolist():
+            cuts = [t for t in range(1, len(ids)) if ids[t] != ids[t - 1]]
+            starts, ends = [0, *cuts], [*cuts, len(ids)]
+            rows.append(list(zip(starts, ends, strict=True)))
+            packed |= sum(ids[s] != 0 for s in starts) > 1 or (len(starts) > 1 and ids[0] == 0)
+        return Spans(rows) if packed else None
+
+
 class Attention(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -163,7 +182,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | Spans | None,
         cache: KVCache | None,
         layer: int,
     ) -> torch.Tensor:
@@ -178,9 +197,33 @@ class Attention(nn.Module):
         if mask is None:
             # No padding and no past: plain causal. With a past and T == 1 every key is visible.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        elif isinstance(mask, Spans):
+            y = torch.cat([  # each packed sample on its own: no work on the zero blocks of a block-diagonal mask
+                torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                          is_causal=e - s > 1, enable_gqa=gqa)
+                           for s, e in row], dim=2)
+                for b, row in enumerate(mask.rows)])
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class SiluMul(torch.autograd.Function):
+    """silu(gate) * up that keeps only gate and up for backward (autograd's two ops would also keep silu(gate),
+    one more (tokens, intermediate) tensor per layer); backward recomputes the sigmoid, a cheap elementwise op."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        grad_gate = grad * up * sig * (1 + gate * (1 - sig)) if ctx.needs_input_grad[0] else None  # silu'
+        grad_up = grad * gate * sig if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
 
 
 class MLP(nn.Module):
@@ -197,7 +240,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
@@ -257,6 +300,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T).
 
@@ -267,6 +311,9 @@ class GPT(nn.Module):
         last_only: compute logits for the last position only (generation).
         return_hidden: return the final-norm hidden states (B, T, n_embd) instead of logits, so a caller
             that needs few positions (evaluation) projects only those with `output_weight`.
+        segment_ids: (B, T) ids of packed samples (training): a token attends to the earlier tokens of its own
+            sample only; give `positions` that restart at each sample. Padding (id 0) goes at the row's end.
+            Same result as the block-diagonal (B, T, T) attn_mask, without computing the masked-out blocks.
         """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
@@ -281,7 +328,12 @@ class GPT(nn.Module):
             attn_mask = torch.ones(B, past + T, dtype=torch.bool, device=idx.device)  # causal with an offset
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
-        mask = None if attn_mask is None else self._attention_mask(attn_mask, past, T)
+        if segment_ids is not None:
+            if attn_mask is not None or past:
+                raise ValueError("segment_ids takes neither attn_mask nor a filled cache")
+            mask = Spans.from_segment_ids(segment_ids)
+        else:
+            mask = None if attn_mask is None else self._attention_mask(attn_mask, past, T)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:

@@ -10,7 +10,6 @@ from llamaherd.data.sft import (
     encode_conversation,
     load_sft_data,
     pack,
-    packed_attention_mask,
     read_records,
     record_to_messages,
     response_spans,
@@ -19,5 +18,5 @@ from llamaherd.data.sft import (
 
 __all__ = [
     "IGNORE_INDEX", "Record", "SFTData", "SFTStats", "Sample", "collate", "encode_conversation", "load_sft_data",
-    "pack", "packed_attention_mask", "read_records", "record_to_messages", "response_spans", "split_validation",
+    "pack", "read_records", "record_to_messages", "response_spans", "split_validation",
 ]

@@ -448,10 +448,9 @@ def collate(batch: Sequence[Sample], pad_id: int, padding_free: bool = False) ->
     """Right-padded tensors (B, T): input_ids, labels (IGNORE_INDEX on padding), positions, segment_ids.
 
     positions restart at 0 for every packed sample; segment_ids number the samples of a row from 1
-    (0 = padding). When a row holds more than one sample, `attn_mask` (B, T, T) is added: pass it with
-    `positions` to `GPT.forward`. Without it plain causal attention is exact (padding is on the right).
+    (0 = padding). Pass both to `GPT.forward` so packed samples do not attend to each other.
     padding_free: put the whole batch in one row (B = 1) instead, so no compute is spent on padding; the
-    block-diagonal mask keeps the samples apart, so a sum of per-token losses is the same as padded.
+    segments keep the samples apart, so a sum of per-token losses is the same as padded.
     """
     if padding_free and len(batch) > 1:
         batch = [concatenate(batch)]
@@ -468,14 +467,4 @@ def collate(batch: Sequence[Sample], pad_id: int, padding_free: bool = False) ->
             positions[b, start : start + n] = torch.arange(n)
             segment_ids[b, start : start + n] = k
             start += n
-    out = {"input_ids": input_ids, "labels": labels, "positions": positions, "segment_ids": segment_ids}
-    if any(len(s.lengths) > 1 for s in batch):
-        out["attn_mask"] = packed_attention_mask(segment_ids)
-    return out
-
-
-def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T, T) bool: query t sees key s when s <= t and both belong to the same sample."""
-    T = segment_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    return (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+    return {"input_ids": input_ids, "labels": labels, "positions": positions, "segment_ids": segment_ids}

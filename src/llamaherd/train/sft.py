@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from llamaherd.data import IGNORE_INDEX, collate, load_sft_data, pack, split_validation
@@ -17,6 +16,7 @@ from llamaherd.train import distributed as D
 from llamaherd.train.checkpoint import gather_trainable
 from llamaherd.train.config import TrainConfig
 from llamaherd.train.core import Batch, LossOutput, Objective, Trainer, seed_everything
+from llamaherd.train.head_loss import head_cross_entropy
 from llamaherd.train.lineage import build_lineage, write_lineage
 
 
@@ -24,20 +24,19 @@ class SFTObjective(Objective):
     """Next-token cross-entropy summed over the trained tokens (labels are already shifted by the data).
 
     Only the positions that carry a label are projected to the vocabulary, so prompt and padding tokens
-    cost no lm_head compute and no (T, vocab) logits are kept for backward.
+    cost no lm_head compute, and no (tokens, vocab) logits are kept for backward (`head_cross_entropy`).
     """
 
     def count(self, batch: Batch) -> torch.Tensor:
         return (batch["labels"] != IGNORE_INDEX).sum()
 
     def forward(self, batch: Batch) -> LossOutput:
-        # Per-sample positions; packed rows also carry the block-diagonal causal mask (B, T, T).
-        h = self.model(batch["input_ids"], positions=batch["positions"], attn_mask=batch.get("attn_mask"),
+        # Per-sample positions and segment ids: packed samples do not attend to each other.
+        h = self.model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                        return_hidden=True)
         labels = batch["labels"]
         sel = labels != IGNORE_INDEX
-        logits = self.model.head(h[sel])  # (N, vocab)
-        return LossOutput(F.cross_entropy(logits.float(), labels[sel], reduction="sum"))
+        return LossOutput(head_cross_entropy(self.model, h[sel], labels[sel]))
 
     def n_tokens(self, batch: Batch) -> int:
         return int((batch["segment_ids"] > 0).sum())

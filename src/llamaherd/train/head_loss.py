@@ -1,0 +1,70 @@
+"""Summed next-token cross-entropy of the output head without materialising (tokens, vocab) logits.
+
+A plain `F.cross_entropy(head(h))` keeps the log-probabilities for backward and, during backward, the logits'
+gradient and a temporary beside them: three (tokens, vocab) fp32 tensors, 0.6 GB for 1,000 tokens of a
+49k vocabulary, alive while every layer's activations still are (the peak of a training step). Here the
+logits are computed a slice of rows at a time and, when a gradient is wanted, the gradients of the hidden
+states and of the head weight are formed right away (softmax minus one-hot, times the weight / hidden
+states): the same products backward would compute, so no extra compute, and only one slice of logits is
+ever alive. Backward then scales the stored gradients by the incoming one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llamaherd.model import GPT, Linear, linear
+
+SLICE_BYTES = 64 * 2**20  # fp32 logits computed at a time
+
+
+class _FusedHeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int,
+                with_grad: bool) -> torch.Tensor:
+        want_h = with_grad and ctx.needs_input_grad[0]
+        want_w = with_grad and ctx.needs_input_grad[1]
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 logits and loss (fp64 weights: fp64)
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        with torch.autocast(h.device.type, enabled=False):  # the head in the weights' precision
+            for start in range(0, h.shape[0], rows):
+                hs, ys = h[start:start + rows].to(weight.dtype), labels[start:start + rows]
+                logits = linear(hs, weight).to(acc)
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += (lse - logits.gather(1, ys[:, None]).squeeze(1)).sum()
+                if not (want_h or want_w):
+                    continue
+                g = logits.sub_(lse[:, None]).exp_()  # softmax ...
+                g[torch.arange(len(ys), device=g.device), ys] -= 1  # ... minus one-hot: d loss / d logits
+                g = g.to(weight.dtype)
+                if want_h:
+                    grad_h[start:start + rows] = linear(g, weight.t())  # g @ weight
+                if want_w:
+                    grad_w.addmm_(g.t(), hs)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss
+        return (None if grad_h is None else (grad_h * scale).to(grad_h.dtype),
+                None if grad_w is None else grad_w * scale.to(grad_w.dtype), None, None, None)
+
+
+def head_cross_entropy(model: GPT, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of cross-entropy(head(h), labels) in fp32; h (N, n_embd) final-norm hidden states.
+
+    A plain head weight (the tied embedding or a float `lm_head`) goes through the fused slices; a head that is
+    a LoRA or quantized layer goes through its module and `F.cross_entropy`.
+    """
+    plain = model.config.tie_embeddings or type(model.lm_head) is Linear
+    if not plain:
+        return F.cross_entropy(model.head(h).float(), labels, reduction="sum")
+    weight = model.output_weight
+    rows = max(1, SLICE_BYTES // (4 * weight.shape[0]))
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _FusedHeadCrossEntropy.apply(h, weight, labels, rows, with_grad)
