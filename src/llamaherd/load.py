@@ -154,10 +154,7 @@ def load_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtype:
         if isinstance(module, Int8Linear) and attr == "weight":
             module.set_weight(t)
         else:
-            owned = matmul_layout(t.to(dtype).contiguous())
-            if owned.data_ptr() == t.data_ptr():
-                owned = owned.clone()  # never keep a view into a memory-mapped checkpoint file alive
-            t = owned
+            t = matmul_layout(t.to(dtype).contiguous())  # the readers yield tensors in their own memory
             setattr(module, attr, nn.Parameter(t, requires_grad=t.is_floating_point()))
         seen.add(name)
     missing = sorted(set(expected) - seen)

@@ -240,7 +240,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            act = SiluMul.apply(gate, up) if torch.is_grad_enabled() else F.silu(gate) * up  # inference: no graph
+            return self.down_proj(act)
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 

@@ -120,7 +120,8 @@ def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         ) from None
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
-    yield from state.items()
+    for name, t in state.items():
+        yield name, t.clone()  # its own memory: the loader keeps it, and must not keep the file mapped
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -162,4 +162,5 @@ def iter_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, torch.
             w = to_rotate_half(w, config.n_head)
         elif name.endswith("k_proj.weight"):
             w = to_rotate_half(w, config.n_query_groups)
-        yield name, w
+        mapped_file = any(w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for p in parts)
+        yield name, w.clone() if mapped_file else w  # its own memory: the loader keeps it, not the mapping

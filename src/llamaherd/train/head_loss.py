@@ -44,15 +44,20 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                     grad_h[start:start + rows] = linear(g, weight.t())  # g @ weight
                 if want_w:
                     grad_w.addmm_(g.t(), hs)
-        ctx.save_for_backward(grad_h, grad_w)
+        # Kept as plain attributes (they are neither inputs nor outputs): backward hands the very tensors on,
+        # scaled in place, so the weight's .grad takes them over instead of copying (one weight's worth less).
+        ctx.grads = [grad_h, grad_w]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_loss
-        return (None if grad_h is None else (grad_h * scale).to(grad_h.dtype),
-                None if grad_w is None else grad_w * scale.to(grad_w.dtype), None, None, None)
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        if grad_h is not None:
+            grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_loss.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None
 
 
 def head_cross_entropy(model: GPT, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
