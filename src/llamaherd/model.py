@@ -161,9 +161,9 @@ class Spans(NamedTuple):
         rows, packed = [], False
         for ids in segment_ids.tolist():
             cuts = [t for t in range(1, len(ids)) if ids[t] != ids[t - 1]]
-            starts, ends = [0, *cuts], [*cuts, len(ids)]
-            rows.append(list(zip(starts, ends, strict=True)))
-            packed |= sum(ids[s] != 0 for s in starts) > 1 or (len(starts) > 1 and ids[0] == 0)
+            rows.append(list(zip([0, *cuts], [*cuts, len(ids)], strict=True)))
+            trailing_padding = bool(cuts) and ids[-1] == 0
+            packed |= len(cuts) + 1 - trailing_padding > 1
         return Spans(rows) if packed else None
 
 
@@ -197,12 +197,13 @@ class Attention(nn.Module):
         if mask is None:
             # No padding and no past: plain causal. With a past and T == 1 every key is visible.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        elif isinstance(mask, Spans):
-            y = torch.cat([  # each packed sample on its own: no work on the zero blocks of a block-diagonal mask
-                torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
-                                                          is_causal=e - s > 1, enable_gqa=gqa)
-                           for s, e in row], dim=2)
-                for b, row in enumerate(mask.rows)])
+        elif isinstance(mask, Spans):  # each packed sample on its own: no work on a block-diagonal mask's zeros
+            rows = []
+            for b, spans in enumerate(mask.rows):
+                parts = [F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                                        is_causal=e - s > 1, enable_gqa=gqa) for s, e in spans]
+                rows.append(torch.cat(parts, dim=2))
+            y = torch.cat(rows)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
