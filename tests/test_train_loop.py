@@ -143,17 +143,3 @@ def test_fused_head_loss_matches_autograd_cross_entropy(tied, monkeypatch):
             want = torch.nn.functional.cross_entropy(model.head(h0), labels, reduction="sum")
             assert not torch.allclose(want, reference[0])
             torch.testing.assert_close(head_loss.head_cross_entropy(model, h0, labels).double(), want)
-
-
-def test_silu_mul_gradients_match_autograd():
-    from llamaherd.model import SiluMul
-
-    torch.manual_seed(0)
-    gate, up, grad = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7)
-    a, b = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
-    SiluMul.apply(a, b).backward(grad.double())
-    c, d = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
-    (torch.nn.functional.silu(c) * d).backward(grad.double())
-    torch.testing.assert_close(a.grad, c.grad)
-    torch.testing.assert_close(b.grad, d.grad)
-    assert torch.autograd.gradcheck(SiluMul.apply, (gate.requires_grad_(True), up.requires_grad_(True)))

@@ -98,8 +98,9 @@ class _Saved:
     keeps nothing at all. Tensors read by several ops are counted once.
     """
 
-    def __init__(self, config: Config, full: bool, targets: set[str], r: int, dropout: bool) -> None:
+    def __init__(self, config: Config, full: bool, targets: set[str], r: int, dropout: bool, lean: bool) -> None:
         self.config, self.full, self.targets, self.r, self.dropout = config, full, targets, r, dropout
+        self.lean = lean  # fp32/fp64 without autocast: model.lean_training holds for plain projections
         self.kept: set[str] = set()
         self.elems = 0
 
@@ -108,19 +109,17 @@ class _Saved:
             self.kept.add(name)
             self.elems += width
 
-    def norm(self, x: str, grad: bool, out: str) -> bool:
-        """RMSNorm keeps its input and 1/rms (LayerNorm: input, mean, 1/std) and, when its weight trains,
-        RMSNorm's normalised value (LayerNorm's weight gradient reads its own saved stats)."""
-        d, rms = self.config.n_embd, self.config.norm_class == "rmsnorm"
+    def norm(self, x: str, grad: bool) -> bool:
+        """A norm keeps its input and 1/rms (model.RMSNormFunction; LayerNorm: input, mean, 1/std)."""
         if self.full or grad:
-            self.keep(x, d)
-            self.elems += 1 if rms else 2
-        if self.full and rms:
-            self.keep(out + ".normalised", d)
+            self.keep(x, self.config.n_embd)
+            self.elems += 1 if self.config.norm_class == "rmsnorm" else 2
         return self.full or grad
 
-    def linear(self, x: str, width: int, grad: bool, name: str) -> bool:
-        if self.full:
+    def linear(self, x: str, width: int, grad: bool, name: str, recomputed: bool = False) -> bool:
+        """`recomputed`: a plain projection rebuilds its input in backward from tensors kept anyway
+        (lean_autograd.NormProjections: norm(x); SwiGLUDown: silu(gate) * up)."""
+        if self.full and not (recomputed and self.lean):
             self.keep(x, width)
         if name in self.targets:
             self.elems += self.r  # A x, kept for B's gradient
@@ -135,46 +134,48 @@ class _Saved:
         c = self.config
         h, kv, hd, d, f = c.n_head, c.n_query_groups, c.head_dim, c.n_embd, c.intermediate_size
         shared = c.parallel_residual and c.shared_attention_norm
-        g_h1 = self.norm("x", grad_in, "h1")
-        gq, gk, gv = (self.linear("h1", d, g_h1, n) for n in ("q", "k", "v"))
+        g_h1 = self.norm("x", grad_in)
+        rms = c.norm_class == "rmsnorm"
+        gq, gk, gv = (self.linear("h1", d, g_h1, n, recomputed=rms and not c.attn_bias) for n in ("q", "k", "v"))
         g_attn = gq or gk or gv
         if g_attn:  # SDPA keeps q, k, v (after RoPE), its output and the logsumexp
             self.keep("out", h * hd)
             self.elems += h * hd + 2 * kv * hd + h
         g_o = self.linear("out", h * hd, g_attn, "o")
         if c.parallel_residual:
-            mlp_in, g_mlp_in = ("h1", g_h1) if shared else ("h2", self.norm("x", grad_in, "h2"))
+            mlp_in, g_mlp_in = ("h1", g_h1) if shared else ("h2", self.norm("x", grad_in))
         else:
-            mlp_in, g_mlp_in = "h2", self.norm("x_mid", grad_in or g_o, "h2")
-        g_up = self.linear(mlp_in, d, g_mlp_in, "up")
+            mlp_in, g_mlp_in = "h2", self.norm("x_mid", grad_in or g_o)
+        g_up = self.linear(mlp_in, d, g_mlp_in, "up", recomputed=rms and not c.mlp_bias)
         if c.mlp_class == "swiglu":
-            g_gate = self.linear(mlp_in, d, g_mlp_in, "gate")
+            g_gate = self.linear(mlp_in, d, g_mlp_in, "gate", recomputed=rms and not c.mlp_bias)
             g_act = g_gate or g_up
-            if g_act:  # model.SiluMul keeps gate and up, and recomputes silu(gate) in backward
+            if g_act:  # model.SiluMul / SwiGLUDown keep gate and up, and recompute silu(gate) in backward
                 self.keep("gate_out", f)
                 self.keep("up_out", f)
+            # a plain down projection (SwiGLUDown) recomputes its input silu(gate) * up for its weight gradient
+            g_down = self.linear("act", f, g_act, "down", recomputed="down" not in self.targets and not c.mlp_bias)
         else:
             if g_up:
                 self.keep("up_out", f)  # GELU's input
-            g_act = g_up
-        g_down = self.linear("act", f, g_act, "down")
+            g_down = self.linear("act", f, g_up, "down")
         return grad_in or g_o or g_down
 
 
 def _activation_elements(config: Config, full: bool, targets: set[str], r: int, dropout: bool,
-                         checkpointing: bool) -> float:
+                         checkpointing: bool, lean: bool) -> float:
     """Per token: what the blocks and the loss head keep for backward (excluding the logits transients)."""
     grad, per_block = full, []
     for _ in range(config.n_layer):
-        walk = _Saved(config, full, targets, r, dropout)
+        walk = _Saved(config, full, targets, r, dropout, lean)
         grad = walk.block(grad)
         per_block.append(walk.elems)
     if checkpointing:  # block inputs kept; during backward one block at a time is recomputed
         layers = config.n_layer * config.n_embd + max(per_block)
     else:
         layers = sum(per_block)
-    head = _Saved(config, full, targets, r, dropout)
-    head.linear("hf", config.n_embd, head.norm("xf", grad, "hf"), "lm_head")
+    head = _Saved(config, full, targets, r, dropout, lean)
+    head.linear("hf", config.n_embd, head.norm("xf", grad), "lm_head")
     ids = (2 if full else 0) + 2  # int64 token ids (embedding gradient) and labels, in 4-byte units
     return layers + head.elems + 2 * config.rope_dim + config.vocab_size + ids  # + saved log-probabilities
 
@@ -255,7 +256,8 @@ def estimate(
         return Estimate(method, seq_len, batch, n_params, 0, weight_bytes, 0, 0, act, kv, weight_bytes + kv + act)
 
     full = method == "full"
-    saved = _activation_elements(config, full, targets, lora_r, lora_dropout > 0, activation_checkpointing)
+    lean = wb >= 4 and not bf16_autocast
+    saved = _activation_elements(config, full, targets, lora_r, lora_dropout > 0, activation_checkpointing, lean)
     act = int(tokens * (saved * ab + 3 * config.vocab_size * 4))  # + logits, their gradient, one temporary
 
     grads = trainable * wb

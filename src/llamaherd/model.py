@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaherd.config import Config
+from llamaherd.lean_autograd import NormProjections, RMSNormFunction, SiluMul, SwiGLUDown
 
 
 class RMSNorm(nn.Module):
@@ -28,6 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.eps)
         if x.dtype == self.weight.dtype == torch.float32:  # one fused call (decode runs 61 norms per token)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 (as Meta and HF do), scale in the input dtype.
@@ -78,6 +81,34 @@ def make_norm(config: Config) -> nn.Module:
     if config.norm_class == "rmsnorm":
         return RMSNorm(config.n_embd, config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+def lean_training(x: torch.Tensor, *linears: nn.Module) -> bool:
+    """Whether the lean autograd functions may stand in for these projections' own forward: training (grad mode,
+    no autocast) through plain bias-free `Linear`s in x's full-precision dtype (not LoRA, int8 or half)."""
+    return (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype in (torch.float32, torch.float64)
+            and all(type(m) is Linear and m.bias is None and m.weight.dtype == x.dtype for m in linears))
+
+
+class Normed:
+    """x and the norm whose output the next projections read. `project` hands training with RMSNorm to
+    `NormProjections`, which keeps x instead of norm(x); otherwise norm(x) is computed once (a Falcon-7B block
+    shares it between attention and MLP) and projected by each module."""
+
+    def __init__(self, x: torch.Tensor, norm: nn.Module) -> None:
+        self.x, self.norm, self._value = x, norm, None
+
+    def value(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self.norm(self.x)
+        return self._value
+
+    def project(self, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+        if isinstance(self.norm, RMSNorm) and lean_training(self.x, *linears):
+            return NormProjections.apply(self.x, self.norm.weight, self.norm.eps, *(m.weight for m in linears))
+        h = self.value()
+        return tuple(m(h) for m in linears)
 
 
 class RotaryEmbedding(nn.Module):
@@ -179,17 +210,18 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: Normed,
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | Spans | None,
         cache: KVCache | None,
         layer: int,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        B, T, _ = x.x.shape
+        q, k, v = x.project(self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = past + T
@@ -209,24 +241,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-class SiluMul(torch.autograd.Function):
-    """silu(gate) * up that keeps only gate and up for backward (autograd's two ops would also keep silu(gate),
-    one more (tokens, intermediate) tensor per layer); backward recomputes the sigmoid, a cheap elementwise op."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        grad_gate = grad * up * sig * (1 + gate * (1 - sig)) if ctx.needs_input_grad[0] else None  # silu'
-        grad_up = grad * gate * sig if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up
-
-
 class MLP(nn.Module):
     """SwiGLU (LLaMA): down(silu(gate(x)) * up(x)); GELU (Falcon): down(gelu(up(x)))."""
 
@@ -239,12 +253,16 @@ class MLP(nn.Module):
         self.up_proj = Linear(d, f, bias=b)
         self.down_proj = Linear(f, d, bias=b)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-            act = SiluMul.apply(gate, up) if torch.is_grad_enabled() else F.silu(gate) * up  # inference: no graph
-            return self.down_proj(act)
-        return self.down_proj(F.gelu(self.up_proj(x)))
+    def forward(self, x: Normed) -> torch.Tensor:
+        if not self.swiglu:
+            (up,) = x.project(self.up_proj)
+            return self.down_proj(F.gelu(up))
+        gate, up = x.project(self.gate_proj, self.up_proj)
+        if not torch.is_grad_enabled():  # inference: no graph
+            return self.down_proj(F.silu(gate) * up)
+        if lean_training(gate, self.down_proj):
+            return SwiGLUDown.apply(gate, up, self.down_proj.weight)
+        return self.down_proj(SiluMul.apply(gate, up))  # LoRA / int8 / autocast: the module's own forward
 
 
 class Block(nn.Module):
@@ -259,13 +277,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, cache, layer):
-        h = self.input_layernorm(x)
+        h = Normed(x, self.input_layernorm)
         a = self.self_attn(h, cos, sin, mask, cache, layer)
         if self.parallel:
-            m = self.mlp(h if self.shared_norm else self.post_attention_layernorm(x))
+            m = self.mlp(h if self.shared_norm else Normed(x, self.post_attention_layernorm))
             return x + a + m
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(Normed(x, self.post_attention_layernorm))
 
 
 class DecoderStack(nn.Module):
