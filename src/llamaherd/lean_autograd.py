@@ -3,7 +3,7 @@
 At a step's peak every layer's saved tensors are alive at once, so each (tokens, width) tensor not kept per
 layer is memory freed. These keep only inputs that are kept anyway (or that are small) and recompute in backward
 what is cheap to rebuild: a norm's output and SwiGLU's product are elementwise passes over tensors at hand.
-Each returns the same values as the plain ops; tests/test_train_loop.py checks gradients against autograd.
+Each returns the same values as the plain ops; tests/test_lean_autograd.py checks gradients against autograd.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     """RMSNorm's output and 1/rms: normalised in fp32 (fp64 stays fp64), scaled in the input dtype."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd).to(x.dtype) * weight, rstd
+    return rms_norm_scale(x, rstd, weight), rstd
+
+
+def rms_norm_scale(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """RMSNorm's output from its input and 1/rms (backward's recompute gives forward's value bit for bit)."""
+    return (x.to(rstd.dtype) * rstd).to(x.dtype) * weight
 
 
 def rms_norm_backward(needs: tuple[bool, bool], x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
@@ -61,7 +66,7 @@ class NormProjections(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, rstd, norm_weight, *weights = ctx.saved_tensors
-        h = (x.to(rstd.dtype) * rstd).to(x.dtype) * norm_weight  # as rms_norm_forward computed it
+        h = rms_norm_scale(x, rstd, norm_weight)
         need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_weights, grad_h = [], None
         for g, w, need_w in zip(grads, weights, ctx.needs_input_grad[3:], strict=True):
