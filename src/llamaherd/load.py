@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +130,14 @@ def matmul_layout(t: torch.Tensor) -> torch.Tensor:
     if t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] <= t.shape[1]:
         return t
     return t.t().contiguous().t()
+
+
+def row_major(params: Iterable[torch.Tensor]) -> None:
+    """Give parameters that `matmul_layout` stored column-major row-major storage again, in place (same values):
+    for training, where gradients come out row-major, and for FSDP2, which shards row-major storage only."""
+    for p in params:
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
 
 
 def load_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, origin: str) -> None:

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from llamaherd.errors import CheckpointError, InputError
+from llamaherd.load import row_major
 from llamaherd.model import GPT
 from llamaherd.train import distributed as D
 from llamaherd.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -130,6 +131,9 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
         self.objective = objective.to(self.info.device)
+        # Trained weights row-major, as their gradients come out: the loader's column-major decode layout would
+        # make autograd and fused AdamW copy each such gradient on every step.
+        row_major(p for p in objective.parameters() if p.requires_grad)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(objective.blocks())
         strategy = "fsdp" if cfg.distributed == "fsdp" else "ddp"

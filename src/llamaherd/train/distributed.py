@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llamaherd.load import row_major
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -63,9 +65,7 @@ def wrap(module: nn.Module, blocks: list[nn.Module], strategy: str, info: DistIn
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        for p in module.parameters():  # fully_shard needs row-major storage (the loader may lay weights out
-            if not p.is_contiguous():   # column-major for faster inference)
-                p.data = p.data.contiguous()
+        row_major(module.parameters())  # frozen ones too: fully_shard shards every parameter
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         for block in blocks:
             fully_shard(block, mesh=mesh)

@@ -48,9 +48,6 @@ def prepare_model(model: GPT, cfg: TrainConfig) -> GPT:
         if any(not p.is_floating_point() for p in model.parameters()):
             raise InputError("method 'full' needs float weights; load the model without quantization")
         model.requires_grad_(True)
-        for p in model.parameters():  # row-major, as gradients come out: the loader lays some matrices out
-            if not p.is_contiguous():  # column-major for decoding, which would make autograd and fused AdamW
-                p.data = p.data.contiguous()  # copy every such gradient on every step
         return model
     from llamaherd.lora import LoRAConfig, inject_lora
 
