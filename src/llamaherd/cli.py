@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from llamaherd.errors import HerdError
+from llamaherd.terminal import printable
 
 MODEL_HELP = "preset/alias name, local directory, .gguf file or hub id (default: embedded smollm2-135m-instruct)"
 
@@ -46,8 +47,9 @@ def _stream(loaded, prompt_ids: list[int], params) -> str:
     from llamaherd.generate import stream_text
 
     pieces = []
+    tty = sys.stdout.isatty()  # a terminal sees control characters as escapes; a pipe gets the exact text
     for piece in stream_text(loaded.model, loaded.tokenizer, prompt_ids, params):
-        print(piece, end="", flush=True)
+        print(printable(piece, keep="\n\t") if tty else piece, end="", flush=True)
         pieces.append(piece)
     print(flush=True)
     return "".join(pieces)
@@ -74,7 +76,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if args.prompt is not None:
         reply(args.prompt)
         return
-    print(f"chatting with {loaded.source.name} — /reset clears the conversation, /exit or Ctrl-D quits",
+    print(f"chatting with {printable(loaded.source.name)} — /reset clears the conversation, /exit or Ctrl-D quits",
           file=sys.stderr)
     while True:
         try:
@@ -102,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_download(args: argparse.Namespace) -> None:
     from llamaherd.hub import download
 
-    print(download(args.repo_id, local_dir=args.local_dir, revision=args.revision))
+    print(printable(download(args.repo_id, local_dir=args.local_dir, revision=args.revision)))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -113,7 +115,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     loaded = _load(args)
     out = save_hf(loaded.model.state_dict(), loaded.config, args.dst)
     loaded.tokenizer.save_pretrained(out)
-    print(f"wrote Hugging Face checkpoint to {out}")
+    print(f"wrote Hugging Face checkpoint to {printable(out)}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except HerdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

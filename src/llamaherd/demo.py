@@ -25,18 +25,20 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     from rich.console import Console
+    from rich.text import Text
 
     from llamaherd.cli import main as herd
     from llamaherd.evaluate.cli import print_summary
     from llamaherd.evaluate.runner import EvalOptions, evaluate
     from llamaherd.leaderboard import story_summary
+    from llamaherd.terminal import printable_text
 
     console = Console()
     data_dir = args.data_dir or next((d for d in DEFAULT_DATA_DIRS if d.exists()), None)
     model_args = [args.model] if args.model else []
 
     console.rule("1. chat (streamed)")
-    console.print(f"[bold]user>[/bold] {args.prompt}")
+    console.print(Text.assemble(("user>", "bold"), " ", printable_text(args.prompt)))
     if herd(["chat", *model_args, "--prompt", args.prompt, "--max-new-tokens", "64"]) != 0:
         raise SystemExit(2)
 
@@ -49,4 +51,5 @@ def run_demo(args: argparse.Namespace) -> None:
     console.rule("3. leaderboard: measured here vs reported in 2023")
     html = story_summary(out / "leaderboard.sqlite", out / "eval" / "results.json", out / "leaderboard.html",
                          console=console)
-    console.print(f"web page: {Path(html).resolve()}  (or: herd leaderboard serve --db {out / 'leaderboard.sqlite'})")
+    console.print(printable_text(f"web page: {Path(html).resolve()}  "
+                                 f"(or: herd leaderboard serve --db {out / 'leaderboard.sqlite'})"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llamaherd.config import Config
+from llamaherd.terminal import printable
 
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -38,15 +39,15 @@ def human_count(n: int) -> str:
 
 
 def describe(config: Config) -> str:
-    """The text `herd info` prints."""
+    """The text `herd info` prints; the names come from the checkpoint, so they pass through `printable`."""
     lines = [
-        f"{config.name}: {human_count(config.n_params)} parameters ({config.n_params:,})",
-        f"  family {config.family}, {config.n_layer} layers, n_embd {config.n_embd}, {config.n_head} heads, "
+        f"{printable(config.name)}: {human_count(config.n_params)} parameters ({config.n_params:,})",
+        f"  family {printable(config.family)}, {config.n_layer} layers, n_embd {config.n_embd}, {config.n_head} heads, "
         f"{config.n_query_groups} KV groups, context {config.block_size}, vocab {config.vocab_size}",
     ]
     if config.hub_id:
-        fmt = f", chat format {config.chat_format}" if config.chat_format else ""
-        lines.append(f"  hub id {config.hub_id}{fmt}")
+        fmt = f", chat format {printable(config.chat_format)}" if config.chat_format else ""
+        lines.append(f"  hub id {printable(config.hub_id)}{fmt}")
     lines.append("  memory for the weights alone (1 GB = 1e9 bytes):")
     for precision, nbytes in weight_bytes(config).items():
         lines.append(f"    {precision:5s} {human_bytes(nbytes):>10s}")

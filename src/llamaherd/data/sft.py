@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from llamaherd.chat import BuiltinChatFormat, ChatFormat, Span, get_chat_format
 from llamaherd.errors import InputError
+from llamaherd.terminal import printable
 from llamaherd.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
@@ -366,7 +367,7 @@ def load_sft_data(
     stats = SFTStats()
     samples: list[Sample] = []
     for path in [paths] if isinstance(paths, str | Path) else paths:
-        for rec in tqdm(read_records(path), desc=f"tokenizing {Path(path).name}", unit=" records",
+        for rec in tqdm(read_records(path), desc=f"tokenizing {printable(Path(path).name)}", unit=" records",
                         disable=not progress):
             stats.records += 1
             content = record_to_messages(rec, data_format, accepts_input)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaherd.evaluate.tasks import PROTOCOLS, TASK_NAMES
+from llamaherd.terminal import printable, printable_text
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -62,7 +63,7 @@ def run_eval(args: argparse.Namespace) -> None:
         hellaswag_form=args.hellaswag_form, progress=args.progress,
     ))
     print_summary(results)
-    print(f"results: {output / 'results.json'}")
+    print(f"results: {printable(output / 'results.json')}")
     if args.record:
         from llamaherd.leaderboard import record_results
 
@@ -73,27 +74,27 @@ def run_eval(args: argparse.Namespace) -> None:
 def print_summary(results: dict[str, Any]) -> None:
     """A table of every task's headline metric with its standard error, then the leaderboard columns."""
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     estimate = " — ESTIMATE (--limit {})".format(results["limit"]) if results["estimate"] else ""
-    table = Table(title=f"{results['model']['name']} · {results['protocol']}{estimate}")
+    title = f"{results['model']['name']} · {results['protocol']}{estimate}"
+    table = Table(title=printable_text(title, style="table.title"))
     for col in ("task", "version", "shots", "docs", "metric", "value", "± stderr", "data"):
         table.add_column(col, justify="right" if col in ("shots", "docs", "value", "± stderr") else "left",
                          no_wrap=col != "data", overflow="fold")
     for task, entry in results["tasks"].items():
         metric = entry["metric"]
         value, stderr = entry["metrics"][metric], entry["metrics"][f"{metric}_stderr"]
-        table.add_row(escape(task), entry["version"], str(entry["n_shot"]), str(entry["n_docs"]), metric,
-                      f"{100 * value:.2f}", "n/a" if stderr is None else f"{100 * stderr:.2f}",
-                      escape(entry["data_form"]))
+        table.add_row(printable_text(task), printable_text(entry["version"]), str(entry["n_shot"]),
+                      str(entry["n_docs"]), printable_text(metric), f"{100 * value:.2f}",
+                      "n/a" if stderr is None else f"{100 * stderr:.2f}", printable_text(entry["data_form"]))
     console = Console()
     console.print(table)
     scores = results["scores"]
-    console.print("  ".join(f"{k}: {'—' if v is None else f'{v:.2f}'}" for k, v in scores.items()))
+    console.print(printable_text("  ".join(f"{k}: {'—' if v is None else f'{v:.2f}'}" for k, v in scores.items())))
     if results["truncated_requests"]:
         console.print(f"[yellow]{results['truncated_requests']} requests were left-truncated to the model's "
                       f"context of {results['model']['max_length']} tokens[/yellow]")
     for task, entry in results["tasks"].items():
         for caveat in entry["caveats"]:
-            console.print(f"[yellow]{escape(f'{task}: {caveat}')}[/yellow]")
+            console.print(printable_text(f"{task}: {caveat}", style="yellow"))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from llamaherd.leaderboard.ingest import PROTOCOLS, import_lineage, import_lineage_near, record_results
 from llamaherd.leaderboard.ranking import KINDS, board_rows, model_detail
@@ -18,6 +17,7 @@ from llamaherd.leaderboard.reference import load_reference
 from llamaherd.leaderboard.registry import ENV_VAR, METHODS, LeaderboardError, Registry, opened
 from llamaherd.leaderboard.table import print_table, to_csv, to_json
 from llamaherd.leaderboard.web import DEFAULT_HOST, DEFAULT_PORT, export_html, make_server
+from llamaherd.terminal import printable, printable_text
 
 DB_HELP = f"leaderboard database (default: ${ENV_VAR}, else $XDG_DATA_HOME/llamaherd/leaderboard.sqlite)"
 
@@ -79,7 +79,7 @@ def run_leaderboard(args: argparse.Namespace) -> None:
     if command == "serve":
         return _serve(args)
     if command == "export":
-        print(f"wrote {export_html(args.db, args.html)}")
+        print(f"wrote {printable(export_html(args.db, args.html))}")
         return None
     with Registry(args.db) as reg:
         load_reference(reg)
@@ -92,7 +92,7 @@ def run_leaderboard(args: argparse.Namespace) -> None:
         elif command == "add":
             _add(reg, args)
         elif command == "remove":
-            print(f"removed {reg.remove_model(args.name).name} (with its runs and lineage edges)")
+            print(f"removed {printable(reg.remove_model(args.name).name)} (with its runs and lineage edges)")
         elif command == "show":
             _show(reg, args.name, args.json)
         elif command == "import-results":
@@ -100,11 +100,12 @@ def run_leaderboard(args: argparse.Namespace) -> None:
                 done = record_results(reg, f)
                 lineage = f"; lineage {done.lineage.parent} -> {done.lineage.child}" if done.lineage else ""
                 estimate = " (estimate)" if done.estimate else ""
-                print(f"recorded {done.model}: {done.protocol}{estimate}, {', '.join(done.tasks)}{lineage}")
+                tasks = ", ".join(done.tasks)
+                print(printable(f"recorded {done.model}: {done.protocol}{estimate}, {tasks}{lineage}"))
         elif command == "import-lineage":
             for f in args.files:
                 edge = import_lineage(reg, f)
-                print(f"recorded {edge.parent} -> {edge.child} ({edge.method})")
+                print(printable(f"recorded {edge.parent} -> {edge.child} ({edge.method})"))
     return None
 
 
@@ -123,15 +124,15 @@ def _add(reg: Registry, args: argparse.Namespace) -> None:
     explicit = {"family": args.family, "n_params": args.n_params, "license": args.license,
                 "chat_format": args.chat_format, "notes": args.notes}
     model = reg.upsert_model(name, overwrite=True, **explicit)
-    print(f"registered {model.name}" + (f" ({model.fingerprint})" if model.fingerprint else ""))
+    print(printable(f"registered {model.name}" + (f" ({model.fingerprint})" if model.fingerprint else "")))
     if args.parent or args.method:
         if not (args.parent and args.method):
             raise LeaderboardError("--parent and --method go together")
         parent = reg.get_model(args.parent)
         reg.upsert_edge(parent.id, model.id, args.method, source="herd leaderboard add")
-        print(f"recorded {parent.name} -> {model.name} ({args.method})")
+        print(printable(f"recorded {parent.name} -> {model.name} ({args.method})"))
     if path.exists() and (edge := import_lineage_near(reg, path)):
-        print(f"recorded {edge.parent} -> {edge.child} ({edge.method}) from lineage.json")
+        print(printable(f"recorded {edge.parent} -> {edge.child} ({edge.method}) from lineage.json"))
 
 
 def _show(reg: Registry, name: str, as_json: bool) -> None:
@@ -141,28 +142,31 @@ def _show(reg: Registry, name: str, as_json: bool) -> None:
         return
     console = Console(soft_wrap=True)
     m = detail["model"]
-    console.print(Text(m["name"], style="bold"))
+    console.print(printable_text(m["name"], style="bold"))
     for key in ("family", "n_params", "source", "path", "fingerprint", "license", "chat_format", "notes", "added"):
         if m[key] is not None:
-            console.print(Text(f"  {key}: {m[key]}"))
+            console.print(printable_text(f"  {key}: {m[key]}"))
     for e in detail["parents"]:
-        console.print(Text(f"  made from {e['name']} by {e['method']}" + (f" ({e['date']})" if e["date"] else "")))
+        date = f" ({e['date']})" if e["date"] else ""
+        console.print(printable_text(f"  made from {e['name']} by {e['method']}{date}"))
     for e in detail["children"]:
-        console.print(Text(f"  parent of {e['name']} ({e['method']})"))
+        console.print(printable_text(f"  parent of {e['name']} ({e['method']})"))
     if detail["latest"]:
         table = Table(title=f"latest runs ({len(detail['history'])} in history)")
         for col in ("task", "protocol", "n-shot", "metric", "score %", "± stderr %", "limit", "date"):
             table.add_column(col)
         for r in detail["latest"]:
             stderr = r["metrics"].get(f"{r['metric']}_stderr")
-            table.add_row(Text(r["task"]), r["protocol"], str(r["n_shot"]), Text(str(r["metric"])),
+            table.add_row(printable_text(r["task"]), printable_text(r["protocol"]), str(r["n_shot"]),
+                          printable_text(r["metric"]),
                           f"{'~' if r['is_estimate'] else ''}{r['score']:.2f}" if r["score"] is not None else "–",
                           f"{100 * stderr:.2f}" if isinstance(stderr, int | float) else "",
-                          "full" if r["limit"] is None else str(r["limit"]), r["date"])
+                          "full" if r["limit"] is None else str(r["limit"]), printable_text(r["date"]))
         console.print(table)
     for r in detail["reported"]:
         scores = ", ".join(f"{b} {r[b]}" for b in ("arc", "hellaswag", "mmlu", "truthfulqa", "average"))
-        console.print(Text(f"  reported ({r['protocol']}, {r['source_date']}): {scores}\n    source: {r['source']}"))
+        console.print(printable_text(f"  reported ({r['protocol']}, {r['source_date']}): {scores}"))
+        console.print(printable_text(f"    source: {r['source']}"))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -190,5 +194,5 @@ def story_summary(db: Registry | str | Path | None, results_json: str | Path, ht
         load_reference(reg)
         print_table(board_rows(reg), console, title=f"{done.model} beside the 2023 Open LLM Leaderboard")
         out = export_html(reg, html_out)
-    console.print(Text(f"leaderboard page: {out}"), soft_wrap=True)
+    console.print(printable_text(f"leaderboard page: {out}"), soft_wrap=True)
     return out

@@ -14,6 +14,7 @@ from rich.text import Text
 from llamaherd.info import human_count
 from llamaherd.leaderboard.ingest import BENCHMARKS
 from llamaherd.leaderboard.ranking import LEGEND, BoardRow
+from llamaherd.terminal import printable, printable_text
 
 TITLES = {"arc": "ARC", "hellaswag": "HellaSwag", "mmlu": "MMLU", "truthfulqa": "TruthfulQA"}
 SHORT_TITLES = {"arc": "ARC", "hellaswag": "HSwag", "mmlu": "MMLU", "truthfulqa": "TQA"}
@@ -35,7 +36,7 @@ def _delta(row: BoardRow) -> Text:
 
 
 def build_table(rows: list[BoardRow], title: str = "llamaherd leaderboard") -> Table:
-    """A rich table of the ranking; user strings go in as `Text`, so markup in a model name stays literal.
+    """A rich table of the ranking; user strings go in as `printable_text`, so markup and controls stay literal.
 
     The protocol and parameter columns appear only when they tell rows apart, to fit narrow terminals.
     """
@@ -43,8 +44,8 @@ def build_table(rows: list[BoardRow], title: str = "llamaherd leaderboard") -> T
     show_protocol, show_params = len(protocols) > 1, any(r.n_params for r in rows)
     if not show_protocol and protocols:
         title = f"{title} ({protocols[0]})"
-    table = Table(title=title, caption=legend_text(rows), caption_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False, collapse_padding=True, show_edge=False)
+    table = Table(title=printable_text(title, style="table.title"), caption=legend_text(rows), caption_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, show_edge=False)
     table.add_column("#", justify="right")
     table.add_column("model", overflow="fold", min_width=14)
     table.add_column("family", no_wrap=True)
@@ -58,13 +59,13 @@ def build_table(rows: list[BoardRow], title: str = "llamaherd leaderboard") -> T
     table.add_column("avg", justify="right", style="bold", no_wrap=True)
     table.add_column("Δ", justify="right", no_wrap=True)
     for r in rows:
-        model = Text(r.name)
+        model = printable_text(r.name)
         if r.parent:
-            model.append(f"\n  from {r.parent} ({r.method})", style="dim")
-        cells: list[str | Text] = [str(r.rank), model, Text(r.family or ""),
-                                   Text(r.kind, style="cyan" if r.kind == "measured" else "")]
+            model.append(f"\n  from {printable(r.parent)} ({printable(r.method)})", style="dim")
+        cells: list[str | Text] = [str(r.rank), model, printable_text(r.family or ""),
+                                   printable_text(r.kind, style="cyan" if r.kind == "measured" else "")]
         if show_protocol:
-            cells.append(Text(r.protocol))
+            cells.append(printable_text(r.protocol))
         if show_params:
             cells.append(human_count(r.n_params) if r.n_params else "")
         cells += [_score(r.scores[b], r.estimates[b]) for b in BENCHMARKS]

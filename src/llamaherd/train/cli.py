@@ -8,6 +8,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+from llamaherd.terminal import printable
 from llamaherd.train.config import METHODS, SCHEDULES, TrainConfig, load_yaml
 
 HELP = {
@@ -91,7 +92,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     state = {k: v.to(DTYPES[args.dtype]) for k, v in model.state_dict().items()}
     out = save_hf(state, model.config, args.out)
     loaded.tokenizer.save_pretrained(out)
-    print(f"merged {args.adapter} into {loaded.source.name}; wrote {Path(out)}")
+    print(printable(f"merged {args.adapter} into {loaded.source.name}; wrote {Path(out)}"))
 
 
 def add_estimate_parser(sub: argparse._SubParsersAction) -> None:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from llamaherd.errors import CheckpointError, InputError
 from llamaherd.load import row_major
 from llamaherd.model import GPT
+from llamaherd.terminal import printable
 from llamaherd.train import distributed as D
 from llamaherd.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from llamaherd.train.config import RESUME_MUTABLE, TrainConfig
@@ -251,7 +252,7 @@ class Trainer:
         ckpts = list_checkpoints(self.ckpt_root)
         if not ckpts:
             if self.info.is_main:
-                print(f"no checkpoint under {self.ckpt_root}; starting from step 0", flush=True)
+                print(f"no checkpoint under {printable(self.ckpt_root)}; starting from step 0", flush=True)
             return
         path = ckpts[-1]
         saved = _read_saved_config(path)
@@ -268,7 +269,7 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.history = state.get("history", {})
         if self.info.is_main:
-            print(f"resumed from {path} (step {self.step}, epoch {state['epoch']}, "
+            print(f"resumed from {printable(path)} (step {self.step}, epoch {state['epoch']}, "
                   f"batch {state['batch_in_epoch']} of {self.steps_per_epoch})", flush=True)
 
     # ---- the loop -------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from llamaherd.data import IGNORE_INDEX, collate, load_sft_data, pack, split_validation
 from llamaherd.errors import InputError
 from llamaherd.model import GPT
+from llamaherd.terminal import printable
 from llamaherd.train import distributed as D
 from llamaherd.train.checkpoint import gather_trainable
 from llamaherd.train.config import TrainConfig
@@ -93,7 +94,7 @@ def run_sft(cfg: TrainConfig) -> dict[str, Any]:
 
     def log(msg: str) -> None:
         if info.is_main:
-            print(msg, flush=True)
+            print(printable(msg), flush=True)
 
     seed_everything(cfg.seed)
     nf4 = cfg.method == "qlora" and info.device.type == "cuda"  # QLoRA's 4-bit NF4 base; int8 on CPU
