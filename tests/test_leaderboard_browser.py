@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from leaderboard_samples import write_lineage, write_results
@@ -204,3 +205,27 @@ def test_exported_page_works_offline_and_runs_no_payload(db, driver, tmp_path):
     assert driver.find_element(By.ID, "model-name").text == XSS[1]
     _assert_nothing_ran(driver)
     assert _errors(driver) == []  # the inline script and style pass the page's own hash-based CSP
+
+
+# Object.prototype's own keys and a malformed %-escape: none is a model, each must say so.
+NOT_MODELS = ["hasOwnProperty", "constructor", "toString", "__proto__", "valueOf", "isPrototypeOf",
+              "__defineGetter__", "propertyIsEnumerable", "toLocaleString"]
+
+
+def test_route_to_a_name_that_is_an_object_key_says_no_model(server, driver):
+    d = driver
+    d.get(server.url)
+    _ready(d)
+    d.get_log("browser")  # start with an empty console log
+    for name in NOT_MODELS:
+        d.execute_script("location.hash = arguments[0];", "#/model/" + quote(name, safe=""))
+        WebDriverWait(d, 5).until(lambda x: x.find_element(By.ID, "view-model").is_displayed())
+        assert d.find_element(By.ID, "model-missing").text == f"No model named {name}."
+        d.execute_script("location.hash = '#/';")
+    d.execute_script("location.hash = '#/model/%E0%A4%A';")  # not valid UTF-8 percent-encoding
+    assert d.find_element(By.ID, "model-missing").text == "No model named %E0%A4%A."
+    d.find_element(By.ID, "nav-tree").click()
+    assert d.find_element(By.CSS_SELECTOR, 'li[data-name="SmolLM2-135M"]')  # the tree still reads the models
+    d.execute_script("location.hash = '#/model/' + encodeURIComponent('SmolLM2-135M');")
+    assert d.find_element(By.ID, "model-name").text == "SmolLM2-135M"
+    assert _errors(d) == []

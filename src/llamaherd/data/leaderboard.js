@@ -7,6 +7,7 @@
   const TITLES = { arc: "ARC", hellaswag: "HellaSwag", mmlu: "MMLU", truthfulqa: "TruthfulQA" };
   const state = { sortKey: "rank", sortDir: 1, family: "", kind: "", protocol: "", text: "" };
   let data = null;
+  let models = new Map(); // name -> detail; a Map, so a name such as "constructor" or "__proto__" is only a key
 
   function el(tag, props, ...children) {
     const node = document.createElement(tag);
@@ -161,7 +162,7 @@
       const label = r.kind + (r.protocol !== "leaderboard-2023" ? " " + r.protocol : "") + " " + fmt(r.average, r.estimate);
       li.append(" ", el("span", { class: "avg kind-" + r.kind, text: label }));
     }
-    const children = data.models[name].children;
+    const children = models.get(name).children;
     if (children.length && !seen.has(name)) {
       seen.add(name);
       const ul = el("ul");
@@ -174,7 +175,7 @@
   function renderTree() {
     const tree = document.getElementById("tree");
     tree.replaceChildren();
-    const roots = Object.keys(data.models).filter((n) => data.models[n].parents.length === 0);
+    const roots = [...models.keys()].filter((n) => models.get(n).parents.length === 0);
     const best = (n) => Math.max(-1, ...averagesOf(n).map((r) => (r.average === null ? -1 : r.average)));
     roots.sort((a, b) => best(b) - best(a) || a.localeCompare(b));
     const seen = new Set();
@@ -247,7 +248,7 @@
   function renderModel(name) {
     const view = document.getElementById("view-model");
     view.replaceChildren();
-    const detail = data.models[name];
+    const detail = models.get(name);
     if (!detail) {
       view.append(el("p", { id: "model-missing", text: "No model named " + name + "." }));
       return;
@@ -318,10 +319,18 @@
     document.getElementById("nav-tree").classList.toggle("active", id === "view-tree");
   }
 
+  function decodedName(encoded) {
+    try {
+      return decodeURIComponent(encoded);
+    } catch (e) {
+      return encoded; // a malformed %-escape typed into the address bar names no model: shown as typed
+    }
+  }
+
   function route() {
     const hash = location.hash || "#/";
     if (hash.startsWith("#/model/")) {
-      renderModel(decodeURIComponent(hash.slice("#/model/".length)));
+      renderModel(decodedName(hash.slice("#/model/".length)));
       show("view-model");
       window.scrollTo(0, 0);
     } else if (hash === "#/tree") {
@@ -347,6 +356,7 @@
 
   function start(loaded) {
     data = loaded;
+    models = new Map(Object.entries(data.models));
     document.getElementById("status").hidden = true;
     document.getElementById("generated").textContent = "generated " + data.generated;
     fillSelect("filter-family", data.rows.map((r) => r.family));
