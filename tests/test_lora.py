@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -226,3 +227,118 @@ def test_falcon_adapters_both_ways(kind, ids, tmp_path):
     assert set(lora_layers(loaded)) >= {"model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj"}
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+
+
+# PEFT's rank_pattern / alpha_pattern: each key is one regex (alternation included) matched against the end of
+# the Hugging Face module name from a name boundary on, the first matching key winning. Several kinds at once:
+# alternation, a full dotted path, a layer-index regex, keys matching nothing ("proj" would match every
+# projection if the boundary were ignored; "self_attn" names a module that is not adapted).
+LLAMA_PATTERNS = {
+    "alternation": ({}, {"q_proj|v_proj": 40}),  # r=4, alpha=8: v_proj scales by 40 / 4, not 8 / 4
+    "mixed": (
+        {"model.layers.0.self_attn.q_proj": 2, r"layers\.1\..*v_proj": 6, "nothing_here": 3, "proj": 5},
+        {r"layers\.1\..*v_proj": 20, "q_proj|v_proj": 40, "model.layers.0.self_attn.k_proj": 1, "self_attn": 99},
+    ),
+}
+FALCON_PATTERNS = ({r"h\.1\..*query_key_value": 6, "nothing|proj": 3}, {"query_key_value|dense": 40, "q_proj": 1})
+
+
+def peft_lora(base_dir, targets, rank_pattern, alpha_pattern, seed=0):
+    """PEFT's own model for the patterns (random A and B), and its (rank, scaling) per adapted module."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    model = get_peft_model(hf_model(base_dir), LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    layers = {name.removeprefix("base_model.model."): (m.r["default"], round(m.scaling["default"], 9))
+              for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return model, layers
+
+
+def ranks_and_scales(model) -> dict[str, tuple[int, float]]:
+    return {name: (m.r, round(m.scaling, 9)) for name, m in lora_layers(model).items()}
+
+
+@pytest.mark.parametrize("case", LLAMA_PATTERNS)
+def test_peft_rank_and_alpha_patterns_load_as_peft_reads_them(case, base_dir, ids, tmp_path):
+    rank_pattern, alpha_pattern = LLAMA_PATTERNS[case]
+    peft_model, peft_layers = peft_lora(base_dir, ["q_proj", "k_proj", "v_proj"], rank_pattern, alpha_pattern)
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = load_adapter(load_gpt(base_dir), tmp_path / "peft")
+    assert ranks_and_scales(model) == peft_layers
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", LLAMA_PATTERNS)
+def test_training_patterns_match_peft_and_save_for_it(case, base_dir, ids, tmp_path):
+    from peft import PeftModel
+
+    rank_pattern, alpha_pattern = LLAMA_PATTERNS[case]
+    _, peft_layers = peft_lora(base_dir, ["q_proj", "k_proj", "v_proj"], rank_pattern, alpha_pattern)
+    config = LoRAConfig(r=4, alpha=8, targets=("q", "k", "v"), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    unused = [k for patterns in (rank_pattern, alpha_pattern) for k in patterns if k in ("nothing_here", "proj",
+                                                                                           "self_attn")]
+    with pytest.warns(UserWarning, match="match none of the adapted layers") if unused else nullcontext():
+        model = inject_lora(load_gpt(base_dir), config)
+    assert ranks_and_scales(model) == peft_layers
+    randomize_b(model, seed=6)
+    with torch.no_grad():
+        ours = model(ids)
+    save_adapter(model, tmp_path / "ours")  # layer-dependent ranks need full-path keys to reach PEFT
+    peft_model = PeftModel.from_pretrained(hf_model(base_dir), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["falcon-7b-style", "falcon-40b-style"])
+def test_falcon_patterns_on_the_fused_qkv_name(kind, ids, tmp_path):
+    """On Falcon a pattern names the fused query_key_value; llamaherd's split q, k, v each take its rank and
+    alpha, which is exactly PEFT's fused adapter (loaded) and saves back to one (trained)."""
+    from peft import PeftModel
+
+    base = tmp_path / "base"
+    save_hf_model(kind, base)
+    rank_pattern, alpha_pattern = FALCON_PATTERNS
+    peft_model, peft_layers = peft_lora(base, ["query_key_value", "dense"], rank_pattern, alpha_pattern)
+    assert peft_layers["transformer.h.1.self_attention.query_key_value"] == (6, round(40 / 6, 9))
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = load_adapter(load_gpt(base), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), theirs, atol=1e-4, rtol=0)
+
+    config = LoRAConfig(r=4, alpha=8, targets=("q", "k", "v", "o"), rank_pattern=rank_pattern,
+                        alpha_pattern=alpha_pattern)
+    with pytest.warns(UserWarning, match=r"\['nothing\|proj'\]"):
+        model = inject_lora(load_gpt(base), config)
+    for name, value in ranks_and_scales(model).items():  # each part has the rank and scale of its fused layer
+        block, part = name.split(".")[2], "dense" if name.endswith("o_proj") else "query_key_value"
+        assert value == peft_layers[f"transformer.h.{block}.self_attention.{part}"]
+    randomize_b(model, seed=7)
+    with torch.no_grad():
+        ours = model(ids)
+    save_adapter(model, tmp_path / "ours")
+    peft_model = PeftModel.from_pretrained(hf_model(base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, ours, atol=1e-4, rtol=0)
+
+
+def test_pattern_errors_name_the_field(base_dir, tmp_path):
+    with pytest.raises(InputError, match="field 'rank_pattern' key 'q_proj' has value 0"):
+        LoRAConfig(rank_pattern={"q_proj": 0})
+    with pytest.raises(InputError, match=r"field 'alpha_pattern' key 'q_proj\(' is not a valid regex"):
+        LoRAConfig(alpha_pattern={"q_proj(": 2})
+    model = inject_lora(load_gpt(base_dir), LoRAConfig(r=2, targets=("q",)))
+    save_adapter(model, tmp_path / "a")
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(cfg | {"rank_pattern": {"q_proj|v_proj": 3}}))
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: fields 'r' / 'rank_pattern' give "
+                                              r"model.layers.0.self_attn.q_proj rank 3 .* has rank 2"):
+        load_adapter(load_gpt(base_dir), tmp_path / "a")

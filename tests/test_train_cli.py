@@ -24,9 +24,11 @@ def lora_run(tmp_path_factory):
         "model": str(model_dir), "data": [str(data)], "method": "lora", "lora_r": 4, "lora_alpha": 8,
         "lora_targets": ["q", "v", "o", "down"], "chat_format": "alpaca", "max_steps": 50, "batch_size": 4,
         "micro_batch_size": 2, "lr": 3e-3, "eval_every": 2, "save_every": 2, "out_dir": str(root / "run"),
-        "progress": False,
+        "progress": False, "lora_alpha_pattern": {"q_proj|v_proj": 40},  # PEFT's pattern keys (regexes)
     }))
-    run_in_process(["finetune", "--config", str(config), "--max-steps", "4"])  # the flag wins over the file
+    # Flags win over the file; a pattern flag takes REGEX=VALUE.
+    run_in_process(["finetune", "--config", str(config), "--max-steps", "4",
+                    "--lora-rank-pattern", r"layers\.1\..*v_proj=6"])
     return model_dir, data, root / "run"
 
 
@@ -34,6 +36,8 @@ def test_outputs_config_and_lineage(lora_run):
     model_dir, data, out = lora_run
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert saved["max_steps"] == 4 and saved["lora_targets"] == ["q", "v", "o", "down"] and saved["lr"] == 3e-3
+    assert saved["lora_alpha_pattern"] == {"q_proj|v_proj": 40}
+    assert saved["lora_rank_pattern"] == {r"layers\.1\..*v_proj": 6}
     beside_checkpoint = out / "checkpoints" / "step-00000004" / "run_config.yaml"
     assert beside_checkpoint.read_text() == (out / "run_config.yaml").read_text()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -60,12 +64,15 @@ def test_trained_adapter_opens_in_peft_and_merge_matches_transformers(lora_run, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llamaherd.lora import load_adapter
+    from llamaherd.lora import load_adapter, lora_layers
 
     model_dir, _, out = lora_run
     ids = torch.tensor([[1, 5, 17, 33, 64, 90, 2, 7]])
     loaded = load_model(model_dir)
     load_adapter(loaded.model, out / "adapter").eval()  # new LoRA layers start in training mode (dropout)
+    layers = lora_layers(loaded.model)  # r=4, alpha=8; q/v: alpha 40; layer 1's v_proj: rank 6
+    assert [(layers[f"model.layers.{i}.self_attn.{x}_proj"].r, layers[f"model.layers.{i}.self_attn.{x}_proj"].scaling)
+            for i in (0, 1) for x in "qvo"] == [(4, 10.0), (4, 10.0), (4, 2.0), (4, 10.0), (6, 40 / 6), (4, 2.0)]
     base_logits = load_model(model_dir).model(ids)
     with torch.no_grad():
         ours = loaded.model(ids)

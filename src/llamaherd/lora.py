@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,13 +42,20 @@ PEFT_PREFIX = "base_model.model."
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Rank, scale (alpha / r, or alpha / sqrt(r) with rslora), dropout on the LoRA input, target layers."""
+    """Rank, scale (alpha / r, or alpha / sqrt(r) with rslora), dropout on the LoRA input, target layers.
+
+    `rank_pattern` / `alpha_pattern` give some layers another rank / alpha, keyed as PEFT keys them: a regex
+    matched against the layer's Hugging Face name (see `pattern_key`); on Falcon, q, k and v each take what
+    their fused `query_key_value` name gets.
+    """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q", "v")
     rslora: bool = False
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -56,14 +66,59 @@ class LoRAConfig:
         for t in self.targets:
             if t not in TARGETS and t not in TARGETS.values():
                 raise InputError(f"unknown LoRA target {t!r}; choose from {', '.join(TARGETS)}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            object.__setattr__(self, name, checked_patterns(getattr(self, name), name, "LoRA config", InputError))
 
     @property
     def module_names(self) -> set[str]:
         return {TARGETS.get(t, t) for t in self.targets}
 
-    def scaling(self, r: int | None = None) -> float:
+    def scaling(self, r: int | None = None, alpha: float | None = None) -> float:
         r = r or self.r
-        return self.alpha / (math.sqrt(r) if self.rslora else r)
+        alpha = self.alpha if alpha is None else alpha
+        return alpha / (math.sqrt(r) if self.rslora else r)
+
+    def layer_rank_scaling(self, peft_name: str) -> tuple[int, float]:
+        """Rank and scale of the layer PEFT calls `peft_name`, after rank_pattern and alpha_pattern."""
+        r = pattern_value(self.rank_pattern, peft_name, self.r)
+        return r, self.scaling(r, pattern_value(self.alpha_pattern, peft_name, self.alpha))
+
+
+def pattern_key(patterns: Mapping[str, float], module_name: str) -> str | None:
+    """The first key of a PEFT `rank_pattern` / `alpha_pattern` that matches a module name, or None.
+
+    PEFT's rule (peft.utils.other.get_pattern_key): the whole key is one regular expression, alternation
+    included, that must match the end of the name from a module boundary on. So `q_proj|v_proj` matches
+    `model.layers.0.self_attn.v_proj`, `layers\\.1\\..*v_proj` only layer 1's v_proj, `proj` nothing.
+    """
+    for key in patterns:
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name):
+            return key
+    return None
+
+
+def pattern_value(patterns: Mapping[str, float], module_name: str, default: float) -> float:
+    """The value of the first pattern key matching `module_name` (`pattern_key`), else `default`."""
+    key = pattern_key(patterns, module_name)
+    return default if key is None else patterns[key]
+
+
+def checked_patterns(patterns: object, field_name: str, origin: str, error: type[Exception]) -> dict[str, float]:
+    """A rank/alpha pattern mapping whose keys are valid regexes and whose values are ranks >= 1 / numbers."""
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, Mapping):
+        raise error(f"{origin}: field {field_name!r} must map regex keys to values, got {patterns!r}")
+    rank = field_name.startswith("rank")
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except (re.error, TypeError) as e:
+            raise error(f"{origin}: field {field_name!r} key {key!r} is not a valid regex ({e}); fix the key") from None
+        if isinstance(value, bool) or not isinstance(value, int if rank else (int, float)) or (rank and value < 1):
+            raise error(f"{origin}: field {field_name!r} key {key!r} has value {value!r}; "
+                        f"use {'an integer >= 1' if rank else 'a number'}")
+    return dict(patterns)
 
 
 class LoRALinear(nn.Module):
@@ -125,16 +180,28 @@ def _check_targets(model: nn.Module, names: set[str]) -> None:
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Wrap every target layer in a `LoRALinear` and freeze everything else (in place; returns `model`)."""
+    """Wrap every target layer in a `LoRALinear` and freeze everything else (in place; returns `model`).
+
+    Each layer's rank and scale follow the config's patterns, matched on its PEFT name (`layer_rank_scaling`);
+    a pattern key that matches no adapted layer is ignored, as PEFT ignores it, with a warning.
+    """
     names = config.module_names
     _check_targets(model, names)
     for p in model.parameters():
         p.requires_grad_(False)
-    for module in list(model.modules()):
+    peft_names = []
+    for parent_name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in names and not isinstance(child, LoRALinear):
-                lora = LoRALinear(child, config.r, config.scaling(), config.dropout)
-                setattr(module, child_name, lora)
+                peft_names.append(_peft_name(model, f"{parent_name}.{child_name}".lstrip(".")))
+                r, scaling = config.layer_rank_scaling(peft_names[-1])
+                setattr(module, child_name, LoRALinear(child, r, scaling, config.dropout))
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field_name)
+        unused = set(patterns) - {pattern_key(patterns, n) for n in peft_names}
+        if unused:
+            warnings.warn(f"LoRA {field_name} keys {sorted(unused)} match none of the adapted layers (PEFT names "
+                          f"such as {peft_names[0]!r}); they change nothing", stacklevel=2)
     return model
 
 
@@ -222,6 +289,17 @@ def _is_falcon(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "family", "llama") == "falcon"
 
 
+def _peft_name(model: nn.Module, name: str) -> str:
+    """The Hugging Face (PEFT) name of a llamaherd layer: the same, except Falcon's (q, k and v share the
+    fused `query_key_value`)."""
+    if not _is_falcon(model) or name == "lm_head":
+        return name
+    block, _, rest = name.removeprefix("model.layers.").partition(".")
+    if rest in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        return f"transformer.h.{block}.{_FALCON_QKV}"
+    return f"transformer.h.{block}.{_FALCON_NAMES[rest]}"
+
+
 def _peft_modules(
     model: nn.Module, layers: dict[str, LoRALinear]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -231,16 +309,12 @@ def _peft_modules(
     matrices (rank = the sum of theirs) and B is block-diagonal, its rows in Falcon's fused order.
     """
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    falcon = _is_falcon(model)
     qkv: dict[str, dict[str, LoRALinear]] = {}
     for name, m in layers.items():
-        hf = name
-        if falcon and name != "lm_head":
-            block, _, rest = name.removeprefix("model.layers.").partition(".")
-            if rest in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                qkv.setdefault(f"transformer.h.{block}.{_FALCON_QKV}", {})[rest[-6]] = m
-                continue
-            hf = f"transformer.h.{block}.{_FALCON_NAMES[rest]}"
+        hf = _peft_name(model, name)
+        if hf.endswith(_FALCON_QKV):
+            qkv.setdefault(hf, {})[name[-6]] = m  # "q", "k" or "v"
+            continue
         out[hf] = (m.lora_A.weight.detach(), m.lora_B.weight.detach(), m.scaling)
     if qkv:
         from llamaherd.checkpoints.hf import fuse_falcon_qkv
@@ -271,15 +345,9 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     if not layers:
         raise InputError("the model has no LoRA layers to save; call inject_lora or load_adapter first")
     modules = _peft_modules(model, layers)
-    # PEFT's rank/alpha_pattern are keyed by layer name (q_proj, ...): one rank and alpha per name.
-    per_name: dict[str, set[tuple[int, float]]] = {}
-    for hf, (a, _, scaling) in modules.items():
-        per_name.setdefault(hf.rpartition(".")[2], set()).add((a.shape[0], round(scaling * a.shape[0], 6)))
-    if any(len(v) > 1 for v in per_name.values()):
-        raise InputError("layers of one name (e.g. q_proj) have different LoRA ranks or alphas; PEFT cannot say so")
-    base_r, base_alpha = next(iter(next(iter(per_name.values()))))
-    rank_pattern = {k: r for k, ((r, _),) in per_name.items() if r != base_r}
-    alpha_pattern = {k: alpha for k, ((_, alpha),) in per_name.items() if alpha != base_alpha}
+    ranks = {hf: a.shape[0] for hf, (a, _, _) in modules.items()}
+    alphas = {hf: round(scaling * a.shape[0], 6) for hf, (a, _, scaling) in modules.items()}
+    base_r, base_alpha = (Counter(v.values()).most_common(1)[0][0] for v in (ranks, alphas))
     dropouts = {m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0 for m in layers.values()}
     tensors = {}
     for hf, (a, b, _) in modules.items():
@@ -300,8 +368,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
+        "rank_pattern": _pattern_entries(ranks, base_r),
+        "alpha_pattern": _pattern_entries(alphas, base_alpha),
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
@@ -314,6 +382,20 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     tmp = out / (ADAPTER_CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(out / ADAPTER_CONFIG)
+    return out
+
+
+def _pattern_entries(values: dict[str, float], default: float) -> dict[str, float]:
+    """rank/alpha_pattern entries that give every module its value under PEFT's matching: keyed by the layer
+    name (q_proj) where all layers of that name agree, else by each differing module's escaped full name."""
+    by_name: dict[str, set[float]] = {}
+    for hf, value in values.items():
+        by_name.setdefault(hf.rpartition(".")[2], set()).add(value)
+    out = {}
+    for hf, value in values.items():
+        name = hf.rpartition(".")[2]
+        if value != default:
+            out[name if len(by_name[name]) == 1 else re.escape(hf)] = value
     return out
 
 
@@ -343,14 +425,6 @@ def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         k, v = unsupported[0]
         raise CheckpointError(f"{cfg_path}: field {k!r} = {v!r} is not supported by llamaherd's LoRA")
     return cfg, tensors
-
-
-def _pattern_value(patterns: dict, module_name: str, default: float) -> float:
-    """PEFT's rank/alpha_pattern: the first key that matches the end of the module name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module_name):
-            return value
-    return default
 
 
 def _internal_modules(model: nn.Module, hf: str, b: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -390,11 +464,17 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, dropout: float | Non
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     names = {n for n, _ in model.named_modules()}
     dropout = cfg.get("lora_dropout", 0.0) if dropout is None else dropout
+    cfg_path = path / ADAPTER_CONFIG
+    rank_pattern, alpha_pattern = (checked_patterns(cfg.get(f), f, str(cfg_path), CheckpointError)
+                                   for f in ("rank_pattern", "alpha_pattern"))
     for hf, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
             raise CheckpointError(f"{weights}: {hf} has {sorted(ab)} but needs lora_A and lora_B")
         a, r = ab["lora_A"], ab["lora_A"].shape[0]
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, hf, cfg.get("lora_alpha", 8))
+        if r != (want := pattern_value(rank_pattern, hf, cfg.get("r", 8))):
+            raise CheckpointError(f"{cfg_path}: fields 'r' / 'rank_pattern' give {hf} rank {want} (PEFT's matching) "
+                                  f"but its lora_A in {weights.name} has rank {r}; make the config say {r}")
+        alpha = pattern_value(alpha_pattern, hf, cfg.get("lora_alpha", 8))
         scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
         for name, b in _internal_modules(model, hf, ab["lora_B"]):
             if name not in names:

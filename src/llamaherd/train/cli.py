@@ -18,6 +18,8 @@ HELP = {
     "batch_size": "samples per optimizer step across all processes",
     "micro_batch_size": "samples per forward pass on one process (batch_size / (micro x processes) = accumulation)",
     "lora_targets": "LoRA target modules by name: q k v o gate up down lm_head",
+    "lora_rank_pattern": "other ranks for some layers, as PEFT's rank_pattern: REGEX=RANK ... ('q_proj|v_proj=16')",
+    "lora_alpha_pattern": "other alphas for some layers, as PEFT's alpha_pattern: REGEX=ALPHA ...",
     "bf16": "bf16 autocast (weights and optimizer state stay fp32)",
     "distributed": "under torchrun: ddp (replicated) or fsdp (FSDP2 fully_shard); auto = ddp",
     "resume": "continue exactly from the newest checkpoint in out_dir",
@@ -29,11 +31,14 @@ CHOICES = {"method": METHODS, "schedule": SCHEDULES, "distributed": ("auto", "dd
 
 
 def _flag_type(hint: object) -> tuple[type, bool]:
-    """(element type, is list) of a field type: `int | None` -> (int, False), `list[str]` -> (str, True)."""
+    """(element type, is list) of a field type: `int | None` -> (int, False), `list[str]` -> (str, True);
+    a mapping is a list of KEY=VALUE strings that TrainConfig turns into a dict."""
     if isinstance(hint, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is list:
         return typing.get_args(hint)[0], True
+    if typing.get_origin(hint) is dict:
+        return str, True
     return hint, False
 
 

@@ -39,6 +39,10 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    # other ranks / alphas for some layers, as PEFT's rank_pattern / alpha_pattern: {regex: value}, the regex
+    # matched against the layer's Hugging Face name (llamaherd.lora.pattern_key); flags take REGEX=VALUE
+    lora_rank_pattern: dict[str, int] = field(default_factory=dict)
+    lora_alpha_pattern: dict[str, float] = field(default_factory=dict)
     # optimisation
     max_steps: int | None = None  # None: run `epochs` over the data
     epochs: int = 1
@@ -75,6 +79,8 @@ class TrainConfig:
             self.val_data = [self.val_data]
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        self.lora_rank_pattern = _patterns(self.lora_rank_pattern, "lora_rank_pattern", int)
+        self.lora_alpha_pattern = _patterns(self.lora_alpha_pattern, "lora_alpha_pattern", float)
         checks = [
             (self.method in METHODS, "method", f"choose one of {', '.join(METHODS)}"),
             (self.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}"),
@@ -112,6 +118,23 @@ class TrainConfig:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         tmp.replace(path)
+
+
+def _patterns(value: Any, name: str, kind: type) -> dict[str, Any]:
+    """A LoRA pattern field as {regex: value}, from a mapping or from REGEX=VALUE strings (the command line)."""
+    from llamaherd.lora import checked_patterns
+
+    if isinstance(value, list | tuple):
+        pairs = [str(item).rpartition("=") for item in value]
+        bad = next((item for item, (key, eq, _) in zip(value, pairs) if not (key and eq)), None)
+        if bad is not None:
+            raise InputError(f"config field {name!r}: {bad!r} is not REGEX=VALUE")
+        try:
+            value = {key: kind(v) for key, _, v in pairs}
+        except ValueError as e:
+            want = "an integer" if kind is int else "a number"
+            raise InputError(f"config field {name!r}: {e}; give {want} after '='") from None
+    return checked_patterns(value, name, "config", InputError)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -53,7 +53,8 @@ def prepare_model(model: GPT, cfg: TrainConfig) -> GPT:
     from llamaherd.lora import LoRAConfig, inject_lora
 
     return inject_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                         targets=tuple(cfg.lora_targets)))
+                                         targets=tuple(cfg.lora_targets), rank_pattern=cfg.lora_rank_pattern,
+                                         alpha_pattern=cfg.lora_alpha_pattern))
 
 
 def load_datasets(cfg: TrainConfig, tokenizer, chat_format: str, log) -> tuple[list, list]:
