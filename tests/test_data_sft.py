@@ -123,6 +123,43 @@ def test_openai_messages_with_system_through_a_jinja_template(tmp_path):
     assert trained_text(tok, s) == "4<|im_end|>6<|im_end|>"
 
 
+GREETING_FIRST = {"conversations": [{"from": "gpt", "value": "Welcome!"}, {"from": "human", "value": "Hi"},
+                                    {"from": "gpt", "value": "Hello"}]}
+GREETING_MESSAGES = [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Hello"}]
+
+
+def chatml_template(default_system: str | None, generation_tags: bool = False) -> str:
+    """ChatML written as SmolLM2's template is (a default system message when the first is not one); with
+    generation_tags, the `{% generation %}` blocks that transformers' return_assistant_tokens_mask reads."""
+    start, end = ("{% generation %}", "{% endgeneration %}") if generation_tags else ("", "")
+    system = ("{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n" + default_system
+              + "<|im_end|>\n' }}{% endif %}") if default_system else ""
+    return ("{% for m in messages %}" + system + "{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}"
+            + start + "{{ m['content'] + '<|im_end|>' }}" + end + "{{ '\n' }}{% else %}"
+            "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("default_system", [None, "You are helpful."])
+def test_opening_assistant_message_is_trained_as_transformers_renders_it(tmp_path, default_system):
+    """ShareGPT that opens with the assistant's greeting: transformers' apply_chat_template gives the ids and
+    (with the same template's generation blocks) the assistant mask; ours must match both."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = byte_tokenizer(add_bos=False, eos="<|im_end|>")
+    hf = PreTrainedTokenizerFast(tokenizer_object=byte_tokenizer().backend, bos_token="<s>", eos_token="<|im_end|>")
+    ref = hf.apply_chat_template(GREETING_MESSAGES, chat_template=chatml_template(default_system, True),
+                                 tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    (s,) = load_sft_data(write(tmp_path / "g.jsonl", [GREETING_FIRST]), tok, chatml_template(default_system),
+                         512).samples
+    ids = s.input_ids + s.labels[-1:]
+    assert ids == ref["input_ids"][: len(ids)]
+    assert hf.decode(ref["input_ids"][len(ids) :]) == "\n"  # the template's newline after the last <|im_end|>
+    assert [label != IGNORE_INDEX for label in s.labels] == [bool(m) for m in ref["assistant_masks"][1 : len(ids)]]
+    assert trained_text(tok, s) == "Welcome!<|im_end|>Hello<|im_end|>"
+
+
 def test_eos_appended_when_the_template_has_none(tok):
     template = (
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
@@ -313,6 +350,23 @@ def test_real_files_with_the_models_own_template(shared_dir, smollm2, name):
             exact += 1
         assert s.labels[-1] == smollm2.eos_id
     assert exact > 0.95 * len(raw)
+
+
+@pytest.mark.slow
+def test_opening_assistant_message_with_the_real_smollm2_template(tmp_path, smollm2):
+    """The embedded model's own template (a default system message): token ids as transformers gives them."""
+    from transformers import AutoTokenizer
+
+    from llamaherd.embedded import embedded_model_path
+
+    path = embedded_model_path()
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ref = hf.apply_chat_template(GREETING_MESSAGES, chat_template=smollm2.chat_template, tokenize=True,
+                                 return_dict=True)["input_ids"]
+    (s,) = load_sft_data(write(tmp_path / "g.jsonl", [GREETING_FIRST]), smollm2, smollm2.chat_template, 512).samples
+    ids = s.input_ids + s.labels[-1:]
+    assert ids == ref[: len(ids)] and hf.decode(ref[len(ids) :]) == "\n"
+    assert trained_text(smollm2, s) == "Welcome!<|im_end|>Hello<|im_end|>"
 
 
 @pytest.mark.slow

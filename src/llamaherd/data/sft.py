@@ -15,6 +15,7 @@ samples never predict across a boundary.
 from __future__ import annotations
 
 import json
+import os
 import random
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -258,7 +259,9 @@ def response_spans(fmt: ChatFormat, messages: Sequence[Mapping[str, Any]]) -> tu
 
     Built-in formats know their spans. For a Jinja template, an answer is what rendering the conversation
     up to that answer adds to the prompt that asks for it; trailing whitespace after the end-of-turn string
-    (e.g. ChatML's newline) is left out, so the last trained token is the end-of-turn token.
+    (e.g. ChatML's newline) is left out, so the last trained token is the end-of-turn token. The text is the
+    template's rendering of all the messages, as transformers' apply_chat_template gives it, so an opening
+    assistant message (a greeting) is kept and trained too.
     """
     if isinstance(fmt, BuiltinChatFormat):
         return fmt.render_with_spans(messages)
@@ -267,7 +270,7 @@ def response_spans(fmt: ChatFormat, messages: Sequence[Mapping[str, Any]]) -> tu
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = fmt.render(messages[:i], add_generation_prompt=True)
+        prompt = fmt.render(messages[:i], add_generation_prompt=True) if i else _lead_in(fmt, m)
         upto = fmt.render(messages[: i + 1], add_generation_prompt=False)
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise InputError(
@@ -278,6 +281,16 @@ def response_spans(fmt: ChatFormat, messages: Sequence[Mapping[str, Any]]) -> tu
     if not spans:
         raise InputError("the conversation has no assistant message: without one nothing is trained")
     return full, spans
+
+
+def _lead_in(fmt: ChatFormat, message: Mapping[str, Any]) -> str:
+    """What a template renders before the content of a conversation's opening assistant message.
+
+    There is no earlier turn to render with a generation prompt, so it is the common prefix of that message
+    rendered with two contents that differ in their first character.
+    """
+    a, b = (fmt.render([{**message, "content": c}], add_generation_prompt=False) for c in "ab")
+    return os.path.commonprefix([a, b])
 
 
 def _end_of_turn(text: str, start: int, stop_strings: Sequence[str]) -> int:
