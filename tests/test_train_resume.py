@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
+
+import pytest
 
 from train_tiny import herd_cmd, losses, make_tiny_run_inputs, run_in_process, subprocess_env, tiny_args
 
@@ -42,3 +45,76 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))  # no step lost or logged twice
     assert (out / "lineage.json").exists()
+
+
+class _Crash(Exception):
+    """Stands in for a run that dies part-way."""
+
+
+def _crash_at(monkeypatch, step: int) -> None:
+    from llamaherd.train.core import Trainer
+
+    train_step = Trainer.train_step
+
+    def crashing(self):
+        if self.step == step:
+            raise _Crash
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+
+
+def test_moved_run_directory_model_and_data_resume_exactly(tmp_path, monkeypatch, capsys):
+    """A run directory is a location, not a setting; so are the base model and data files (compared by content)."""
+    model, data = make_tiny_run_inputs(tmp_path)
+    common = {"method": "lora", "max_steps": 8, "save_every": 4, "eval_every": 3, "lora_dropout": 0.1}
+    ref = tmp_path / "ref"
+    run_in_process(tiny_args(model, data, ref, **common))
+
+    first = tmp_path / "first"
+    _crash_at(monkeypatch, 6)
+    with pytest.raises(_Crash):
+        run_in_process(tiny_args(model, data, first, **common))
+    monkeypatch.undo()
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    run_dir, new_model, new_data = moved / "renamed-run", moved / "base", moved / "train.json"
+    first.rename(run_dir)
+    model.rename(new_model)
+    data.rename(new_data)
+    capsys.readouterr()
+
+    run_in_process(tiny_args(new_model, new_data, run_dir, resume=True, **common))
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-00000004'}" in capsys.readouterr().out
+    assert losses(run_dir) == losses(ref)  # bit-for-bit, as if never interrupted or moved
+    assert losses(run_dir, "val_loss") == losses(ref, "val_loss")
+    lineage = json.loads((run_dir / "lineage.json").read_text())
+    assert lineage["child"]["path"] == str((run_dir / "adapter").resolve())
+
+
+def test_resume_refuses_other_content_at_a_location(tmp_path, monkeypatch):
+    """Paths may change, content may not: other data or another base model is named in the error."""
+    from llamaherd.errors import CheckpointError
+
+    model, data = make_tiny_run_inputs(tmp_path)
+    common = {"method": "lora", "max_steps": 6, "save_every": 2, "eval_every": 100}
+    out = tmp_path / "run"
+    _crash_at(monkeypatch, 3)
+    with pytest.raises(_Crash):
+        run_in_process(tiny_args(model, data, out, **common))
+    monkeypatch.undo()
+
+    rows = json.loads(data.read_text())
+    rows[0], rows[1] = rows[1], rows[0]  # same samples, another order: another run
+    other_data = tmp_path / "other.json"
+    other_data.write_text(json.dumps(rows))
+    with pytest.raises(CheckpointError, match=r"the run config changed \(data: .*data\.json.*other\.json.* \(other "
+                                              r"content\)\)"):
+        run_in_process(tiny_args(model, other_data, out, resume=True, **common))
+
+    other_model = tmp_path / "other-base"
+    shutil.copytree(model, other_model)
+    config = json.loads((other_model / "config.json").read_text())
+    (other_model / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-5}))
+    with pytest.raises(CheckpointError, match=r"\(model: .*tiny.*other-base.* \(other content\)\)"):
+        run_in_process(tiny_args(other_model, data, out, resume=True, **common))

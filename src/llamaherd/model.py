@@ -20,6 +20,7 @@ from torch import nn
 
 from llamaherd.config import Config
 from llamaherd.lean_autograd import NormProjections, RMSNormFunction, SiluMul, SwiGLUDown
+from llamaherd.threads import share_cores
 
 
 class RMSNorm(nn.Module):
@@ -336,6 +337,7 @@ class GPT(nn.Module):
             sample only; give `positions` that restart at each sample. Padding (id 0) goes at the row's end.
             Same result as the block-diagonal (B, T, T) attn_mask, without computing the masked-out blocks.
         """
+        share_cores()  # intra-op threads for the llamaherd processes computing now (llamaherd.threads)
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:

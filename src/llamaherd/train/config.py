@@ -12,9 +12,11 @@ from llamaherd.errors import InputError
 
 METHODS = ("full", "lora", "qlora")
 SCHEDULES = ("cosine", "linear", "constant")
-# Fields that may change between a run and its resumption without changing the loss sequence.
+# Fields that may change between a run and its resumption without changing the loss sequence. out_dir is where
+# the run lives, so a run directory that was moved or renamed resumes. model, data and val_data are locations
+# too: the resume check compares what they hold (fingerprint, sha256), not their paths (Trainer._changed).
 RESUME_MUTABLE = frozenset({"resume", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
-                            "tensorboard", "plot"})
+                            "tensorboard", "plot", "out_dir"})
 
 
 @dataclass

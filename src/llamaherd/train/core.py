@@ -8,6 +8,7 @@ count, so gradient accumulation and the number of processes never change the res
 from __future__ import annotations
 
 import functools
+import json
 import math
 import random
 import shutil
@@ -28,8 +29,9 @@ from llamaherd.load import row_major
 from llamaherd.model import GPT
 from llamaherd.terminal import printable
 from llamaherd.train import distributed as D
-from llamaherd.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from llamaherd.train.checkpoint import STATE, list_checkpoints, load_checkpoint, save_checkpoint
 from llamaherd.train.config import RESUME_MUTABLE, TrainConfig
+from llamaherd.train.lineage import file_sha256
 from llamaherd.train.metrics import MetricsLog, plot_loss
 
 Batch = dict[str, torch.Tensor]
@@ -104,7 +106,11 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig, fused: bool) -> torch.o
 
 
 class Trainer:
-    """Runs an `Objective` over a dataset: optimisation, validation, checkpoints, resume, metrics."""
+    """Runs an `Objective` over a dataset: optimisation, validation, checkpoints, resume, metrics.
+
+    model_fingerprint: the base model's `fingerprint.model_fingerprint` (the main process's is enough), so a
+    resumed run checks the base by content rather than by its path.
+    """
 
     def __init__(
         self,
@@ -114,8 +120,12 @@ class Trainer:
         collate: Callable[[list[Any]], Batch],
         cfg: TrainConfig,
         info: D.DistInfo | None = None,
+        model_fingerprint: str | None = None,
     ) -> None:
         self.cfg, self.train_set, self.val_set, self.collate = cfg, train_set, val_set, collate
+        # What the location settings hold; a checkpoint records it, and resuming compares it instead of paths.
+        self.content: dict[str, Any] = {"model": model_fingerprint, "data": [file_sha256(p) for p in cfg.data],
+                                        "val_data": [file_sha256(p) for p in cfg.val_data]}
         self.info = info or D.init_distributed()
         self.out = Path(cfg.out_dir)
         self.ckpt_root = self.out / "checkpoints"
@@ -239,7 +249,7 @@ class Trainer:
         return {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "samples_seen": self.step * self.cfg.batch_size, "tokens_seen": self.tokens_seen,
                 "train_samples": len(self.train_set), "world_size": self.info.world_size,
-                "history": self.history}
+                "history": self.history, "content": self.content}
 
     def save(self) -> Path:
         import yaml
@@ -255,10 +265,10 @@ class Trainer:
                 print(f"no checkpoint under {printable(self.ckpt_root)}; starting from step 0", flush=True)
             return
         path = ckpts[-1]
-        saved = _read_saved_config(path)
-        changed = sorted(k for k, v in self.cfg.to_dict().items() if k not in RESUME_MUTABLE and saved.get(k) != v)
-        if changed:
-            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+        changed = self._changed(path)
+        # Only the main process knows the model's fingerprint: every process stops if any found a change.
+        if D.all_reduce_sum(torch.tensor(float(len(changed)), device=self.info.device), self.info).item():
+            diff = ", ".join(changed) or "see the main process's error"
             raise CheckpointError(f"{path}: cannot resume exactly, the run config changed ({diff})")
         state = load_checkpoint(path, self.module, self.optimizer, self.scheduler, self.info)
         if state["train_samples"] != len(self.train_set):
@@ -271,6 +281,28 @@ class Trainer:
         if self.info.is_main:
             print(f"resumed from {printable(path)} (step {self.step}, epoch {state['epoch']}, "
                   f"batch {state['batch_in_epoch']} of {self.steps_per_epoch})", flush=True)
+
+    def _changed(self, path: Path) -> list[str]:
+        """The settings that differ from the checkpoint's run, as "field: old -> new".
+
+        A location setting (`self.content`'s keys) is compared by what it holds when the checkpoint recorded
+        that, and by its value otherwise; a process that does not know a content hash leaves it to the others.
+        """
+        saved = _read_saved_config(path)
+        try:
+            saved_content = json.loads((path / STATE).read_text()).get("content") or {}
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: incomplete checkpoint, {STATE} is missing") from None
+        changed = []
+        for key, value in self.cfg.to_dict().items():
+            if key in RESUME_MUTABLE:
+                continue
+            if saved_content.get(key) is not None:
+                if self.content.get(key) not in (None, saved_content[key]):
+                    changed.append(f"{key}: {saved.get(key)!r} -> {value!r} (other content)")
+            elif saved.get(key) != value:
+                changed.append(f"{key}: {saved.get(key)!r} -> {value!r}")
+        return changed
 
     # ---- the loop -------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:

@@ -118,7 +118,7 @@ def run_sft(cfg: TrainConfig) -> dict[str, Any]:
     log(f"{cfg.method}: {n_train:,} trainable of {n_all:,} parameters")
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     batches = functools.partial(collate, pad_id=pad_id, padding_free=cfg.padding_free)
-    trainer = Trainer(SFTObjective(model), train, val, batches, cfg, info)
+    trainer = Trainer(SFTObjective(model), train, val, batches, cfg, info, model_fingerprint=parent_fp)
     metrics = trainer.fit()
     out = Path(cfg.out_dir)
     state = full_state(trainer.module, trainable_only=cfg.method != "full")

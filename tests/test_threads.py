@@ -1,0 +1,168 @@
+"""Core sharing between llamaherd processes (llamaherd.threads): counting busy processes, the thread count each
+runs, and the user's explicit settings winning. Expected values are worked out by hand from the rule
+`max(1, cores // busy processes)`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from llamaherd import threads
+from llamaherd.threads import BUSY_WINDOW_S, CoreShare, count_busy
+
+
+@pytest.fixture
+def neighbour():
+    """A live process that is not this one (its pid names a busy mark)."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield p.pid
+    p.kill()
+    p.wait()
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def mark(directory, pid: int, age_s: float = 0.0) -> None:
+    path = directory / str(pid)
+    path.touch()
+    t = time.time() - age_s
+    os.utime(path, (t, t))
+
+
+def check_now(share: CoreShare) -> None:
+    share.next_check = 0.0  # skip the rate limit between checks
+    share.check()
+
+
+def test_count_busy_counts_fresh_marks_of_live_processes(tmp_path, neighbour):
+    mark(tmp_path, os.getpid())
+    mark(tmp_path, neighbour)
+    (tmp_path / "notes.txt").touch()  # not a mark
+    assert count_busy(tmp_path) == 2
+    mark(tmp_path, neighbour, age_s=BUSY_WINDOW_S + 1)  # alive but idle
+    assert count_busy(tmp_path) == 1
+
+
+def test_count_busy_removes_marks_of_dead_processes(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    mark(tmp_path, p.pid)
+    assert count_busy(tmp_path) == 0
+    assert not (tmp_path / str(p.pid)).exists()
+    assert count_busy(tmp_path / "missing") == 0
+
+
+def test_threads_follow_the_busy_processes(tmp_path, neighbour, restore_threads, monkeypatch):
+    for var in threads.OFF_VARIABLES + ("LLAMAHERD_SHARE_CORES",):
+        monkeypatch.delenv(var, raising=False)
+    torch.set_num_threads(4)
+    share = CoreShare(tmp_path)
+    try:
+        check_now(share)
+        assert (share.cores, torch.get_num_threads()) == (4, 4)  # alone: all cores
+        assert (tmp_path / str(os.getpid())).exists()
+        mark(tmp_path, neighbour)
+        check_now(share)
+        assert torch.get_num_threads() == 2  # 4 cores // 2 busy processes
+        third = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            mark(tmp_path, third.pid)
+            check_now(share)
+            assert torch.get_num_threads() == 1  # 4 // 3
+        finally:
+            third.kill()
+            third.wait()
+        mark(tmp_path, neighbour, age_s=BUSY_WINDOW_S + 1)
+        check_now(share)
+        assert torch.get_num_threads() == 4  # the others went idle or died: all cores again
+    finally:
+        share.close()
+    assert not (tmp_path / str(os.getpid())).exists()
+
+
+def test_a_user_set_thread_count_wins(tmp_path, neighbour, restore_threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    share = CoreShare(tmp_path)
+    try:
+        mark(tmp_path, neighbour)
+        check_now(share)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(3)  # the user's call
+        check_now(share)
+        assert not share.enabled and torch.get_num_threads() == 3
+        check_now(share)
+        assert torch.get_num_threads() == 3
+    finally:
+        share.close()
+
+
+@pytest.mark.parametrize("env", [{"OMP_NUM_THREADS": "2"}, {"MKL_NUM_THREADS": "2"}, {"LLAMAHERD_SHARE_CORES": "0"}])
+def test_explicit_environment_turns_sharing_off(tmp_path, neighbour, restore_threads, monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    torch.set_num_threads(2)
+    share = CoreShare(tmp_path)
+    mark(tmp_path, neighbour)
+    check_now(share)
+    assert not share.enabled and torch.get_num_threads() == 2
+    assert not (tmp_path / str(os.getpid())).exists()  # not even marked busy
+
+
+def test_heartbeat_marks_busy_only_while_computing(tmp_path, monkeypatch):
+    monkeypatch.setattr(threads, "HEARTBEAT_S", 0.05)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LLAMAHERD_SHARE_CORES", raising=False)
+    share = CoreShare(tmp_path, cores=1)
+    own = tmp_path / str(os.getpid())
+    try:
+        share.start()
+        old = time.time() - 100
+        os.utime(own, (old, old))
+        time.sleep(0.3)  # idle: the mark stays old
+        assert own.stat().st_mtime == pytest.approx(old, abs=1)
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:  # busy on the CPU: the heartbeat refreshes it
+            sum(range(1000))
+        time.sleep(0.1)
+        assert own.stat().st_mtime > time.time() - 1
+    finally:
+        share.close()
+
+
+def test_model_forward_shares_the_cores(tmp_path, request):
+    """The hook sits in GPT.forward: a process computing beside a busy neighbour runs half the threads."""
+    script = (
+        "import torch\n"
+        "from llamaherd.config import Config\n"
+        "from llamaherd.model import GPT\n"
+        "torch.set_num_threads(2)\n"
+        "m = GPT(Config(vocab_size=32, n_layer=1, n_head=2, n_embd=16, intermediate_size=32))\n"
+        "before = torch.get_num_threads()\n"
+        "m(torch.zeros(1, 4, dtype=torch.long))\n"
+        "print(before, torch.get_num_threads())\n"
+    )
+    busy = ("import os, pathlib, time\n"
+            f"mark = pathlib.Path({str(tmp_path)!r}) / str(os.getpid())\n"
+            "for _ in range(600):\n    mark.touch()\n    time.sleep(0.1)\n")
+    refreshing = subprocess.Popen([sys.executable, "-c", busy])  # a neighbour that keeps its mark fresh
+    request.addfinalizer(refreshing.kill)
+    env = {k: v for k, v in os.environ.items() if k not in threads.OFF_VARIABLES + ("LLAMAHERD_SHARE_CORES",)}
+    env["LLAMAHERD_BUSY_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "1"]
+    env["OMP_NUM_THREADS"] = "2"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "2"]
