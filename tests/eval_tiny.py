@@ -1,7 +1,9 @@
-"""A tiny random HF Llama plus a tiny BPE tokenizer in one directory, for evaluation-engine tests."""
+"""A tiny random HF Llama plus a tiny BPE tokenizer in one directory, and tiny benchmark files, for evaluation tests."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 from hf_tiny import save_hf_model
@@ -52,3 +54,33 @@ class TinyEncoder:
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_bos)]
+
+
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "water", "boils", "ice", "melts", "car",
+         "soap", "hose", "legs", "spider", "capital")
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_tiny_benchmarks(root: Path, n_test: int = 40) -> None:
+    """ARC-Challenge in AI2's jsonl layout and TruthfulQA's mc_task.json, with made-up questions."""
+    rng = random.Random(0)
+    arc = root / "arc_challenge"
+    arc.mkdir(parents=True)
+    for split, n in (("Train", 30), ("Test", n_test)):
+        with (arc / f"ARC-Challenge-{split}.jsonl").open("w") as f:
+            for i in range(n):
+                labels = "ABCD" if i % 5 else "1234"
+                choices = [{"text": _sentence(rng, rng.randint(1, 4)), "label": lab} for lab in labels]
+                row = {"id": f"{split}_{i}", "question": {"stem": _sentence(rng, 6) + "?", "choices": choices},
+                       "answerKey": rng.choice(labels)}
+                f.write(json.dumps(row) + "\n")
+    items = []
+    for _ in range(16):
+        n_true, n_false = rng.randint(1, 3), rng.randint(1, 3)
+        targets = {_sentence(rng, 3) + f" {k}.": int(k < n_true) for k in range(n_true + n_false)}
+        items.append({"question": _sentence(rng, 5) + "?", "mc1_targets": targets, "mc2_targets": targets})
+    (root / "truthfulqa").mkdir()
+    (root / "truthfulqa" / "mc_task.json").write_text(json.dumps(items))

@@ -9,11 +9,14 @@ from pathlib import Path
 from llamaherd.errors import HerdError
 from llamaherd.terminal import printable
 
-MODEL_HELP = "preset/alias name, local directory, .gguf file or hub id (default: embedded smollm2-135m-instruct)"
+MODEL_HELP = ("preset/alias name, local directory, .gguf file, PEFT adapter directory or hub id "
+              "(default: embedded smollm2-135m-instruct)")
+BASE_HELP = "base model for a PEFT adapter MODEL (default: its adapter_config.json's base_model_name_or_path)"
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--base", default=None, help=BASE_HELP)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 to save memory")
 
@@ -40,7 +43,7 @@ def _sampling(args: argparse.Namespace, extra_stops: list[str] = ()):
 def _load(args: argparse.Namespace):
     from llamaherd.load import load_model
 
-    return load_model(args.model, dtype=args.dtype, quantize=args.quantize)
+    return load_model(args.model, dtype=args.dtype, quantize=args.quantize, base=args.base)
 
 
 def _stream(loaded, prompt_ids: list[int], params) -> str:
@@ -108,13 +111,9 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from llamaherd.checkpoints.hf import save_hf
-
     if args.quantize:
         raise HerdError("convert writes float weights; drop --quantize")
-    loaded = _load(args)
-    out = save_hf(loaded.model.state_dict(), loaded.config, args.dst)
-    loaded.tokenizer.save_pretrained(out)
+    out = _load(args).save_hf(args.dst)
     print(f"wrote Hugging Face checkpoint to {printable(out)}")
 
 
@@ -124,10 +123,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     from llamaherd.load import read_config, resolve
 
     name = args.model or "smollm2-135m-instruct"
-    if presets.is_known(name) and not Path(name).exists():
+    if presets.is_known(name) and not Path(name).exists() and args.base is None:
         cfg = presets.preset(name)
     else:
-        cfg = read_config(resolve(name))
+        src = resolve(name, args.base)
+        cfg = read_config(src)
+        if src.base is not None:
+            print(printable(f"PEFT adapter {src.path} on base {src.base.name} ({src.base.path})"))
     print(describe(cfg))
 
 
@@ -179,12 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="export any supported checkpoint as Hugging Face safetensors")
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("dst", help="output directory")
+    p.add_argument("--base", default=None, help=BASE_HELP)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="parameters and weight memory per precision")
     p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    p.add_argument("--base", default=None, help=BASE_HELP)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("models", help="list presets and derivative names")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from llamaherd import config as presets
 from llamaherd.config import Config
-from llamaherd.errors import CheckpointError, InputError
+from llamaherd.errors import CheckpointError, HerdError, InputError
 from llamaherd.model import GPT
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -21,18 +21,24 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 @dataclass(frozen=True)
 class Source:
-    """Where a checkpoint lives and in which format: "hf", "meta" or "gguf"."""
+    """Where a checkpoint lives and in which format: "hf", "meta", "gguf", or "peft" (a PEFT LoRA adapter
+    directory, with the `base` it applies to)."""
 
     path: Path
     format: str
     name: str
-    chat_format: str | None = None  # from a preset alias; otherwise the checkpoint's own template
+    chat_format: str | None = None  # from a preset alias, or the format an adapter was trained with
+    base: Source | None = None  # set for "peft" only
 
 
 def detect_format(path: Path) -> str:
+    from llamaherd.lora import ADAPTER_CONFIG
+
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
     if path.is_dir():
+        if (path / ADAPTER_CONFIG).exists():
+            return "peft"
         if (path / "params.json").exists() or any(path.glob("consolidated.*.pth")):
             return "meta"
         if (path / "config.json").exists():
@@ -42,12 +48,88 @@ def detect_format(path: Path) -> str:
             return "gguf"
     raise CheckpointError(
         f"{path}: not a checkpoint (expected a .gguf file, a directory with config.json + safetensors, "
-        "or a Meta directory with params.json + consolidated.*.pth)"
+        "a Meta directory with params.json + consolidated.*.pth, or a PEFT adapter directory)"
     )
 
 
-def resolve(source: str | Path | None = None) -> Source:
-    """A preset/alias name, a local path or a hub id -> a local checkpoint."""
+def resolve(source: str | Path | None = None, base: str | Path | None = None) -> Source:
+    """A preset/alias name, a local path or a hub id -> a local checkpoint; a PEFT adapter comes with its base
+    (`base`, else the adapter's own `base_model_name_or_path`)."""
+    return _resolve(source, base, ())
+
+
+def _resolve(source: str | Path | None, base: str | Path | None, adapters: tuple[Path, ...]) -> Source:
+    src = _locate(source)
+    if src.format == "peft":
+        return _on_base(src, base, adapters)
+    if base is not None:
+        raise InputError(f"--base {base}: {src.path} is a full checkpoint, not a PEFT adapter directory; "
+                         "drop --base")
+    return src
+
+
+def _on_base(adapter: Source, base: str | Path | None, adapters: tuple[Path, ...]) -> Source:
+    """The adapter's Source with its base resolved like any MODEL (an adapter's base may be an adapter too).
+
+    A relative `base_model_name_or_path` is tried as given, then relative to the adapter directory. The name
+    and the chat format it was trained with come from the lineage.json of the run that wrote it, if any.
+    """
+    from llamaherd.lora import ADAPTER_CONFIG, read_adapter_config
+
+    here = adapter.path.resolve()
+    cfg_path = adapter.path / ADAPTER_CONFIG
+    if here in adapters:
+        raise CheckpointError(f"{cfg_path}: base_model_name_or_path leads back to this adapter; pass --base MODEL")
+    if base is None:
+        fix = "pass the base model with --base MODEL (library: load_model(..., base=MODEL))"
+        declared = read_adapter_config(adapter.path).get("base_model_name_or_path")
+        if not isinstance(declared, str) or not declared:
+            raise CheckpointError(f"{cfg_path}: field 'base_model_name_or_path' is {declared!r}; {fix}")
+        tried = [Path(declared).expanduser()]
+        if not tried[0].is_absolute():
+            tried.append(adapter.path / tried[0])
+        found = next((p for p in tried if p.exists()), None)
+        where = f"tried {' and '.join(map(str, tried))}"
+        if found is None and (tried[0].is_absolute() or declared.startswith((".", "~"))):
+            raise CheckpointError(f"{cfg_path}: base model {declared!r} not found ({where}); {fix}")
+        try:
+            base_src = _resolve(found or declared, None, (*adapters, here))
+        except HerdError as e:
+            context = f"{where}, then as a name or hub id: " if found is None else ""
+            raise CheckpointError(f"{cfg_path}: base model {declared!r} ({context}{e}); {fix}") from None
+    else:
+        base_src = _resolve(base, None, (*adapters, here))
+    name, chat_format = _trained_as(adapter.path)
+    return replace(adapter, name=name or adapter.name, chat_format=chat_format, base=base_src)
+
+
+def _trained_as(path: Path) -> tuple[str | None, str | None]:
+    """(run name, chat format) of the fine-tuning run whose lineage.json describes this directory, if any."""
+    from llamaherd.train.lineage import find_lineage, read_lineage
+
+    lineage_path = find_lineage(path)
+    if lineage_path is None:
+        return None, None
+    lineage = read_lineage(lineage_path)
+    child, hyper = lineage.get("child"), lineage.get("hyperparameters")
+    name = child.get("name") if isinstance(child, dict) else None
+    chat_format = hyper.get("chat_format") if isinstance(hyper, dict) else None
+    return (name if isinstance(name, str) else None), (chat_format if isinstance(chat_format, str) else None)
+
+
+def model_name(source: str | Path | None) -> str:
+    """A MODEL's name for naming outputs, without loading it: a PEFT adapter's run name (from its lineage.json),
+    else the last part of the name or path."""
+    from llamaherd.lora import ADAPTER_CONFIG
+
+    path = Path(str(source or DEFAULT_MODEL)).expanduser()
+    if (path / ADAPTER_CONFIG).is_file():
+        return _trained_as(path)[0] or path.name
+    return path.name
+
+
+def _locate(source: str | Path | None) -> Source:
+    """A preset/alias name, a local path or a hub id -> a local checkpoint (an adapter still without its base)."""
     source = str(source or DEFAULT_MODEL)
     path = Path(source).expanduser()
     if path.exists():
@@ -78,6 +160,8 @@ def _download(hub_id: str, name: str, chat_format: str | None) -> Source:
 
 
 def read_config(src: Source) -> Config:
+    if src.format == "peft":  # LoRA leaves the architecture as it is
+        return read_config(src.base)
     if src.format == "gguf":
         from llamaherd.checkpoints import gguf
 
@@ -92,6 +176,8 @@ def read_config(src: Source) -> Config:
 
 
 def iter_tensors(src: Source, config: Config) -> Iterator[tuple[str, torch.Tensor]]:
+    if src.format == "peft":
+        raise CheckpointError(f"{src.path}: a PEFT adapter holds no base weights; load it with load_gpt/load_model")
     if src.format == "gguf":
         from llamaherd.checkpoints import gguf
 
@@ -183,13 +269,24 @@ def load_gpt(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     quantize: str | None = None,
+    base: str | Path | None = None,
 ) -> GPT:
-    """Only the model (no tokenizer), in eval mode."""
+    """Only the model (no tokenizer), in eval mode; `base` overrides a PEFT adapter's base model.
+
+    A PEFT adapter is merged into its base on load (W + scaling * B A, as `peft`'s merge_and_unload): decode then
+    runs the plain layers, with no extra LoRA matmuls per adapted layer. On an int8 base it stays unmerged
+    (LoRA layers around the int8 weights), since merging would bring back float weights.
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise InputError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
         dtype = DTYPES[dtype]
-    src = source if isinstance(source, Source) else resolve(source)
+    src = source if isinstance(source, Source) else resolve(source, base)
+    if src.format == "peft":
+        from llamaherd.lora import load_adapter, merge_lora
+
+        model = load_adapter(load_gpt(src.base, dtype, device, quantize), src.path)
+        return (model if quantize else merge_lora(model)).eval()
     config = read_config(src)
     if src.chat_format:
         config = config.replace(chat_format=src.chat_format)
@@ -209,19 +306,37 @@ class Loaded:
     def config(self) -> Config:
         return self.model.config
 
+    def save_hf(self, out_dir: str | Path) -> Path:
+        """Write the model (an adapter merged in) and its tokenizer as a Hugging Face checkpoint."""
+        from llamaherd.checkpoints.hf import save_hf
+
+        out = save_hf(self.model.state_dict(), self.config, out_dir)
+        self.tokenizer.save_pretrained(out)
+        return out
+
 
 def load_model(
     source: str | Path | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     quantize: str | None = None,
+    base: str | Path | None = None,
 ) -> Loaded:
-    """Load model and tokenizer from a preset/alias name, local path or hub id (default: embedded SmolLM2)."""
+    """Load model and tokenizer from a preset/alias name, local path, hub id or PEFT adapter directory (default:
+    embedded SmolLM2); `base` overrides an adapter's `base_model_name_or_path`. See `load_gpt` for adapters."""
     from llamaherd.tokenizer import Tokenizer
 
-    src = resolve(source)
+    src = resolve(source, base)
     model = load_gpt(src, dtype, device, quantize)
-    tokenizer = Tokenizer.from_path(src.path)
+    tokenizer = Tokenizer.from_path(_tokenizer_path(src))
     config = model.config
-    chat_format = tokenizer.chat_template or config.chat_format
+    trained = src.chat_format if src.format == "peft" else None  # what the adapter learned wins over the base's
+    chat_format = trained or tokenizer.chat_template or config.chat_format
     return Loaded(model, tokenizer, src, chat_format)
+
+
+def _tokenizer_path(src: Source) -> Path:
+    """An adapter's own tokenizer files (PEFT trainers often save them beside the adapter), else its base's."""
+    while src.base is not None and not any((src.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        src = src.base
+    return src.path

@@ -399,14 +399,23 @@ def _pattern_entries(values: dict[str, float], default: float) -> dict[str, floa
     return out
 
 
-def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+def read_adapter_config(path: str | Path) -> dict:
+    """The JSON object in a PEFT adapter directory's adapter_config.json."""
+    cfg_path = Path(path) / ADAPTER_CONFIG
     try:
         cfg = json.loads(cfg_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{cfg_path}: not found (is {path} a PEFT adapter directory?)") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object of PEFT settings")
+    return cfg
+
+
+def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg_path, weights_path = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    cfg = read_adapter_config(path)
     if not weights_path.exists():
         raise CheckpointError(f"{weights_path}: not found (adapters saved as .bin are not read; re-save with "
                               "safe_serialization=True)")

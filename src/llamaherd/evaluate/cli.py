@@ -19,8 +19,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                     "scores them. Re-running the same command resumes an interrupted run.",
     )
     p.add_argument("model", nargs="?", default=None,
-                   help="preset/alias name, local directory, .gguf file or hub id (default: embedded "
-                        "smollm2-135m-instruct)")
+                   help="preset/alias name, local directory, .gguf file, PEFT adapter directory or hub id "
+                        "(default: embedded smollm2-135m-instruct)")
+    p.add_argument("--base", default=None,
+                   help="base model for a PEFT adapter MODEL (default: its adapter_config.json's "
+                        "base_model_name_or_path)")
     p.add_argument("--suite", "--protocol", dest="protocol", default="leaderboard-2023", choices=list(PROTOCOLS),
                    help="which protocol to follow (default: leaderboard-2023)")
     p.add_argument("--tasks", default=",".join(TASK_NAMES),
@@ -51,13 +54,14 @@ def run_eval(args: argparse.Namespace) -> None:
     """`herd eval`: evaluate, then print the summary table and where the files are."""
     from llamaherd.errors import InputError
     from llamaherd.evaluate.runner import EvalOptions, evaluate
+    from llamaherd.load import model_name
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be at least 1, got {args.limit}")
-    name = Path(args.model).name if args.model else "smollm2-135m-instruct"
+    name = model_name(args.model)
     output = args.output or Path("eval-results") / f"{name}-{args.protocol}"
     results = evaluate(EvalOptions(
-        model=args.model, protocol=args.protocol, tasks=args.tasks.split(","), limit=args.limit,
+        model=args.model, base=args.base, protocol=args.protocol, tasks=args.tasks.split(","), limit=args.limit,
         batch_size=args.batch_size, output=output, data_dir=args.data_dir, dtype=args.dtype,
         device=args.device, quantize=args.quantize, max_length=args.max_length,
         hellaswag_form=args.hellaswag_form, progress=args.progress,

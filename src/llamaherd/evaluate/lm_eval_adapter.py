@@ -27,20 +27,21 @@ DEFAULT_BATCH_SIZE = 16
 class LlamaherdLM(LM):
     """lm-eval's LM interface over `load_model` and the llamaherd log-likelihood engine.
 
-    model_args: model (name, path or hub id), dtype (fp32/bf16/fp16), quantize (int8), add_bos_token
+    model_args: model (name, path, PEFT adapter directory or hub id), base (an adapter's base model, default: its
+    base_model_name_or_path), dtype (fp32/bf16/fp16), quantize (int8), add_bos_token
     (default: the tokenizer's own setting, as lm-eval's hf model), max_length (default: the model's).
     """
 
     def __init__(self, model: str | None = None, dtype: str = "fp32", quantize: str | None = None,
                  add_bos_token: bool | None = None, max_length: int | None = None, batch_size: int | str = 1,
-                 device: str | None = None, **_ignored: object) -> None:
+                 device: str | None = None, base: str | None = None, **_ignored: object) -> None:
         import torch
 
         from llamaherd.load import load_model
 
         super().__init__()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_model(model, dtype=dtype, device=device, quantize=quantize)
+        loaded = load_model(model, dtype=dtype, device=device, quantize=quantize, base=base)
         self.tokenizer = loaded.tokenizer
         self.add_bos = loaded.tokenizer.add_bos_default if add_bos_token is None else add_bos_token
         size = DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto") else int(batch_size)

@@ -30,15 +30,11 @@ FEWSHOT_SEED = 1234  # what lm-eval's CLI and simple_evaluate seed the few-shot 
 def export_hf(source: str | Path | None, out: Path) -> Path:
     """Write a checkpoint (default: the embedded model) as Hugging Face safetensors + tokenizer, as
     `herd convert` does; reuses `out` when it already holds an export."""
-    from llamaherd.checkpoints.hf import save_hf
     from llamaherd.load import load_model
 
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
-    loaded = load_model(source)
-    save_hf(loaded.model.state_dict(), loaded.config, out)
-    loaded.tokenizer.save_pretrained(out)
-    return out
+    return load_model(source).save_hf(out)
 
 
 def local_data_dir(benchmarks: Path, out: Path, n_validation: int) -> Path:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -49,6 +49,9 @@ from llamaherd.evaluate.tasks import (
     resolve_tasks,
 )
 
+if TYPE_CHECKING:
+    from llamaherd.load import Source
+
 SCHEMA = 1
 TOKENIZE_CHUNK = 256  # docs per call to the (parallel) tokenizer
 Done = dict[str, dict[int, tuple[list[tuple[float, bool]], int]]]  # task -> doc_id -> (results, n truncated)
@@ -60,6 +63,7 @@ class EvalOptions:
     """Everything `herd eval` takes; see `add_eval_parser` for the meaning of each."""
 
     model: str | None = None
+    base: str | None = None
     protocol: str = "leaderboard-2023"
     tasks: Sequence[str] = TASK_NAMES
     limit: int | None = None
@@ -88,7 +92,6 @@ class TaskRun:
 
 def evaluate(opts: EvalOptions) -> dict[str, Any]:
     """Run (or resume) an evaluation and return the results.json content (also written to opts.output)."""
-    from llamaherd.fingerprint import model_fingerprint
     from llamaherd.load import load_model
 
     start = time.perf_counter()
@@ -105,8 +108,8 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
 
     t = time.perf_counter()
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(opts.model, dtype=opts.dtype, device=device, quantize=opts.quantize)
-    fingerprint = model_fingerprint(loaded.source.path)
+    loaded = load_model(opts.model, dtype=opts.dtype, device=device, quantize=opts.quantize, base=opts.base)
+    identity = _model_identity(loaded.source)
     add_bos = protocol.add_bos and loaded.tokenizer.add_bos_default
     engine = LoglikelihoodEngine(loaded.model, loaded.tokenizer, add_bos, opts.batch_size, opts.max_length)
     timings["load_s"] = time.perf_counter() - t
@@ -114,7 +117,9 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     out = Path(opts.output)
     out.mkdir(parents=True, exist_ok=True)
     _claim_output(out, {
-        "schema": SCHEMA, "model_fingerprint": fingerprint, "protocol": protocol.name, "add_bos": add_bos,
+        "schema": SCHEMA, "model_fingerprint": identity["fingerprint"],
+        **({"base_fingerprint": identity["base"]["fingerprint"]} if "base" in identity else {}),
+        "protocol": protocol.name, "add_bos": add_bos,
         "max_length": engine.max_length, "dtype": opts.dtype, "quantize": opts.quantize,
         "tasks": {r.task.name: {"version": r.task.versions[protocol.name], "data_form": r.task.data.form}
                   for r in runs},  # the files may move; each record's prompt hash checks the content
@@ -123,11 +128,26 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     n_resumed = sum(len(v) for v in done.values())
     timings |= _score_pending(engine, runs, done, out, opts.progress)
 
-    results = _results(opts, protocol, loaded, fingerprint, runs, done, engine.max_length)
+    results = _results(opts, protocol, loaded, identity, runs, done, engine.max_length)
     timings["total_s"] = time.perf_counter() - start
     results["timings"] = {**timings, "resumed_docs": n_resumed}
     _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _model_identity(src: Source) -> dict[str, Any]:
+    """results.json's name, path and fingerprint of the model; a PEFT adapter adds its base's, and a fine-tune
+    the lineage.json of its run, so that the leaderboard records the model with its parent."""
+    from llamaherd.fingerprint import model_fingerprint
+    from llamaherd.train.lineage import find_lineage, read_lineage
+
+    identity: dict[str, Any] = {"name": src.name, "path": str(src.path), "fingerprint": model_fingerprint(src.path)}
+    if src.base is not None:
+        identity["base"] = {"name": src.base.name, "path": str(src.base.path),
+                            "fingerprint": model_fingerprint(src.base.path)}
+    if (lineage := find_lineage(src.path)) is not None:
+        identity["lineage"] = read_lineage(lineage)
+    return identity
 
 
 def _claim_output(out: Path, run: dict[str, Any]) -> None:
@@ -259,7 +279,7 @@ def _record(run: TaskRun, doc: Doc, results: list[Any]) -> dict[str, Any]:
     }
 
 
-def _results(opts: EvalOptions, protocol: Protocol, loaded: Any, fingerprint: str, runs: list[TaskRun],
+def _results(opts: EvalOptions, protocol: Protocol, loaded: Any, identity: dict[str, Any], runs: list[TaskRun],
              done: Done, max_length: int) -> dict[str, Any]:
     """results.json content from all finished records."""
     per_task: dict[str, dict[str, Score]] = {}
@@ -298,8 +318,7 @@ def _results(opts: EvalOptions, protocol: Protocol, loaded: Any, fingerprint: st
     config = loaded.config
     return {
         "schema": SCHEMA,
-        "model": {"name": loaded.source.name, "path": str(loaded.source.path), "fingerprint": fingerprint,
-                  "family": config.family, "n_params": config.n_params, "dtype": opts.dtype,
+        "model": {**identity, "family": config.family, "n_params": config.n_params, "dtype": opts.dtype,
                   "quantize": opts.quantize, "max_length": max_length},
         "protocol": protocol.name, "limit": opts.limit, "estimate": opts.limit is not None,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

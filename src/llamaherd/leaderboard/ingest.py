@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from llamaherd.leaderboard.registry import METHODS, LeaderboardError, Registry, opened
+from llamaherd.train.lineage import find_lineage
 
 BENCHMARKS = ("arc", "hellaswag", "mmlu", "truthfulqa")
 PROTOCOLS = ("leaderboard-2023", "harness")
-LINEAGE_FILE = "lineage.json"
 
 
 @dataclass(frozen=True)
@@ -54,26 +54,32 @@ def benchmark_of(task: str) -> str | None:
 
 
 class _Doc:
-    """A parsed JSON file whose lookups fail with the file and the dotted field name."""
+    """A parsed JSON file whose lookups fail with the file and the dotted field name.
 
-    def __init__(self, path: str | Path, kind: str) -> None:
+    `data` is an object already read from the file at field `prefix` (the lineage a results.json carries at
+    `model.lineage.`), so that errors name its fields in full.
+    """
+
+    def __init__(self, path: str | Path, kind: str, data: dict[str, Any] | None = None, prefix: str = "") -> None:
         self.path = Path(path).expanduser()
-        try:
-            self.data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LeaderboardError(f"{self.path}: no such {kind} file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LeaderboardError(f"{self.path}: not valid JSON ({e}); is it a {kind} file?") from None
-        if not isinstance(self.data, dict):
-            raise LeaderboardError(f"{self.path}: expected a JSON object at the top of a {kind} file")
+        self.data, self.prefix = data, prefix
+        if data is None:
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise LeaderboardError(f"{self.path}: no such {kind} file") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LeaderboardError(f"{self.path}: not valid JSON ({e}); is it a {kind} file?") from None
+            if not isinstance(self.data, dict):
+                raise LeaderboardError(f"{self.path}: expected a JSON object at the top of a {kind} file")
         if self.data.get("schema") != 1:
-            raise LeaderboardError(f"{self.path}: field 'schema' is {self.data.get('schema')!r}; this llamaherd "
-                                   f"reads {kind} schema 1")
+            raise LeaderboardError(f"{self.path}: field '{self.prefix}schema' is {self.data.get('schema')!r}; this "
+                                   f"llamaherd reads {kind} schema 1")
 
     def get(self, field: str | tuple[str, ...], kind: type | tuple[type, ...], *, required: bool = True) -> Any:
         """The value at a dotted field name (or a tuple of keys, for keys that contain dots), type-checked."""
         keys = tuple(field.split(".")) if isinstance(field, str) else field
-        dotted = ".".join(keys)
+        dotted = self.prefix + ".".join(keys)
         value: Any = self.data
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
@@ -90,9 +96,10 @@ def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 def record_results(db: Registry | str | Path | None, results_json_path: str | Path) -> RecordedResults:
-    """Record an evaluation's results.json (one run per task), then import a lineage.json found by the model.
+    """Record an evaluation's results.json (one run per task), then the model's parent: from the lineage the file
+    carries (`model.lineage`), else a lineage.json found by the model, else a PEFT adapter's `model.base`.
 
-    The runs are committed before the lineage import, so a bad lineage.json never costs the results.
+    The runs are committed before the lineage import, so a bad lineage never costs the results.
     """
     doc = _Doc(results_json_path, "results.json")
     protocol = doc.get("protocol", str)
@@ -117,8 +124,26 @@ def record_results(db: Registry | str | Path | None, results_json_path: str | Pa
                             date=date, versions=doc.get("versions", dict, required=False),
                             results_path=str(doc.path.resolve()),
                             **_task_run(doc, task, benchmark, benchmarks.count(benchmark) == 1))
-        lineage = import_lineage_near(reg, model_path) if model_path else None
+        lineage = _record_parent(reg, doc, model.name)
     return RecordedResults(model.name, protocol, tuple(tasks), estimate, lineage)
+
+
+def _record_parent(reg: Registry, doc: _Doc, name: str) -> RecordedLineage | None:
+    """The lineage edge of a results.json's model (see `record_results`), or None when it names no parent."""
+    carried = doc.get("model.lineage", dict, required=False)
+    if carried is not None:
+        return _import_lineage(reg, _Doc(doc.path, "lineage", carried, "model.lineage."))
+    model_path = doc.get("model.path", str, required=False)
+    if model_path and (edge := import_lineage_near(reg, model_path)):
+        return edge
+    if doc.get("model.base", dict, required=False) is None:
+        return None
+    with reg.transaction():  # an adapter without a run's lineage.json: its base is its parent
+        base = reg.upsert_model(doc.get("model.base.name", str), path=doc.get("model.base.path", str, required=False),
+                                fingerprint=doc.get("model.base.fingerprint", str, required=False))
+        child = reg.find_model(name)
+        reg.upsert_edge(base.id, child.id, "lora", source=str(doc.path.resolve()))
+    return RecordedLineage(base.name, child.name, "lora")
 
 
 def _task_run(doc: _Doc, task: str, benchmark: str | None, sole: bool) -> dict[str, Any]:
@@ -151,16 +176,21 @@ def _str(value: Any) -> str | None:
 
 def import_lineage(db: Registry | str | Path | None, lineage_json_path: str | Path) -> RecordedLineage:
     """Record the parent -> child edge a fine-tuning run's lineage.json describes (creating either model)."""
-    doc = _Doc(lineage_json_path, "lineage.json")
+    with opened(db) as reg:
+        return _import_lineage(reg, _Doc(lineage_json_path, "lineage.json"))
+
+
+def _import_lineage(reg: Registry, doc: _Doc) -> RecordedLineage:
     method = doc.get("method", str)
     if method not in METHODS:
-        raise LeaderboardError(f"{doc.path}: field 'method' is {method!r}; expected one of {', '.join(METHODS)}")
+        raise LeaderboardError(f"{doc.path}: field '{doc.prefix}method' is {method!r}; expected one of "
+                               f"{', '.join(METHODS)}")
     data_files = doc.get("data_files", list, required=False) or []
     for i, f in enumerate(data_files):
         if not isinstance(f, dict) or not isinstance(f.get("path"), str):
-            raise LeaderboardError(f"{doc.path}: field 'data_files[{i}]' is {f!r}; expected "
+            raise LeaderboardError(f"{doc.path}: field '{doc.prefix}data_files[{i}]' is {f!r}; expected "
                                    '{"path": str, "sha256": str}')
-    with opened(db) as reg, reg.transaction():
+    with reg.transaction():
         parent = reg.upsert_model(doc.get("parent.name", str), path=doc.get("parent.path", str, required=False),
                                   fingerprint=doc.get("parent.fingerprint", str, required=False))
         child = reg.upsert_model(doc.get("child.name", str), path=doc.get("child.path", str, required=False),
@@ -177,13 +207,6 @@ def import_lineage(db: Registry | str | Path | None, lineage_json_path: str | Pa
 
 
 def import_lineage_near(db: Registry | str | Path | None, model_path: str | Path) -> RecordedLineage | None:
-    """Import the lineage.json inside a model directory, or the one beside it if its child is this model."""
-    path = Path(model_path).expanduser()
-    inside, beside = path / LINEAGE_FILE, path.parent / LINEAGE_FILE
-    if inside.is_file():
-        return import_lineage(db, inside)
-    if beside.is_file() and path.exists():
-        child_path = _Doc(beside, "lineage.json").get("child.path", str, required=False)
-        if child_path and (beside.parent / child_path).resolve() == path.resolve():
-            return import_lineage(db, beside)
-    return None
+    """Import the lineage.json that describes a model directory (`train.lineage.find_lineage`), if any."""
+    found = find_lineage(model_path)
+    return import_lineage(db, found) if found else None

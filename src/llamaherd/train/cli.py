@@ -87,17 +87,12 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from llamaherd.checkpoints.hf import save_hf
-    from llamaherd.load import DTYPES, load_model
-    from llamaherd.lora import load_adapter, merge_lora
+    """`herd merge BASE ADAPTER OUT` is `herd convert ADAPTER OUT --base BASE`: the adapter merged on load."""
+    from llamaherd.load import load_model
 
-    loaded = load_model(args.base)
-    load_adapter(loaded.model, args.adapter)
-    model = merge_lora(loaded.model)
-    state = {k: v.to(DTYPES[args.dtype]) for k, v in model.state_dict().items()}
-    out = save_hf(state, model.config, args.out)
-    loaded.tokenizer.save_pretrained(out)
-    print(printable(f"merged {args.adapter} into {loaded.source.name}; wrote {Path(out)}"))
+    loaded = load_model(args.adapter, dtype=args.dtype, base=args.base)
+    out = loaded.save_hf(args.out)
+    print(printable(f"merged {args.adapter} into {loaded.source.base.name}; wrote {Path(out)}"))
 
 
 def add_estimate_parser(sub: argparse._SubParsersAction) -> None:

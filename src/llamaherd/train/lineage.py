@@ -62,6 +62,33 @@ def build_lineage(
     }
 
 
+def read_lineage(path: str | Path) -> dict[str, Any]:
+    """A lineage.json's JSON object (the fields are checked by the leaderboard's import)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or delete the lineage file") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top of a lineage file")
+    return data
+
+
+def find_lineage(model_path: str | Path) -> Path | None:
+    """The lineage.json describing a model directory: inside it, or beside it when its `child.path` is this
+    directory (`herd finetune` writes RUN/lineage.json beside RUN/adapter or RUN/model)."""
+    path = Path(model_path).expanduser()
+    inside, beside = path / LINEAGE_FILE, path.parent / LINEAGE_FILE
+    if inside.is_file():
+        return inside
+    if beside.is_file() and path.exists():
+        child = read_lineage(beside).get("child")
+        child_path = child.get("path") if isinstance(child, dict) else None
+        if isinstance(child_path, str) and (beside.parent / child_path).resolve() == path.resolve():
+            return beside
+    return None
+
+
 def write_lineage(out_dir: Path, lineage: dict[str, Any]) -> Path:
     """Write `out_dir/lineage.json` atomically."""
     path = Path(out_dir) / LINEAGE_FILE

@@ -50,8 +50,11 @@ def prepare_model(model: GPT, cfg: TrainConfig) -> GPT:
             raise InputError("method 'full' needs float weights; load the model without quantization")
         model.requires_grad_(True)
         return model
-    from llamaherd.lora import LoRAConfig, inject_lora
+    from llamaherd.lora import LoRAConfig, inject_lora, lora_layers
 
+    if lora_layers(model):  # a PEFT adapter MODEL on an int8 base is loaded unmerged (load.load_gpt)
+        raise InputError("the model already carries LoRA layers (a PEFT adapter on an int8 base); merge it first "
+                         "(herd merge BASE ADAPTER OUT) and fine-tune the merged model")
     return inject_lora(model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                          targets=tuple(cfg.lora_targets), rank_pattern=cfg.lora_rank_pattern,
                                          alpha_pattern=cfg.lora_alpha_pattern))
@@ -131,7 +134,7 @@ def run_sft(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.method != "full" and peft_layout:
         from llamaherd.lora import save_adapter
 
-        child = save_adapter(model, out / "adapter", base_model_name_or_path=str(loaded.source.path))
+        child = save_adapter(model, out / "adapter", base_model_name_or_path=str(loaded.source.path.resolve()))
     else:
         from llamaherd.checkpoints.hf import save_hf
         from llamaherd.lora import merge_lora
