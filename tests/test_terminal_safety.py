@@ -183,7 +183,7 @@ def test_eval_summary(capsys, plain_terminal):
 
     task, data_form, caveat = NAMES[0], NAMES[2], NAMES[3]
     results = {
-        "model": {"name": NAMES[1], "max_length": 128}, "protocol": "leaderboard-2023", "limit": 5,
+        "model": {"name": NAMES[1], "max_length": 128, "dtype": "fp32"}, "protocol": "leaderboard-2023", "limit": 5,
         "estimate": True, "truncated_requests": 0, "scores": {"arc": 30.0, "average": None},
         "tasks": {task: {"version": NAMES[4], "n_shot": 25, "n_docs": 5, "data_form": data_form,
                          "metric": "acc_norm", "metrics": {"acc_norm": 0.3, "acc_norm_stderr": 0.01},
