@@ -39,11 +39,15 @@ KINDS = {
 }
 
 
-def make_hf_model(kind: str, seed: int = 0):
+def make_hf_model(kind: str, seed: int = 0, **overrides):
+    """A random model of `kind`; `overrides` replace fields of its config (e.g. rope_parameters)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(KINDS[kind]())
+    config = KINDS[kind]()
+    if overrides:
+        config = type(config).from_dict(config.to_dict() | overrides)
+    model = AutoModelForCausalLM.from_config(config)
     # Random init gives near-uniform logits; widen the weights so argmax decisions are well separated.
     with torch.no_grad():
         for p in model.parameters():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -69,10 +70,14 @@ def _close(w: gguf.GGUFWriter) -> None:
     w.close()
 
 
-def write_tiny_gguf(path: Path, hf_model) -> dict[str, QT]:
-    """The HF model as llama.cpp would convert it (q/k permuted, mixed types); returns each tensor's type."""
+def write_tiny_gguf(path: Path, hf_model, f32: bool = False,
+                    metadata: Callable[[gguf.GGUFWriter], None] | None = None) -> dict[str, QT]:
+    """The HF model as llama.cpp would convert it (q/k permuted, mixed types or all `f32`), plus any `metadata`
+    the callback writes; returns each tensor's type."""
     c = hf_model.config
     w = _writer(path, c)
+    if metadata is not None:
+        metadata(w)
     types = {}
     for name, t in hf_model.state_dict().items():
         x = t.numpy()
@@ -81,7 +86,7 @@ def write_tiny_gguf(path: Path, hf_model) -> dict[str, QT]:
         elif name.endswith("k_proj.weight"):
             x = _llamacpp_permute(x, c.num_key_value_heads)
         gname = _gguf_name(name)
-        qtype = TYPES[gname.split(".")[-2]]
+        qtype = QT.F32 if f32 else TYPES[gname.split(".")[-2]]
         w.add_tensor(gname, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
         types[name] = qtype
     _close(w)
@@ -185,12 +190,12 @@ def test_unknown_architecture_and_tensor(tmp_path):
     _close(w)
     with pytest.raises(CheckpointError, match=r"unknown architecture 'xyz' in .*xyz.gguf: supported: llama"):
         read_config(path)
-    path = tmp_path / "rope_freqs.gguf"
+    path = tmp_path / "pos_embd.gguf"
     w = _writer(path, c)
     w.add_tensor("token_embd.weight", np.zeros((c.vocab_size, c.hidden_size), np.float32))
-    w.add_tensor("rope_freqs.weight", np.ones(8, np.float32))
+    w.add_tensor("pos_embd.weight", np.ones((8, c.hidden_size), np.float32))
     _close(w)
-    with pytest.raises(CheckpointError, match="no llama equivalent: rope_freqs.weight"):
+    with pytest.raises(CheckpointError, match="no llama equivalent: pos_embd.weight"):
         list(iter_tensors(path, read_config(path)))
 
 

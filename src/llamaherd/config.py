@@ -8,9 +8,45 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from llamaherd.errors import InputError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How a checkpoint stretches RoPE beyond its pre-training context, in the terms of transformers'
+    `rope_parameters`; `llamaherd.rope` computes the frequencies by transformers' rules. A field the type
+    does not use, or that the checkpoint leaves out (the rule's default applies), stays None."""
+
+    # The fields each type reads, and those it cannot do without (transformers' `_validate_*_rope_parameters`).
+    FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "linear": ("factor",),
+        "dynamic": ("factor",),
+        "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+        "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                 "mscale", "mscale_all_dim", "truncate"),
+    }
+    REQUIRED: ClassVar[dict[str, tuple[str, ...]]] = FIELDS | {"yarn": ("original_max_position_embeddings",)}
+
+    type: Literal["linear", "dynamic", "llama3", "yarn"]
+    factor: float | None = None  # None only for yarn: block_size / original_max_position_embeddings
+    original_max_position_embeddings: int | None = None  # llama3, yarn: the context before scaling
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    beta_fast: float | None = None  # yarn (default 32)
+    beta_slow: float | None = None  # yarn (default 1)
+    attention_factor: float | None = None  # yarn: scale on cos and sin (default from factor and mscale)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool | None = None  # yarn: round the ramp's ends outwards (default True)
+
+    def __post_init__(self) -> None:
+        if self.type not in self.FIELDS:
+            raise ValueError(f"RoPE scaling type {self.type!r} is not supported; supported: {', '.join(self.FIELDS)}")
+        missing = [f for f in self.REQUIRED[self.type] if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"RoPE scaling {self.type!r} needs {', '.join(missing)}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +74,7 @@ class Config:
     shared_attention_norm: bool = False
     rope_base: float = 10000.0
     rope_dim: int | None = None  # rotary dimensions per head; defaults to head_dim
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
     tie_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -64,7 +101,10 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        if isinstance(values.get("rope_scaling"), dict):
+            values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+        return cls(**values)
 
     def replace(self, **changes: Any) -> Config:
         return replace(self, **changes)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamaherd import rope
 from llamaherd.config import Config
 from llamaherd.lean_autograd import NormProjections, RMSNormFunction, SiluMul, SwiGLUDown
 from llamaherd.threads import share_cores
@@ -113,21 +114,34 @@ class Normed:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in Hugging Face's rotate-half layout: dims [0, d/2) pair with [d/2, d)."""
+    """RoPE in Hugging Face's rotate-half layout: dims [0, d/2) pair with [d/2, d).
+
+    Frequencies and the scale on cos/sin follow the checkpoint's RoPE scaling (llamaherd.rope). Dynamic NTK
+    scaling takes its frequencies from the longest position of each call once it exceeds block_size, as
+    transformers recomputes them whenever a sequence grows: a pass over a whole sequence rotates it all with the
+    frequencies of its full length, and cached decoding keeps each key as rotated when it was computed, as in
+    transformers' generate. Unlike transformers, nothing carries over between calls (it keeps the longest length
+    seen until a call shorter than its max_position_embeddings).
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.rope_dim = config.rope_dim
-        # Computed on the CPU even under a meta-device build (the meta kernels for this cost seconds of imports).
-        exponents = torch.arange(0, config.rope_dim, 2, dtype=torch.float32, device="cpu") / config.rope_dim
-        inv_freq = 1.0 / (config.rope_base**exponents)
+        self.config = config
+        inv_freq, self.attention_scaling = rope.inv_freq(config)  # computed on the CPU, also under a meta build
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dynamic = config.rope_scaling is not None and config.rope_scaling.type == "dynamic"
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) -> cos, sin of shape (B, 1, T, rope_dim) for broadcasting over heads."""
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, rope_dim/2)
+        inv_freq = self.inv_freq
+        if self.dynamic and positions.numel() and (seq_len := int(positions.max()) + 1) > self.config.block_size:
+            inv_freq = rope.inv_freq(self.config, seq_len)[0].to(inv_freq.device)
+        freqs = positions[..., None].float() * inv_freq  # (B, T, rope_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:  # YaRN: scaled in fp32 before the cast, as transformers does
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

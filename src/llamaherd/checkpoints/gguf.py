@@ -17,7 +17,7 @@ import torch
 
 from llamaherd.checkpoints.gguf_file import GGUFFile, read_gguf, read_tensor
 from llamaherd.checkpoints.rope_layout import to_rotate_half
-from llamaherd.config import Config
+from llamaherd.config import Config, RopeScaling
 from llamaherd.errors import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -81,17 +81,20 @@ def read_config(path: str | Path) -> Config:
             raise CheckpointError(f"{path}: metadata key {key!r} is missing")
         return value
 
-    scaling = get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) is not supported")
     names = {t.name: t for t in gf.tensors}
     if "token_embd.weight" not in names:
         raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing")
+    if "rope_freqs.weight" in names:
+        raise CheckpointError(
+            f"{path}: tensor 'rope_freqs.weight' (per-frequency RoPE factors, llama.cpp's form of Llama 3.1 "
+            "scaling) is not supported; load the Hugging Face checkpoint, whose config.json names the scaling"
+        )
     n_head = need(f"{arch}.attention.head_count")
+    n_ctx = need(f"{arch}.context_length")
     return Config(
         name=Path(path).stem,
         family=arch,
-        block_size=need(f"{arch}.context_length"),
+        block_size=n_ctx,
         # The embedding's row count is the model's vocabulary, even when the token list is shorter.
         vocab_size=int(names["token_embd.weight"].shape[0]),
         n_layer=need(f"{arch}.block_count"),
@@ -103,6 +106,7 @@ def read_config(path: str | Path) -> Config:
         norm_eps=need(f"{arch}.attention.layer_norm_rms_epsilon"),
         rope_base=get(f"{arch}.rope.freq_base", 10000.0),
         rope_dim=get(f"{arch}.rope.dimension_count"),
+        rope_scaling=_rope_scaling(gf, arch, n_ctx),
         attn_bias="blk.0.attn_q.bias" in names,
         attn_out_bias="blk.0.attn_output.bias" in names,
         mlp_bias="blk.0.ffn_up.bias" in names,
@@ -111,6 +115,42 @@ def read_config(path: str | Path) -> Config:
         eos_token_id=get("tokenizer.ggml.eos_token_id"),
         pad_token_id=get("tokenizer.ggml.padding_token_id"),
     )
+
+
+# Keys that change llama.cpp's RoPE beyond plain linear or YaRN scaling, with the values that leave it unchanged.
+_NEUTRAL_ROPE_KEYS = {
+    "rope.scaling.attn_factor": (1.0,), "rope.scaling.yarn_attn_factor": (1.0,),
+    "rope.scaling.yarn_ext_factor": (1.0,), "rope.scaling.yarn_log_multiplier": (0.0,),
+    "rope.scaling.alpha": (0.0, 1.0),
+}
+
+
+def _rope_scaling(gf: GGUFFile, arch: str, n_ctx: int) -> RopeScaling | None:
+    """RoPE scaling from the metadata as llama.cpp reads it (llama-model.cpp `load_hparams`): a missing type means
+    linear, a type of "none" or a factor of 0 or 1 none, the factor may sit under the older `rope.scale_linear`,
+    YaRN's original context defaults to the trained one. Anything else that changes RoPE is refused."""
+    md = gf.metadata
+    prefix = f"{arch}.rope.scaling"
+
+    def refuse(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{gf.path}: metadata key {key!r} = {md[key]!r} {why}")
+
+    for suffix, neutral in _NEUTRAL_ROPE_KEYS.items():
+        key = f"{arch}.{suffix}"
+        if key in md and md[key] not in neutral:
+            raise refuse(key, "is not supported (llamaherd computes linear and YaRN RoPE scaling as transformers does)")
+    factor_key = f"{prefix}.factor" if f"{prefix}.factor" in md else f"{arch}.rope.scale_linear"
+    factor = float(md.get(factor_key, 0.0))
+    kind = md.get(f"{prefix}.type", "linear")
+    if kind == "none" or (kind in ("linear", "yarn") and factor in (0.0, 1.0)):
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", factor=factor)
+    if kind == "yarn":
+        n_orig = md.get(f"{prefix}.original_context_length") or n_ctx
+        return RopeScaling("yarn", factor=factor, original_max_position_embeddings=n_orig,
+                           beta_fast=md.get(f"{prefix}.yarn_beta_fast"), beta_slow=md.get(f"{prefix}.yarn_beta_slow"))
+    raise refuse(f"{prefix}.type", "is not supported; supported: none, linear, yarn")
 
 
 def internal_name(gguf_name: str) -> str | None:

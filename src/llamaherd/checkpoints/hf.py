@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llamaherd.config import Config
+from llamaherd.config import Config, RopeScaling
 from llamaherd.errors import CheckpointError
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -36,15 +36,12 @@ def read_config(path: str | Path) -> Config:
     cfg_path = path / "config.json" if path.is_dir() else path
     c = _read_json(cfg_path)
     model_type = c.get("model_type")
-    rope_base = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    scaling = c.get("rope_scaling") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise CheckpointError(f"{cfg_path}: field 'rope_scaling' = {scaling} is not supported (only plain RoPE)")
+    rope_base, rope_scaling = _read_rope(c, cfg_path)
     name = Path(c.get("_name_or_path") or cfg_path.parent.name).name or "custom"
     common = dict(
         name=name, vocab_size=c["vocab_size"], n_embd=c["hidden_size"], n_layer=c["num_hidden_layers"],
         n_head=c["num_attention_heads"], bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
-        pad_token_id=c.get("pad_token_id"), rope_base=float(rope_base),
+        pad_token_id=c.get("pad_token_id"), rope_base=rope_base, rope_scaling=rope_scaling,
     )
     if model_type in LLAMA_TYPES:
         return Config(
@@ -79,6 +76,62 @@ def read_config(path: str | Path) -> Config:
         f"{cfg_path}: unknown architecture model_type={model_type!r}; supported: "
         f"{', '.join(sorted(LLAMA_TYPES | FALCON_TYPES))}"
     )
+
+
+_ROPE_FIELD_TYPES = {"original_max_position_embeddings": int, "truncate": bool}
+
+
+def _read_rope(c: dict, cfg_path: Path) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling from config.json as transformers reads them: `rope_scaling` (older writers; it
+    wins when both are there) or `rope_parameters` (transformers 5), the type under `rope_type` or `type`,
+    the theta there or at the top level, a top-level `original_max_position_embeddings` first for llama3 and
+    yarn. A type or field llamaherd cannot compute exactly is refused, never dropped."""
+    key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
+    p = c.get(key) or {}
+    if not isinstance(p, dict):
+        raise CheckpointError(f"{cfg_path}: field {key!r} = {p!r} is not an object")
+
+    def refuse(field: str, value: object, why: str) -> CheckpointError:
+        return CheckpointError(f"{cfg_path}: field {field!r} = {value!r} {why}")
+
+    base = float(p.get("rope_theta") or c.get("rope_theta") or 10000.0)
+    partial = p.get("partial_rotary_factor", c.get("partial_rotary_factor"))
+    if partial not in (None, 1):
+        raise refuse("partial_rotary_factor", partial, "is not supported (Llama and Falcon rotate whole heads)")
+    type_field = "rope_type" if p.get("rope_type") else "type"
+    kind = p.get(type_field) or "default"
+    if kind == "default":
+        return base, None
+    if kind not in RopeScaling.FIELDS:
+        supported = ", ".join(("default", *RopeScaling.FIELDS))
+        raise refuse(f"{key}.{type_field}", kind, f"is not supported; supported RoPE types: {supported}")
+    if "factor" not in p:
+        raise CheckpointError(f"{cfg_path}: field '{key}.factor' is missing (RoPE type {kind!r} needs it)")
+    values = {}
+    for field in RopeScaling.FIELDS[kind]:
+        if p.get(field) is None:
+            continue
+        cast = _ROPE_FIELD_TYPES.get(field, float)
+        if not isinstance(p[field], int | float):
+            raise refuse(f"{key}.{field}", p[field], f"is not a number (RoPE type {kind!r})")
+        values[field] = cast(p[field])
+    if kind in ("llama3", "yarn"):
+        values["original_max_position_embeddings"] = int(
+            c.get("original_max_position_embeddings") or values.get("original_max_position_embeddings")
+            or c.get("max_position_embeddings", 2048))
+    try:
+        return base, RopeScaling(kind, **values)
+    except ValueError as e:
+        raise refuse(key, p, f"cannot be computed: {e}") from None
+
+
+def _rope_parameters(config: Config) -> dict:
+    """`rope_parameters` as transformers 5 writes it: the type, the fields the checkpoint declared, the theta."""
+    s = config.rope_scaling
+    if s is None:
+        return {"rope_type": "default", "rope_theta": config.rope_base}
+    declared = {f: getattr(s, f) for f in RopeScaling.FIELDS[s.type] if f == "factor" or getattr(s, f) is not None}
+    return {"rope_type": s.type, **declared, "rope_theta": config.rope_base}
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -232,8 +285,12 @@ def hf_config_dict(config: Config) -> dict:
         vocab_size=config.vocab_size, hidden_size=config.n_embd, num_hidden_layers=config.n_layer,
         num_attention_heads=config.n_head, max_position_embeddings=config.block_size,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        tie_word_embeddings=config.tie_embeddings, rope_theta=config.rope_base, torch_dtype="float32",
+        tie_word_embeddings=config.tie_embeddings, torch_dtype="float32",
+        # transformers 4 reads the top-level theta and `rope_scaling`, transformers 5 `rope_parameters`.
+        rope_theta=config.rope_base, rope_parameters=_rope_parameters(config),
     )
+    if config.rope_scaling is not None:
+        common["rope_scaling"] = {k: v for k, v in common["rope_parameters"].items() if k != "rope_theta"}
     if config.family == "falcon":
         new_arch = falcon_new_architecture(config)
         return dict(
@@ -246,8 +303,7 @@ def hf_config_dict(config: Config) -> dict:
     return dict(
         architectures=["LlamaForCausalLM"], model_type="llama", num_key_value_heads=config.n_query_groups,
         head_dim=config.head_dim, intermediate_size=config.intermediate_size, rms_norm_eps=config.norm_eps,
-        hidden_act="silu", attention_bias=config.attn_bias, mlp_bias=config.mlp_bias,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_base}, **common,
+        hidden_act="silu", attention_bias=config.attn_bias, mlp_bias=config.mlp_bias, **common,
     )
 
 

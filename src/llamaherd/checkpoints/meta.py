@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from llamaherd.checkpoints.rope_layout import to_rotate_half
-from llamaherd.config import Config
+from llamaherd.config import Config, RopeScaling
 from llamaherd.errors import CheckpointError
 
 # Meta name -> (internal name, dimension its shards are concatenated on; None: replicated in every shard).
@@ -102,9 +102,19 @@ def _read_params(directory: Path) -> dict[str, Any]:
     for key in ("dim", "n_layers", "n_heads", "norm_eps"):
         if key not in params:
             raise CheckpointError(f"{path}: field {key!r} is missing")
-    if params.get("use_scaled_rope"):
-        raise CheckpointError(f"{path}: field 'use_scaled_rope' (Llama 3.1 RoPE scaling) is not supported")
     return params
+
+
+def _rope_scaling(p: dict[str, Any]) -> RopeScaling | None:
+    """`use_scaled_rope`: Llama 3.1's scaling with the constants of Meta's reference `apply_scaling` (factor 8,
+    low/high frequency factors 1 and 4, original context 8192); llama-models' `rope_scaling_factor` and
+    `rope_high_freq_factor` override the two it names."""
+    if not p.get("use_scaled_rope"):
+        return None
+    return RopeScaling(
+        "llama3", factor=float(p.get("rope_scaling_factor") or 8.0), original_max_position_embeddings=8192,
+        low_freq_factor=1.0, high_freq_factor=float(p.get("rope_high_freq_factor") or 4.0),
+    )
 
 
 def read_config(path: str | Path) -> Config:
@@ -132,6 +142,7 @@ def read_config(path: str | Path) -> Config:
         intermediate_size=ffn_hidden_size(p["dim"], p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
         norm_eps=p["norm_eps"],
         rope_base=float(p.get("rope_theta", 10000.0)),
+        rope_scaling=_rope_scaling(p),
         tie_embeddings=False,
     )
 
