@@ -5,7 +5,10 @@ GGUF files with `gguf.GGUFWriter`; the real embedded SmolLM2 vocabulary runs in 
 """
 
 import io
+import itertools
 import json
+import random
+from functools import partial
 from pathlib import Path
 
 import gguf
@@ -316,6 +319,196 @@ def test_stream_decoder_flush_releases_an_incomplete_character(spm_gguf):
     assert decoder.flush() == tok.decode([tok.token_to_id("▁the"), first_byte])[len("the") :]
 
 
+# ---- broken byte runs: decode() vs sentencepiece / tokenizers, and the stream vs decode() --------------------------
+# Characters of 1 to 4 UTF-8 bytes (with the edges of each length), and byte strings that are never UTF-8:
+# a surrogate, overlong forms, a code point past U+10FFFF, a 5-byte form and bytes that start nothing.
+CHARS = "aé½€中🦙\x7f\x80\u0800\uffff\U00010000\U0010ffff"
+NEVER_UTF8 = (b"\xed\xa0\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf0\x80\x80\xaf", b"\xf4\x90\x80\x80",
+              b"\xf8\x88\x80\x80\x80", b"\xc1", b"\xfe", b"\xff", b"\x80\xbf")
+
+
+def _random_ids(rng: random.Random, words: list[int], byte_ids: list[int], specials: list[int]) -> list[int]:
+    """A sequence a sampler could produce: word tokens, special tokens, and byte tokens that spell whole
+    characters, characters cut short (also at the very end), stray bytes and byte strings that are never UTF-8."""
+    ids: list[int] = []
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.random()
+        if kind < 0.25:
+            ids.append(rng.choice(words))
+            continue
+        if kind < 0.35:
+            ids.append(rng.choice(specials))
+            continue
+        if rng.random() < 0.5:
+            char = rng.choice(CHARS)
+        else:
+            char = chr(rng.choice((rng.randrange(0x80, 0xD800), rng.randrange(0xE000, 0x110000))))
+        data = char.encode()
+        if kind < 0.55:
+            data = data[: rng.randrange(1, len(data))] if len(data) > 1 else data  # cut short
+        elif kind < 0.65:
+            data = bytes([rng.randrange(256)])
+        elif kind < 0.75:
+            data = rng.choice(NEVER_UTF8)
+        ids += [byte_ids[b] for b in data]
+    return ids
+
+
+def _sequences(seed: int, n: int, words: list[int], byte_ids: list[int], specials: list[int], edge: list[int]):
+    """Every sequence of up to three `edge` tokens (where the start and byte runs meet special tokens, spaces
+    and words), then `n` random ones."""
+    rng = random.Random(seed)
+    short = [list(ids) for k in (1, 2, 3) for ids in itertools.product(edge, repeat=k)]
+    return short + [_random_ids(rng, words, byte_ids, specials) for _ in range(n)]
+
+
+def _check_stream(tok: Tokenizer, ids: list[int], skip: bool, reference, held: int | None) -> None:
+    """The pieces join to decode(ids); after each push what came out is a prefix of the reference's decoding of
+    the ids so far (so nothing is taken back), short of at most `held` U+FFFD (an incomplete character)."""
+    decoder = tok.stream_decoder(skip_special_tokens=skip)
+    out = ""
+    for k, token_id in enumerate(ids, 1):
+        out += decoder.push(token_id)
+        so_far = reference(ids[:k])
+        assert so_far.startswith(out), (ids[:k], out, so_far)
+        if held is not None:
+            assert so_far[len(out) :] == "\ufffd" * len(so_far[len(out) :]) and len(so_far) - len(out) <= held
+    out += decoder.flush()
+    assert out == tok.decode(ids, skip_special_tokens=skip) == reference(ids), ids
+
+
+def _spm_ids(sp: spm.SentencePieceProcessor) -> tuple[list[int], list[int], list[int]]:
+    """Word, byte (by value) and special ids of a sentencepiece model; the unknown piece is left out, as
+    sentencepiece writes it " ⁇ " where `transformers` writes "<unk>" (or skips it)."""
+    n = sp.get_piece_size()
+    words = [i for i in range(n) if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))]
+    return words, [sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)], [sp.bos_id(), sp.eos_id(),
+                                                                       sp.piece_to_id("<sep>")]
+
+
+def test_decode_broken_byte_run_like_sentencepiece(spm_model, spm_gguf):
+    """The reported case: "é" then a lone lead byte, as when generation stops mid-character."""
+    sp, tok = _sp(spm_model), Tokenizer.from_gguf(spm_gguf)
+    ids = [tok.token_to_id(t) for t in ("<0xC3>", "<0xA9>", "<0xE4>")]
+    assert tok.decode(ids) == sp.decode(ids) == "é\ufffd"
+    assert _stream(tok, ids) == ["", "é", "", "\ufffd"]
+    # sentencepiece: one U+FFFD per byte that starts no whole character (Python's "replace" gives one per
+    # maximal invalid subpart instead: b"\xe4\xb8A" -> "\ufffdA")
+    ids = [tok.token_to_id(t) for t in ("<0xE4>", "<0xB8>", "<0x41>")]
+    assert tok.decode(ids) == sp.decode(ids) == "\ufffd\ufffdA"
+
+
+SPM_EDGE = ("▁", "▁the", "<0x20>", "<0xC3>", "<0xA9>", "<0xE4>")
+
+
+@pytest.mark.parametrize("source", ["gguf", "tokenizer.model", "tokenizer.model-nfkc"])
+def test_spm_decode_and_stream_of_random_byte_runs(tmp_path, spm_model, spm_gguf, source):
+    """decode() equals sentencepiece's DecodeIds, and the stream equals decode() (special tokens skipped:
+    sentencepiece never shows them; shown, only the stream is compared)."""
+    model = spm_model
+    if source == "tokenizer.model-nfkc":  # also drops every leading "▁" until text comes out
+        model = _train_spm(tmp_path, "nfkc", normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True)
+    sp = _sp(model)
+    tok = Tokenizer.from_gguf(spm_gguf) if source == "gguf" else Tokenizer.from_path(model.parent)
+    words, byte_ids, specials = _spm_ids(sp)
+    edge = [*specials, *(sp.piece_to_id(p) for p in SPM_EDGE)]
+    for n, ids in enumerate(_sequences(11, 3000 if source == "gguf" else 800, words, byte_ids, specials, edge)):
+        assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids), ids
+        _check_stream(tok, ids, True, sp.decode, held=3)
+        if n % 4 == 0:
+            _check_stream(tok, ids, False, tok.decode, held=3)
+
+
+def test_spm_tokenizer_json_stream_of_random_byte_runs(tmp_path, spm_gguf, auto_tokenizer):
+    """A Llama 2 style tokenizer.json decodes with `tokenizers`' ByteFallback (an invalid run is one U+FFFD per
+    byte token), as transformers does; the stream holds a byte run back until it ends, and equals decode()."""
+    out = Tokenizer.from_gguf(spm_gguf).save_pretrained(tmp_path / "hf")
+    tok, ref = Tokenizer.from_dir(out), auto_tokenizer.from_pretrained(out)
+    c3, a9, e4 = (tok.token_to_id(t) for t in ("<0xC3>", "<0xA9>", "<0xE4>"))
+    assert tok.decode([c3, a9, e4]) == ref.decode([c3, a9, e4]) == "\ufffd" * 3
+    specials = [*ref.all_special_ids, tok.token_to_id("<sep>")]
+    words = [i for i in range(len(ref)) if i not in specials and not ref.convert_ids_to_tokens(i).startswith("<0x")]
+    byte_ids = [tok.token_to_id(f"<0x{b:02X}>") for b in range(256)]
+    edge = [*specials, *(tok.token_to_id(p) for p in SPM_EDGE)]
+    for ids in _sequences(12, 1000, words, byte_ids, specials, edge):
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), ids
+            _check_stream(tok, ids, skip, partial(ref.decode, skip_special_tokens=skip), held=None)
+
+
+def _byte_level_ids(ref) -> tuple[list[int], list[int], list[int]]:
+    """Word, byte (by value) and special ids of a transformers byte-level BPE tokenizer."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ref.all_special_ids + [i for i, t in ref.added_tokens_decoder.items() if t.special]
+    words = [i for i in range(len(ref)) if i not in specials]
+    spelling = bytes_to_unicode()
+    return words, [ref.convert_tokens_to_ids(spelling[b]) for b in range(256)], sorted(set(specials))
+
+
+@pytest.mark.parametrize("source", ["gguf", "tokenizer.json"])
+def test_byte_level_decode_and_stream_of_random_byte_runs(tmp_path, byte_level_vocab, auto_tokenizer, source):
+    """decode() equals transformers' (the `tokenizers` ByteLevel decoder: one U+FFFD per maximal invalid
+    subpart; skipped special tokens do not end a byte run), and the stream equals decode()."""
+    path = _write_byte_level_gguf(tmp_path / "bpe.gguf", byte_level_vocab, "gpt-2")
+    ref = auto_tokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    tok = Tokenizer.from_gguf(path)
+    if source == "tokenizer.json":
+        tok = Tokenizer.from_dir(tok.save_pretrained(tmp_path / "hf"))
+    words, byte_ids, specials = _byte_level_ids(ref)
+    edge = [*specials, ref.convert_tokens_to_ids("Ġthe"), *(byte_ids[b] for b in (0x20, 0xC3, 0xA9, 0xED, 0xA0))]
+    for n, ids in enumerate(_sequences(13, 3000 if source == "gguf" else 800, words, byte_ids, specials, edge)):
+        for skip in (True, False) if n % 2 else (False,):
+            assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), ids
+            _check_stream(tok, ids, skip, partial(ref.decode, skip_special_tokens=skip), held=1)
+
+
+class _CountingBackend:
+    """A `tokenizers` backend that records how many ids each decode call gets."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.decoded = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def decode(self, ids, **kwargs) -> str:
+        self.decoded.append(len(ids))
+        return self.backend.decode(ids, **kwargs)
+
+
+def test_stream_step_cost_does_not_grow_with_the_text(tmp_path, spm_gguf, byte_level_vocab):
+    """No step re-decodes the sequence: SentencePiece and byte-level vocabularies decode id by id, and other
+    tokenizer.json decoders a window of the last two emissions: each at most a byte run and the token ending it."""
+    spm = Tokenizer.from_gguf(spm_gguf)
+    byte_level = Tokenizer.from_gguf(_write_byte_level_gguf(tmp_path / "bpe.gguf", byte_level_vocab, "gpt-2"))
+    llama2_json = Tokenizer.from_dir(spm.save_pretrained(tmp_path / "hf"))
+    pieces = [llama2_json.id_to_token(i) for i in llama2_json.encode(LONG_TEXT)]
+    longest_run = max(len(run) for run in "".join("b" if p.startswith("<0x") else " " for p in pieces).split())
+    for tok, window in ((spm, 0), (byte_level, 0), (llama2_json, 2 * (longest_run + 1))):
+        ids = tok.encode(LONG_TEXT * 3)
+        tok.backend = _CountingBackend(tok.backend)
+        assert "".join(_stream(tok, ids)) == LONG_TEXT * 3 and len(ids) > 20 * window
+        assert max(tok.backend.decoded, default=0) <= window
+
+
+def test_stream_text_stopping_mid_character_equals_decode(monkeypatch, spm_model, spm_gguf):
+    """`stream_text` (what `herd chat` and `herd generate` print) flushes the held bytes when generation ends
+    mid-character, at max_new_tokens or at a stop token, so the reply is decode() of the generated ids."""
+    import torch
+
+    from llamaherd import generate
+
+    sp, tok = _sp(spm_model), Tokenizer.from_gguf(spm_gguf)
+    reply = [tok.token_to_id(t) for t in ("▁the", "<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>")]  # "theé" + half an emoji
+    params = generate.SamplingParams(max_new_tokens=8)
+    for generated in (reply, [*reply, tok.eos_id, tok.token_to_id("▁the")]):
+        monkeypatch.setattr(generate, "generate_tokens", lambda *args, ids=generated: iter(torch.tensor([ids]).T))
+        assert "".join(generate.stream_text(None, tok, [1], params)) == sp.decode(reply) == "theé\ufffd\ufffd"
+    stop_at_e = generate.SamplingParams(max_new_tokens=8, stop_strings=["é"])
+    assert "".join(generate.stream_text(None, tok, [1], stop_at_e)) == "the"
+
+
 # ---- save_pretrained -> transformers ------------------------------------------------------------------------
 def test_save_pretrained_spm_loads_in_transformers(tmp_path, spm_model, spm_gguf, auto_tokenizer):
     sp, tok = _sp(spm_model), Tokenizer.from_gguf(spm_gguf)
@@ -442,6 +635,19 @@ def test_embedded_bos_and_streaming(embedded, embedded_ref):
     pieces = _stream(tok, ids)
     assert "".join(pieces) == tok.decode(ids) == STREAM_TEXT + LONG_TEXT
     assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.slow
+def test_embedded_decode_and_stream_of_random_ids(embedded, embedded_ref):
+    """The real SmolLM2 vocabulary (byte-level BPE) from the GGUF file: decode() equals transformers' on random
+    ids, words among them that hold part of a character, and the stream equals decode()."""
+    tok = Tokenizer.from_gguf(embedded)
+    words, byte_ids, specials = _byte_level_ids(embedded_ref)
+    edge = [*specials[:3], embedded_ref.convert_tokens_to_ids("Ġthe"), *(byte_ids[b] for b in (0x20, 0xC3, 0xA9, 0xED))]
+    for n, ids in enumerate(_sequences(14, 1500, words, byte_ids, specials, edge)):
+        for skip in (True, False) if n % 2 else (False,):
+            assert tok.decode(ids, skip_special_tokens=skip) == embedded_ref.decode(ids, skip_special_tokens=skip)
+            _check_stream(tok, ids, skip, partial(embedded_ref.decode, skip_special_tokens=skip), held=1)
 
 
 @pytest.mark.slow

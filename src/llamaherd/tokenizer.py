@@ -1,7 +1,9 @@
 """One tokenizer for every checkpoint kind: HF `tokenizer.json`, SentencePiece `tokenizer.model`, GGUF vocabularies.
 
 Every source is turned into a `tokenizers.Tokenizer` (the Rust engine behind Hugging Face's fast
-tokenizers), so encoding, decoding and `save_pretrained` behave the same whatever the model came from.
+tokenizers), so encoding and `save_pretrained` behave the same whatever the model came from. Decoding
+follows each vocabulary's own library where they differ: a SentencePiece vocabulary (tokenizer.model, GGUF
+`llama`) decodes broken byte runs as sentencepiece does.
 BOS is never implied: `encode(text, add_bos=...)` is an explicit choice, and `add_bos_default` says what
 the model was trained with.
 """
@@ -9,7 +11,9 @@ the model was trained with.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -64,8 +68,10 @@ class Tokenizer:
         extra_stop_ids: Iterable[int] = (),
         chat_template: str | None = None,
         add_bos_default: bool = False,
+        sentencepiece: SentencePieceVocab | None = None,
     ) -> None:
         self.backend = backend
+        self.sentencepiece = sentencepiece  # set: decode as SentencePiece does, not as `backend`'s decoder
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.chat_template = chat_template
         self.add_bos_default = add_bos_default and bos_id is not None
@@ -103,6 +109,7 @@ class Tokenizer:
         path = Path(path)
         cfg = _read_hf_configs(path)
         spm_ids: dict[str, int] = {}
+        sentencepiece = None
         from_json = (path / "tokenizer.json").is_file()
         if from_json:
             try:
@@ -110,7 +117,7 @@ class Tokenizer:
             except Exception as e:  # the Rust library raises a bare Exception
                 raise CheckpointError(f"{path / 'tokenizer.json'}: not a valid tokenizer.json ({e})") from e
         elif (spm := _find_sentencepiece(path)) is not None:
-            backend, spm_ids = _sentencepiece_file_backend(spm)
+            backend, spm_ids, sentencepiece = _sentencepiece_file_backend(spm)
         else:
             raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
 
@@ -130,7 +137,7 @@ class Tokenizer:
         return cls(
             backend, bos_id=bos_id, eos_id=special("eos"), pad_id=special("pad"), unk_id=special("unk"),
             extra_stop_ids=cfg.get("eos_token_ids", ()), chat_template=cfg.get("chat_template"),
-            add_bos_default=add_bos,
+            add_bos_default=add_bos, sentencepiece=sentencepiece,
         )
 
     @classmethod
@@ -143,6 +150,7 @@ class Tokenizer:
         if kind is None or tokens is None:
             raise CheckpointError(f"{path}: this GGUF file has no embedded tokenizer (tokenizer.ggml.model)")
         types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+        sentencepiece = None
         if kind == "gpt2":
             pre = meta.get("tokenizer.ggml.pre")
             backend = _byte_level_backend(tokens, types, meta.get("tokenizer.ggml.merges", []), pre, path)
@@ -151,6 +159,7 @@ class Tokenizer:
             scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
             prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
             backend = _sentencepiece_backend(tokens, scores, types, add_prefix_space=prefix)
+            sentencepiece = SentencePieceVocab(tokens, types, add_dummy_prefix=prefix)
             add_bos_default = bool(meta.get("tokenizer.ggml.add_bos_token", True))  # llama.cpp's default for SPM
         else:
             raise CheckpointError(
@@ -161,6 +170,7 @@ class Tokenizer:
             backend, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["padding"], unk_id=ids["unknown"],
             extra_stop_ids=[i for i in (ids["eot"], ids["eom"]) if i is not None],
             chat_template=meta.get("tokenizer.chat_template"), add_bos_default=add_bos_default,
+            sentencepiece=sentencepiece,
         )
 
     # ---- encoding and decoding ----------------------------------------------------------------------
@@ -184,12 +194,26 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids` (ints, or a 1-D tensor/array)."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Text of `ids` (ints, or a 1-D tensor/array), as the vocabulary's own library decodes them: sentencepiece's
+        DecodeIds for SentencePiece vocabularies, `tokenizers` for every other (byte-level BPE included).
+
+        Bytes that are not valid UTF-8 become U+FFFD: one per byte with SentencePiece, one per maximal invalid
+        subpart with byte-level BPE. Special tokens read as written unless `skip_special_tokens`.
+        """
+        ids = [int(i) for i in ids]
+        if self.sentencepiece is None:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = _SentencePieceText(self.sentencepiece, skip_special_tokens)
+        return "".join(map(text.push, ids)) + text.flush()
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         """A fresh `StreamDecoder` for one generated sequence."""
         return StreamDecoder(self, skip_special_tokens)
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that `skip_special_tokens` drops: the control (and SentencePiece unknown) tokens."""
+        return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
 
     # ---- vocabulary ---------------------------------------------------------------------------------
     @property
@@ -256,35 +280,201 @@ class Tokenizer:
 class StreamDecoder:
     """Turns ids into text one token at a time, for streaming generation.
 
-    `push` returns only completed text: never half of a multi-byte character (a byte-level or
-    byte-fallback token can end mid-character). The pieces from `push` and `flush` join to exactly
-    `tokenizer.decode(all ids)`. Each step decodes a short window of recent ids, not the whole sequence.
+    The pieces from `push` and a final `flush` join to exactly `tokenizer.decode(all ids)`, and no piece is ever
+    taken back: a byte-level or byte-fallback token can end mid-character, so bytes that may still complete a
+    character are held until they do or certainly cannot. Each step costs about the same however long the text.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
-        self._tokenizer = tokenizer
-        self._skip = skip_special_tokens
-        self._ids: list[int] = []
-        self._start = 0  # window start: text before it is final
-        self._done = 0  # ids[_start:_done] were already emitted
+        skip = tokenizer.special_ids if skip_special_tokens else frozenset()
+        if tokenizer.sentencepiece is not None:
+            self._text: _SentencePieceText | _ByteLevelText | _WindowText = _SentencePieceText(
+                tokenizer.sentencepiece, skip_special_tokens
+            )
+        elif isinstance(tokenizer.backend.decoder, decoders.ByteLevel):
+            self._text = _ByteLevelText(tokenizer.backend, skip)
+        else:
+            self._text = _WindowText(tokenizer.backend, skip_special_tokens, skip)
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (possibly "")."""
-        self._ids.append(int(token_id))
-        return self._emit(final=False)
+        return self._text.push(int(token_id))
 
     def flush(self) -> str:
-        """The text still held back (an incomplete character at the very end comes out as U+FFFD)."""
-        return self._emit(final=True)
+        """The end of the sequence: the text still held back (an incomplete character comes out as U+FFFD)."""
+        return self._text.flush()
 
-    def _emit(self, final: bool) -> str:
-        window = self._ids[self._start :]
-        seen = self._tokenizer.decode(window[: self._done - self._start], self._skip)
-        text = self._tokenizer.decode(window, self._skip)
-        if len(text) <= len(seen) or (text.endswith("\ufffd") and not final):
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback token, as SentencePiece and `tokenizers` spell it
+
+
+class SentencePieceVocab:
+    """A SentencePiece vocabulary as sentencepiece's decoder sees it: byte pieces, special (control and unknown)
+    pieces, text pieces, and whether the first piece's "▁" is the dummy prefix to drop."""
+
+    def __init__(
+        self, pieces: Sequence[str], types: Sequence[int], add_dummy_prefix: bool,
+        remove_extra_whitespaces: bool = False,
+    ) -> None:
+        def unit(piece: str, kind: int) -> str | int:
+            byte = _BYTE_PIECE.fullmatch(piece) if kind == BYTE else None
+            return int(byte[1], 16) if byte else piece
+
+        self.units = [unit(p, k) for p, k in zip(pieces, types)]  # a byte value, or the piece as written
+        self.special = frozenset(i for i, k in enumerate(types) if k in (CONTROL, UNKNOWN))
+        # sentencepiece drops the first "▁" when the model adds a dummy prefix or removes extra whitespace, and
+        # with the latter, the "▁" of every piece until some text has come out.
+        self.drops_first_space = add_dummy_prefix or remove_extra_whitespaces
+        self.drops_leading_spaces = remove_extra_whitespaces
+
+
+class _SentencePieceText:
+    """sentencepiece's Decode (sentencepiece_processor.cc), one id at a time. A run of byte pieces becomes its
+    well-formed UTF-8 characters and one U+FFFD per other byte (util.cc, DecodeUTF8); any other piece ends the run.
+    Special tokens (which sentencepiece never shows) read as written unless skipped, as in `transformers`."""
+
+    def __init__(self, vocab: SentencePieceVocab, skip_special_tokens: bool) -> None:
+        self._vocab, self._skip = vocab, skip_special_tokens
+        self._bytes = _Utf8Text(per_byte=True)
+        self._at_start = True  # no text out yet, and no dummy prefix dropped (sentencepiece's is_bos_ws)
+
+    def push(self, token_id: int) -> str:
+        if not 0 <= token_id < len(self._vocab.units):
+            return ""  # not a token: dropped, as `tokenizers` does
+        unit = self._vocab.units[token_id]
+        if isinstance(unit, int):
+            return self._text(self._bytes.push(bytes((unit,))))
+        text = self._text(self._bytes.flush())
+        if token_id in self._vocab.special:
+            return text + self._text("" if self._skip else unit)
+        if self._at_start and self._vocab.drops_first_space and unit.startswith("▁"):
+            unit = unit[1:]
+            self._at_start = self._vocab.drops_leading_spaces
+        return text + self._text(unit.replace("▁", " "))
+
+    def flush(self) -> str:
+        return self._text(self._bytes.flush())
+
+    def _text(self, text: str) -> str:
+        self._at_start = self._at_start and not text
+        return text
+
+
+class _ByteLevelText:
+    """`tokenizers`' ByteLevel decoding, one id at a time: each token's characters map back to bytes (a token
+    spelled outside GPT-2's byte alphabet counts as its UTF-8), and the byte stream reads as UTF-8 with one U+FFFD
+    per maximal invalid subpart (Rust's `String::from_utf8_lossy`)."""
+
+    def __init__(self, backend: Backend, skip: frozenset[int]) -> None:
+        self._backend, self._skip = backend, skip
+        self._bytes = _Utf8Text(per_byte=False)
+
+    def push(self, token_id: int) -> str:
+        token = None if token_id in self._skip else self._backend.id_to_token(token_id)
+        if not token:
             return ""
-        self._start, self._done = self._done, len(self._ids)
-        return text[len(seen) :]
+        try:
+            data = bytes(_UNICODE_TO_BYTE[c] for c in token)
+        except KeyError:
+            data = token.encode()
+        return self._bytes.push(data)
+
+    def flush(self) -> str:
+        return self._bytes.flush()
+
+
+class _Utf8Text:
+    """Bytes to text as they arrive. Bytes that may still complete a character are held; the others become their
+    characters, or U+FFFD: one per byte that starts no whole character (`per_byte`, sentencepiece) or one per maximal
+    invalid subpart (Unicode's recommended practice, followed by Rust's from_utf8_lossy and Python's "replace")."""
+
+    def __init__(self, per_byte: bool) -> None:
+        self._per_byte = per_byte
+        self._held = bytearray()
+
+    def push(self, data: bytes) -> str:
+        self._held += data
+        return self._decode(final=False)
+
+    def flush(self) -> str:
+        return self._decode(final=True)
+
+    def _decode(self, final: bool) -> str:
+        run = self._held
+        try:
+            text = run.decode()
+            run.clear()
+            return text
+        except UnicodeDecodeError:  # an invalid or incomplete character somewhere: one character at a time
+            pass
+        out = []
+        while run:
+            size = _utf8_length(run[0])
+            valid = _well_formed_prefix(run[:size])
+            if valid == size:
+                out.append(run[:size].decode())
+                del run[:size]
+            elif valid == len(run) and not final:
+                break  # the first bytes of a character: wait for the rest
+            else:
+                out.append("\ufffd")
+                del run[: 1 if self._per_byte else max(valid, 1)]
+        return "".join(out)
+
+
+def _utf8_length(lead: int) -> int:
+    """Bytes in the UTF-8 character that `lead` starts (1 for a byte that starts none)."""
+    return 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 1
+
+
+# Where the second byte of a well-formed sequence differs from 80..BF: no overlong forms, no surrogates, nothing
+# past U+10FFFF (the Unicode Standard, Table 3-7).
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _well_formed_prefix(head: bytearray) -> int:
+    """How many leading bytes of `head` (at most one character long) begin a well-formed UTF-8 character."""
+    lead = head[0]
+    if lead < 0x80:
+        return 1
+    if not 0xC2 <= lead <= 0xF4:
+        return 0
+    valid = 1
+    for byte in head[1:]:
+        low, high = _SECOND_BYTE.get(lead, (0x80, 0xBF)) if valid == 1 else (0x80, 0xBF)
+        if not low <= byte <= high:
+            break
+        valid += 1
+    return valid
+
+
+class _WindowText:
+    """Any other `tokenizers` decoder (e.g. a Llama 2 tokenizer.json's Replace, ByteFallback, Fuse, Strip): decode a
+    short window of recent ids and emit what it adds. ByteFallback turns a whole byte run into one U+FFFD per byte
+    token when any of it is invalid, and skipped special tokens do not end a run, so text is emitted only after a
+    token that ends one."""
+
+    def __init__(self, backend: Backend, skip_special_tokens: bool, skip: frozenset[int]) -> None:
+        self._backend, self._skip_special, self._skip = backend, skip_special_tokens, skip
+        self._ids: list[int] = []  # the window: the ids emitted last time, and those since
+        self._done = 0  # self._ids[: self._done] are emitted ...
+        self._text = ""  # ... as this text (decoded from the window start)
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        if token_id in self._skip or _BYTE_PIECE.fullmatch(self._backend.id_to_token(token_id) or ""):
+            return ""
+        return self.flush()  # a token that ends any byte run: all text so far is final
+
+    def flush(self) -> str:
+        decode, skip = self._backend.decode, self._skip_special
+        text = decode(self._ids, skip_special_tokens=skip)
+        new = text[len(self._text) :]
+        # The next window starts at the ids emitted now: never inside a byte run, and decoders such as Strip and
+        # Metaspace treat only the first token apart, so what later ids add to its text is what they add to all.
+        self._ids = self._ids[self._done :]
+        self._text, self._done = decode(self._ids, skip_special_tokens=skip), len(self._ids)
+        return new
 
 
 # ---- building backends --------------------------------------------------------------------------------
@@ -293,6 +483,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))
     return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def _byte_level_backend(
@@ -376,8 +569,8 @@ def _add_whole_tokens(backend: Backend, control: list[str], user_defined: list[s
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
 
 
-def _sentencepiece_file_backend(path: Path) -> tuple[Backend, dict[str, int]]:
-    """A SentencePiece `tokenizer.model` (BPE) as a backend, plus its bos/eos/pad/unk ids."""
+def _sentencepiece_file_backend(path: Path) -> tuple[Backend, dict[str, int], SentencePieceVocab]:
+    """A SentencePiece `tokenizer.model` (BPE) as a backend, plus its bos/eos/pad/unk ids and what decoding needs."""
     try:
         from google.protobuf.message import DecodeError
         from sentencepiece import sentencepiece_model_pb2
@@ -397,13 +590,14 @@ def _sentencepiece_file_backend(path: Path) -> tuple[Backend, dict[str, int]]:
         extra.append(normalizers.Precompiled(norm.precompiled_charsmap))
     if norm.remove_extra_whitespaces:
         extra += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
-    pieces = proto.pieces
+    pieces, types = [p.piece for p in proto.pieces], [p.type for p in proto.pieces]
     backend = _sentencepiece_backend(
-        [p.piece for p in pieces], [p.score for p in pieces], [p.type for p in pieces],
-        add_prefix_space=norm.add_dummy_prefix, extra_normalizers=extra,
+        pieces, [p.score for p in proto.pieces], types, add_prefix_space=norm.add_dummy_prefix,
+        extra_normalizers=extra,
     )
+    vocab = SentencePieceVocab(pieces, types, norm.add_dummy_prefix, norm.remove_extra_whitespaces)
     ids = {"bos": trainer.bos_id, "eos": trainer.eos_id, "pad": trainer.pad_id, "unk": trainer.unk_id}
-    return backend, {k: i for k, i in ids.items() if 0 <= i < len(pieces)}
+    return backend, {k: i for k, i in ids.items() if 0 <= i < len(pieces)}, vocab
 
 
 def _post_processor_adds(backend: Backend, bos_id: int | None) -> bool:
