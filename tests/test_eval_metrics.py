@@ -3,6 +3,7 @@ functions against lm-eval's own on random ones."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -20,7 +21,7 @@ from llamaherd.evaluate.metrics import (
     score_doc,
     task_scores,
 )
-from llamaherd.evaluate.tasks import PROTOCOLS, Doc, Request, TruthfulQaMc2
+from llamaherd.evaluate.tasks import PROTOCOLS, Doc, Request, TruthfulQaMc2, build_requests
 
 
 def make_doc(choices: list[str], gold: int = 0, metrics=("acc", "acc_norm"), true_mask=None) -> Doc:
@@ -66,6 +67,32 @@ def test_mc2_true_answers_per_protocol():
     task = TruthfulQaMc2()
     assert mc2(lls, task.true_mask(row, PROTOCOLS["leaderboard-2023"])) == pytest.approx(0.5, abs=1e-12)
     assert mc2(lls, task.true_mask(row, PROTOCOLS["harness"])) == pytest.approx(0.75, abs=1e-12)
+
+
+def test_mc1_is_whether_the_first_mc1_answer_is_the_most_likely_of_the_mc1_answers(tmp_path):
+    """The 2023 harness's truthfulqa_mc (and lm-eval 0.4's truthfulqa_mc1): argmax over the mc1_targets
+    answers == 0. Those answers are another list than mc2's: here a subset in another order plus one answer
+    mc2 lacks, which gets a request of its own after the mc2 ones."""
+    (tmp_path / "truthfulqa").mkdir()
+    item = {"question": "q?", "mc1_targets": {"C": 1, "A": 0, "E": 0},
+            "mc2_targets": {"A": 1, "C": 1, "B": 0, "D": 0}}  # fmt: skip
+    (tmp_path / "truthfulqa" / "mc_task.json").write_text(json.dumps([item]))
+    [doc] = build_requests(TruthfulQaMc2(tmp_path), "harness")
+    assert [r.continuation for r in doc.requests] == [" A", " C", " B", " D", " E"]
+    assert doc.mc1_indices == (1, 0, 4) and doc.true_mask == (True, True, False, False)
+
+    def score(a, c, b, d, e):
+        return score_doc(doc, [(ll, False) for ll in (a, c, b, d, e)])
+
+    # mc1 compares C=-2 (correct), A=-1, E=-1.5: A wins, so 0; mc2 = (e^-1 + e^-2) / (e^-1 + e^-2 + e^-0.5 + e^-3)
+    # over the four mc2 answers only (E's log-likelihood is not part of it).
+    s = score(-1.0, -2.0, -0.5, -3.0, -1.5)
+    assert s["mc1"] == 0.0
+    assert s["mc2"] == pytest.approx((math.exp(-1) + math.exp(-2)) / (
+        math.exp(-1) + math.exp(-2) + math.exp(-0.5) + math.exp(-3)), abs=1e-12)
+    assert score(-3.0, -1.0, -0.1, -0.2, -4.0)["mc1"] == 1.0  # B and D, not mc1 answers, do not count
+    assert score(-1.0, -1.0, -9.0, -9.0, -2.0)["mc1"] == 1.0  # a tie goes to the first: the correct answer
+    assert score(-3.0, -1.0, -9.0, -9.0, -0.5)["mc1"] == 0.0  # the mc1-only answer E wins
 
 
 def test_mean_and_sample_standard_error():

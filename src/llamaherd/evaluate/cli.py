@@ -43,6 +43,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--max-length", type=int, default=None,
                    help="context length to truncate prompts to (default: the model's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write each request's context and continuation, their token ids and per-token "
+                        "log-likelihoods into the samples files (lm-eval's --log_samples; see docs/herd-eval.md)")
     p.add_argument("--db", default=None,
                    help="leaderboard database to record the results in (default: $LLAMAHERD_DB or the user data dir)")
     p.add_argument("--no-record", dest="record", action="store_false", help="do not record in the leaderboard")
@@ -64,7 +67,7 @@ def run_eval(args: argparse.Namespace) -> None:
         model=args.model, base=args.base, protocol=args.protocol, tasks=args.tasks.split(","), limit=args.limit,
         batch_size=args.batch_size, output=output, data_dir=args.data_dir, dtype=args.dtype,
         device=args.device, quantize=args.quantize, max_length=args.max_length,
-        hellaswag_form=args.hellaswag_form, progress=args.progress,
+        hellaswag_form=args.hellaswag_form, progress=args.progress, log_samples=args.log_samples,
     ))
     print_summary(results)
     print(f"results: {printable(output / 'results.json')}")
@@ -76,7 +79,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def print_summary(results: dict[str, Any]) -> None:
-    """A table of every task's headline metric with its standard error, then the leaderboard columns."""
+    """A table of every task's metrics with their standard errors (the headline metric first, e.g. TruthfulQA's
+    mc2 then mc1), the leaderboard columns, and warnings (truncation, half precision, data caveats)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -87,11 +91,15 @@ def print_summary(results: dict[str, Any]) -> None:
         table.add_column(col, justify="right" if col in ("shots", "docs", "value", "± stderr") else "left",
                          no_wrap=col != "data", overflow="fold")
     for task, entry in results["tasks"].items():
-        metric = entry["metric"]
-        value, stderr = entry["metrics"][metric], entry["metrics"][f"{metric}_stderr"]
-        table.add_row(printable_text(task), printable_text(entry["version"]), str(entry["n_shot"]),
-                      str(entry["n_docs"]), printable_text(metric), f"{100 * value:.2f}",
-                      "n/a" if stderr is None else f"{100 * stderr:.2f}", printable_text(entry["data_form"]))
+        headline = entry["metric"]
+        others = [m for m in entry["metrics"] if not m.endswith("_stderr") and m != headline]
+        for metric in (headline, *others):
+            value, stderr = entry["metrics"][metric], entry["metrics"][f"{metric}_stderr"]
+            first = metric == headline  # task, version, shots, docs and data on the headline row only
+            about = [task, entry["version"], str(entry["n_shot"]), str(entry["n_docs"])] if first else [""] * 4
+            table.add_row(*map(printable_text, about), printable_text(metric), f"{100 * value:.2f}",
+                          "n/a" if stderr is None else f"{100 * stderr:.2f}",
+                          printable_text(entry["data_form"] if first else ""))
     console = Console()
     console.print(table)
     scores = results["scores"]
@@ -99,6 +107,10 @@ def print_summary(results: dict[str, Any]) -> None:
     if results["truncated_requests"]:
         console.print(f"[yellow]{results['truncated_requests']} requests were left-truncated to the model's "
                       f"context of {results['model']['max_length']} tokens[/yellow]")
+    if results["model"]["dtype"] in ("bf16", "fp16"):
+        console.print(printable_text(
+            f"{results['model']['dtype']}: half-precision scores move slightly with --batch-size (padding changes "
+            "how the kernels round); only fp32 scores are batch-size invariant (docs/herd-eval.md)", style="yellow"))
     for task, entry in results["tasks"].items():
         for caveat in entry["caveats"]:
             console.print(printable_text(f"{task}: {caveat}", style="yellow"))

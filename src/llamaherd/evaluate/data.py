@@ -312,11 +312,10 @@ def load_truthfulqa(data_dir: Path | None) -> TaskData:
         records = rows["validation"]
         for i, row in enumerate(records):
             where = f"hub truthfulqa/truthful_qa validation row {i}"
-            _check_targets(
-                get(row, "mc2_targets.choices", list, where),
-                get(row, "mc2_targets.labels", list, where),
-                where,
-            )
+            for key in ("mc1_targets", "mc2_targets"):
+                _check_targets(
+                    key, get(row, f"{key}.choices", list, where), get(row, f"{key}.labels", list, where), where
+                )
         return TaskData(
             {"validation": records},
             source="hub:truthfulqa/truthful_qa/multiple_choice",
@@ -336,7 +335,7 @@ def load_truthfulqa(data_dir: Path | None) -> TaskData:
         for key in ("mc1_targets", "mc2_targets"):
             targets = get(item, key, dict, where)
             record[key] = {"choices": list(targets), "labels": list(targets.values())}
-        _check_targets(record["mc2_targets"]["choices"], record["mc2_targets"]["labels"], where)
+            _check_targets(key, record[key]["choices"], record[key]["labels"], where)
         records.append(record)
     return TaskData(
         {"validation": records},
@@ -346,13 +345,17 @@ def load_truthfulqa(data_dir: Path | None) -> TaskData:
     )
 
 
-def _check_targets(choices: list, labels: list, where: str) -> None:
+def _check_targets(key: str, choices: list, labels: list, where: str) -> None:
+    """mc1/mc2 answers with 0/1 labels: mc2 with some true and some false, mc1 with its correct answer first
+    (the harness scores mc1 as "is answer 0 the most likely")."""
     if not choices or len(choices) != len(labels):
-        raise Malformed(where, "mc2_targets", f"has {len(choices)} answers and {len(labels)} labels")
+        raise Malformed(where, key, f"has {len(choices)} answers and {len(labels)} labels")
     if any(label not in (0, 1) or isinstance(label, bool) for label in labels):
-        raise Malformed(where, "mc2_targets", "labels should be 0 or 1")
-    if 1 not in labels or 0 not in labels:
-        raise Malformed(where, "mc2_targets", "needs at least one true (1) and one false (0) answer")
+        raise Malformed(where, key, "labels should be 0 or 1")
+    if key == "mc1_targets" and labels[0] != 1:
+        raise Malformed(where, key, "should list the correct answer (label 1) first")
+    if key == "mc2_targets" and (1 not in labels or 0 not in labels):
+        raise Malformed(where, key, "needs at least one true (1) and one false (0) answer")
 
 
 def _truthfulqa_caveats(records: list[Record]) -> tuple[str, ...]:

@@ -17,7 +17,8 @@ number:
 - logits are computed only at the positions that score a continuation token, log-softmax in fp32.
 
 A request that is left-truncated to the model's context gets a context of its own (its group has one
-member), so it takes the same path with no sharing. Batch size changes only the padding, never a result.
+member), so it takes the same path with no sharing. Batch size changes only the padding, never a result
+beyond fp32 kernel rounding; in bf16/fp16 the padded shapes round differently (docs/herd-eval.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Per doc, from the (log-likelihood, is_greedy) result of each request: `acc` (argmax of the summed
 log-likelihood), `acc_norm` (argmax of log-likelihood / character length of the choice), ties going to
-the lowest index as numpy's argmax does, and `mc2` (normalised probability mass of the true answers).
+the lowest index as numpy's argmax does, `mc1` (TruthfulQA: whether the correct answer, the first of
+mc1_targets, has the highest log-likelihood among those answers) and `mc2` (normalised probability mass
+of the true answers).
 Per task: the mean and the sample standard error of the mean. Per group (MMLU): the size-weighted mean
 with the pooled standard error (harness) or the plain mean of the subjects with sqrt(sum se^2) / k
 (leaderboard-2023). The leaderboard average is the mean of the four headline numbers.
@@ -70,10 +72,14 @@ def score_doc(doc: Doc, results: Sequence[Result]) -> dict[str, float]:
         values["acc"] = float(pred(logprobs) == doc.gold)
     if "acc_norm" in doc.metrics:
         values["acc_norm"] = float(pred_norm(logprobs, doc.choices) == doc.gold)
+    if "mc1" in doc.metrics:
+        if doc.mc1_indices is None:
+            raise InputError(f"{doc.task} doc {doc.doc_id}: mc1 needs the doc's mc1_indices")
+        values["mc1"] = float(pred([logprobs[i] for i in doc.mc1_indices]) == 0)
     if "mc2" in doc.metrics:
         if doc.true_mask is None:
             raise InputError(f"{doc.task} doc {doc.doc_id}: mc2 needs the doc's true_mask")
-        values["mc2"] = mc2(logprobs, doc.true_mask)
+        values["mc2"] = mc2(logprobs[: len(doc.true_mask)], doc.true_mask)
     return values
 
 

@@ -54,15 +54,16 @@ def local_data_dir(benchmarks: Path, out: Path, n_validation: int) -> Path:
     return out
 
 
-def lm_eval_task(task: Task):
+def lm_eval_task(task: Task, yaml: str | None = None):
     """lm-eval's ConfigurableTask for a llamaherd task at the harness protocol's shot count, its dataset
-    replaced by the records llamaherd read."""
+    replaced by the records llamaherd read; `yaml` names another of lm-eval's task files for the same data
+    (truthfulqa/truthfulqa_mc1.yaml)."""
     import datasets
     import lm_eval
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    yaml = LM_EVAL_YAML.get(task.name) or f"mmlu/default/{task.name}.yaml"
+    yaml = yaml or LM_EVAL_YAML.get(task.name) or f"mmlu/default/{task.name}.yaml"
     cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / yaml, resolve_func=True)
     cfg.pop("tag", None)
     splits = {s: task.data.splits.get(s, []) for s in ("train", "validation", "test", "dev")}
@@ -134,7 +135,7 @@ def compare(output: Path, results: dict[str, Any], peer: PeerRun) -> dict[str, C
         same_pred, same_metrics, max_diff = 0, 0, 0.0
         for rec in records:
             theirs = peer.logprobs[rec["task"]][rec["doc_id"]]
-            ours = [r["logprob"] for r in rec["requests"]]
+            ours = [r["logprob"] for r in rec["requests"]][: len(theirs)]  # TruthfulQA: mc1-only answers last
             max_diff = max(max_diff, float(np.max(np.abs(np.array(ours) - np.array(theirs)))))
             by_char = entry["metric"] == "acc_norm"
             same_pred += rec["prediction"] == (pred_norm(theirs, rec["choices"]) if by_char else pred(theirs))
@@ -142,8 +143,8 @@ def compare(output: Path, results: dict[str, Any], peer: PeerRun) -> dict[str, C
             same_metrics += all(abs(rec["metrics"][k] - v) <= 1e-6 for k, v in their_metrics.items())
         diffs = {}
         for metric, value in entry["metrics"].items():
-            if metric.endswith("_stderr") or value is None:
-                continue
+            if metric.endswith("_stderr") or value is None or metric not in peer.metrics[names[0]]:
+                continue  # (TruthfulQA's mc1: lm-eval's truthfulqa_mc2 task does not report it)
             n = [entry["subtasks"][name]["n_docs"] for name in names] if "subtasks" in entry else [1]
             theirs = float(np.average([peer.metrics[name][metric] for name in names], weights=n))
             diffs[metric] = 100 * abs(value - theirs)

@@ -3,7 +3,8 @@
 Output directory layout:
     run.json                 what the records were computed with (model fingerprint, protocol, data, ...);
                              a resumed run must match it
-    samples_<task>.jsonl     one line per finished doc, appended as docs finish (MMLU: samples_mmlu.jsonl)
+    samples_<task>.jsonl     one line per finished doc, appended as docs finish (MMLU: samples_mmlu.jsonl);
+                             with log_samples also each request's strings, token ids and per-token values
     results.json             metrics, leaderboard scores, timings, versions (written last, atomically)
 
 Killing a run loses at most the docs in flight: the same command finds the finished docs in the samples
@@ -28,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from llamaherd.errors import InputError
-from llamaherd.evaluate.engine import LoglikelihoodEngine
+from llamaherd.evaluate.engine import Encoded, LoglikelihoodEngine
 from llamaherd.evaluate.metrics import (
     LEADERBOARD_METRICS,
     Score,
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
     from llamaherd.load import Source
 
 SCHEMA = 1
+# run.json keys added after schema 1, with the value that the runs whose run.json lacks them were made with
+RUN_DEFAULTS = {"log_samples": False}
 TOKENIZE_CHUNK = 256  # docs per call to the (parallel) tokenizer
 Done = dict[str, dict[int, tuple[list[tuple[float, bool]], int]]]  # task -> doc_id -> (results, n truncated)
 SCORE_COLUMNS = {"arc_challenge": "arc", "hellaswag": "hellaswag", "mmlu": "mmlu", "truthfulqa_mc2": "truthfulqa"}
@@ -76,6 +79,7 @@ class EvalOptions:
     max_length: int | None = None
     hellaswag_form: str | None = None
     progress: bool = True
+    log_samples: bool = False
 
 
 @dataclass
@@ -121,12 +125,13 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
         **({"base_fingerprint": identity["base"]["fingerprint"]} if "base" in identity else {}),
         "protocol": protocol.name, "add_bos": add_bos,
         "max_length": engine.max_length, "dtype": opts.dtype, "quantize": opts.quantize,
+        "log_samples": opts.log_samples,  # a resumed run keeps every record of one kind
         "tasks": {r.task.name: {"version": r.task.versions[protocol.name], "data_form": r.task.data.form}
                   for r in runs},  # the files may move; each record's prompt hash checks the content
     })
     done = _load_samples(out, runs)
     n_resumed = sum(len(v) for v in done.values())
-    timings |= _score_pending(engine, runs, done, out, opts.progress)
+    timings |= _score_pending(engine, runs, done, out, opts.progress, opts.log_samples)
 
     results = _results(opts, protocol, loaded, identity, runs, done, engine.max_length)
     timings["total_s"] = time.perf_counter() - start
@@ -158,7 +163,7 @@ def _claim_output(out: Path, run: dict[str, Any]) -> None:
             previous = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: not valid JSON ({e.msg}); delete the output directory to start over") from None
-        changed = [k for k in run if k != "tasks" and previous.get(k) != run[k]]
+        changed = [k for k in run if k != "tasks" and previous.get(k, RUN_DEFAULTS.get(k)) != run[k]]
         changed += [f"tasks.{name}" for name, spec in run["tasks"].items()
                     if previous.get("tasks", {}).get(name, spec) != spec]
         if changed:
@@ -216,9 +221,9 @@ def _load_samples(out: Path, runs: list[TaskRun]) -> Done:
 
 
 def _score_pending(engine: LoglikelihoodEngine, runs: list[TaskRun], done: Done, out: Path,
-                   progress: bool) -> dict[str, float]:
-    """Score every unfinished doc of every task in one length-sorted stream; append each doc when done.
-    Returns the timings."""
+                   progress: bool, log_samples: bool = False) -> dict[str, float]:
+    """Score every unfinished doc of every task in one length-sorted stream; append each doc when done
+    (`_record`; with log_samples, with what the engine read). Returns the timings."""
     pending = [(run, doc) for run in runs for doc in run.docs if doc.doc_id not in done[run.task.name]]
     t = time.perf_counter()
     owner = [(k, j) for k, (_, doc) in enumerate(pending) for j in range(len(doc.requests))]
@@ -245,7 +250,8 @@ def _score_pending(engine: LoglikelihoodEngine, runs: list[TaskRun], done: Done,
                 run, doc = pending[k]
                 if run.group not in files:
                     files[run.group] = os.open(_samples_path(out, run.group), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-                os.write(files[run.group], (json.dumps(_record(run, doc, partial[k])) + "\n").encode())
+                read = encoded[i - j : i - j + len(doc.requests)] if log_samples else None  # doc's requests
+                os.write(files[run.group], (json.dumps(_record(run, doc, partial[k], read)) + "\n").encode())
                 done[run.task.name][doc.doc_id] = ([(r.logprob, r.is_greedy) for r in partial[k]],
                                                    sum(r.truncated for r in partial[k]))
         bar.close()
@@ -258,18 +264,24 @@ def _score_pending(engine: LoglikelihoodEngine, runs: list[TaskRun], done: Done,
             "prefix_tokens_reused": engine.prefix_tokens_reused}
 
 
-def _record(run: TaskRun, doc: Doc, results: list[Any]) -> dict[str, Any]:
+def _record(run: TaskRun, doc: Doc, results: list[Any], read: list[Encoded] | None = None) -> dict[str, Any]:
     """One samples line. `prediction` follows the task's headline metric (acc_norm: per-character
-    log-likelihood); for mc2 it is the most likely answer and `correct` says whether it is a true one."""
+    log-likelihood); for mc2 it is the most likely mc2 answer and `correct` says whether it is a true one.
+
+    With `read` (the engine's encoding of each request: --log-samples) the line also holds what lm-eval's
+    --log_samples writes, under its names (`arguments`: each request's context and continuation strings,
+    `filtered_resps`: [log-likelihood, is_greedy]), and per request the token ids the model read (the
+    context after any left-truncation) and each continuation token's log-likelihood.
+    """
     logprobs = [r.logprob for r in results]
     metrics = score_doc(doc, [(r.logprob, r.is_greedy) for r in results])
     if "mc2" in doc.metrics:
-        prediction = pred(logprobs)
+        prediction = pred(logprobs[: len(doc.true_mask)])
         correct = bool(doc.true_mask[prediction])
     else:
         prediction = pred_norm(logprobs, doc.choices) if "acc_norm" in doc.metrics else pred(logprobs)
         correct = prediction == doc.gold
-    return {
+    record = {
         "task": doc.task, "doc_id": doc.doc_id, "index": doc.index, "prompt_sha256": _prompt_hash(doc),
         "choices": list(doc.choices), "gold": doc.gold, "prediction": prediction, "correct": correct,
         "metrics": metrics,
@@ -277,6 +289,16 @@ def _record(run: TaskRun, doc: Doc, results: list[Any]) -> dict[str, Any]:
                       "n_tokens": len(r.token_logprobs), "truncated": r.truncated}
                      for req, r in zip(doc.requests, results, strict=True)],
     }
+    if doc.mc1_indices is not None:
+        record["mc1_indices"] = list(doc.mc1_indices)  # positions in choices, the correct answer first
+    if read is not None:
+        record["arguments"] = {f"gen_args_{j}": {"arg_0": req.context, "arg_1": req.continuation}
+                               for j, req in enumerate(doc.requests)}
+        record["filtered_resps"] = [[r.logprob, r.is_greedy] for r in results]
+        for entry, e, r in zip(record["requests"], read, results, strict=True):
+            entry |= {"context_ids": list(e.context), "continuation_ids": list(e.continuation),
+                      "token_logprobs": list(r.token_logprobs)}
+    return record
 
 
 def _results(opts: EvalOptions, protocol: Protocol, loaded: Any, identity: dict[str, Any], runs: list[TaskRun],

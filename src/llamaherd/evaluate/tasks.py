@@ -102,9 +102,10 @@ class Doc:
     choices: tuple[str, ...]  # answer strings, without the target delimiter
     gold: int
     requests: tuple[Request, ...]
-    metrics: tuple[str, ...]  # what this doc is scored on: acc/acc_norm, or mc2
-    true_mask: tuple[bool, ...] | None = None  # mc2: which choices count as true
+    metrics: tuple[str, ...]  # what this doc is scored on: acc/acc_norm, or mc1/mc2
+    true_mask: tuple[bool, ...] | None = None  # mc2: which of the first len(true_mask) choices count as true
     fewshot_indices: tuple[int, ...] = ()  # positions of the few-shot examples in the task's pool
+    mc1_indices: tuple[int, ...] | None = None  # mc1: its answers' positions in choices, the correct one first
 
     @property
     def choice_lengths(self) -> tuple[int, ...]:
@@ -166,6 +167,10 @@ class Task(ABC):
 
     def true_mask(self, doc: Record, protocol: Protocol) -> tuple[bool, ...] | None:
         """Which choices count as true for mc2; None for tasks scored by accuracy."""
+        return None
+
+    def mc1_choices(self, doc: Record) -> list[str] | None:
+        """The answers mc1 picks from, the correct one first; None for tasks without mc1."""
         return None
 
 
@@ -244,10 +249,18 @@ class MmluSubject(Task):
 
 
 class TruthfulQaMc2(Task):
+    """TruthfulQA multiple choice: mc2 (the leaderboard's number) and mc1 beside it, as the 2023 harness's
+    `truthfulqa_mc` reported both (today's lm-eval splits them into truthfulqa_mc1 and truthfulqa_mc2).
+
+    mc1 picks among the mc1_targets answers, whose first is the one correct answer; in the data they are a
+    subset of the mc2 answers in another order, so they reuse the mc2 requests (any mc1 answer the mc2 list
+    lacks gets a request of its own, after the mc2 ones).
+    """
+
     name = "truthfulqa_mc2"
     versions: ClassVar[Mapping[str, str]] = {"leaderboard-2023": "1", "harness": "3.0"}
     n_shot: ClassVar[Mapping[str, int]] = {"leaderboard-2023": 0, "harness": 0}
-    metrics = ("mc2",)
+    metrics = ("mc1", "mc2")
     eval_split, fewshot_split = "validation", None
     harness_drops_eval_doc = True
 
@@ -268,6 +281,9 @@ class TruthfulQaMc2(Task):
         if protocol.mc2_true_before_first_false:  # b281b09 splits at the first 0
             return tuple(i < labels.index(0) for i in range(len(labels)))
         return tuple(label == 1 for label in labels)
+
+    def mc1_choices(self, doc: Record) -> list[str]:
+        return doc["mc1_targets"]["choices"]  # b281b09 and lm-eval 0.4 both take the first as the gold
 
 
 TASK_NAMES = ("arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2")  # the leaderboard suite
@@ -356,19 +372,23 @@ def build_requests(task: Task, protocol: str | Protocol, limit: int | None = Non
             )
             + task.doc_to_text(doc)
         )
-        choices = tuple(task.doc_to_choices(doc))
+        choices = list(task.doc_to_choices(doc))
+        mc1 = task.mc1_choices(doc)
+        if mc1 is not None:
+            choices += [c for c in dict.fromkeys(mc1) if c not in choices]
         docs.append(
             Doc(
                 task=task.name,
                 doc_id=doc_id,
                 index=index,
                 context=context,
-                choices=choices,
+                choices=tuple(choices),
                 gold=task.gold(doc),
                 requests=tuple(split_request(context, TARGET_DELIMITER + c) for c in choices),
                 metrics=task.metrics,
                 true_mask=task.true_mask(doc, proto),
                 fewshot_indices=tuple(shots),
+                mc1_indices=None if mc1 is None else tuple(choices.index(c) for c in mc1),
             )
         )
     return docs
