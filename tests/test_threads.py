@@ -166,3 +166,25 @@ def test_model_forward_shares_the_cores(tmp_path, request):
     env["OMP_NUM_THREADS"] = "2"
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["2", "2"]
+
+
+def test_backward_follows_the_other_processes(tmp_path, neighbour, restore_threads, monkeypatch):
+    """A neighbour that turns busy during a training step is seen in backward, not only at the next forward."""
+    from llamaherd.config import Config
+    from llamaherd.model import GPT
+
+    for var in threads.OFF_VARIABLES + ("LLAMAHERD_SHARE_CORES",):
+        monkeypatch.delenv(var, raising=False)
+    torch.set_num_threads(2)
+    share = CoreShare(tmp_path)
+    monkeypatch.setattr(threads, "_share", share)
+    try:
+        model = GPT(Config(vocab_size=32, n_layer=2, n_head=2, n_embd=16, intermediate_size=32))
+        loss = model(torch.zeros(1, 4, dtype=torch.long)).sum()
+        assert torch.get_num_threads() == 2
+        mark(tmp_path, neighbour)
+        share.next_check = 0.0
+        loss.backward()
+        assert torch.get_num_threads() == 1
+    finally:
+        share.close()

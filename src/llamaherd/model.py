@@ -351,7 +351,6 @@ class GPT(nn.Module):
             sample only; give `positions` that restart at each sample. Padding (id 0) goes at the row's end.
             Same result as the block-diagonal (B, T, T) attn_mask, without computing the masked-out blocks.
         """
-        share_cores()  # intra-op threads for the llamaherd processes computing now (llamaherd.threads)
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
@@ -372,6 +371,7 @@ class GPT(nn.Module):
         else:
             mask = None if attn_mask is None else self._attention_mask(attn_mask, past, T)
         for i, block in enumerate(self.model.layers):
+            share_cores(x)  # per layer, forward and backward: threads for the busy llamaherd processes
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length = past + T

@@ -6,8 +6,10 @@ other's threads mid-op, and every barrier then waits for a thread that is not ru
 LoRA `herd finetune` fell from 178 to 49 tokens/s beside one `herd eval` (issue 11, point 8).
 
 So each llamaherd process that is computing marks itself busy (a file named by its pid in one directory
-per machine, refreshed every `HEARTBEAT_S` while the process uses CPU), and before each model forward pass
-runs `cores // busy processes` intra-op threads (at least 1). With one thread a process never waits at a
+per machine, refreshed every `HEARTBEAT_S` while the process uses CPU), and at each layer of a forward or
+backward pass (at most every `CHECK_EVERY_S`) runs `cores // busy processes` intra-op threads (at least 1).
+Checking per layer matters: a training step can take seconds, and a step run at the wrong thread count beside
+another process is the very stall this avoids. With one thread a process never waits at a
 barrier; alone, a process keeps torch's default thread count and loses nothing.
 
 The user's choice wins: `OMP_NUM_THREADS` or `MKL_NUM_THREADS` in the environment, `LLAMAHERD_SHARE_CORES=0`,
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-CHECK_EVERY_S = 0.25  # how often `share_cores` looks at the other processes (it runs before every forward pass)
+CHECK_EVERY_S = 0.25  # how often `share_cores` looks at the other processes (it runs at every layer)
 HEARTBEAT_S = 0.5  # how often a computing process refreshes its mark
 BUSY_WINDOW_S = 3.0  # a mark refreshed within this long counts as a busy process
 BUSY_CPU_SHARE = 0.2  # a process that used at least this share of one core since its last heartbeat is busy
@@ -147,12 +149,21 @@ _share: CoreShare | None = None
 
 
 @torch.compiler.disable
-def share_cores() -> None:
+def share_cores(x: torch.Tensor | None = None) -> None:
     """Before compute: run `cores // busy llamaherd processes` threads (see the module docstring).
 
-    Must run on the thread that launches the ops (OpenMP's thread count is per calling thread).
+    x: a tensor that backward will pass through (a layer's input); the check then runs there too, so a long
+    backward pass follows the other processes as well. Must run on the thread that launches the ops (OpenMP's
+    thread count is per calling thread; autograd runs CPU backward on the thread that called it).
     """
     global _share
     if _share is None or _share.pid != os.getpid():  # first call, or a forked child
         _share = CoreShare()
     _share.check()
+    if x is not None and x.requires_grad and _share.enabled:
+        x.register_hook(_check_in_backward)
+
+
+def _check_in_backward(grad: torch.Tensor) -> None:
+    if _share is not None:
+        _share.check()
