@@ -3,64 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
+from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, sample_next, warp_logits
+from llamaherd.engine.text import StopText
 from llamaherd.errors import InputError
 from llamaherd.model import GPT
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    stop_strings: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise InputError(f"top_k must be >= 1, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on every token already in the row (prompt or output): shrink its logit."""
-    if penalty == 1.0:
-        return logits
-    picked = logits.gather(-1, seen)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(-1, seen, picked)
-
-
-def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus): removed tokens get -inf. logits (B, V)."""
-    logits = logits.float() / params.temperature
-    if params.top_k is not None:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p is not None and params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,)."""
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    probs = warp_logits(logits, params).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+__all__ = ["SamplingParams", "apply_repetition_penalty", "generate_batch", "generate_ids", "generate_tokens",
+           "sample_next", "stream_text", "warp_logits"]
 
 
 def _check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
@@ -156,22 +108,14 @@ def stream_text(
 ) -> Iterator[str]:
     """Yield text as it is generated; stops at a stop token or stop string (neither is yielded)."""
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-    decoder = tokenizer.stream_decoder()
-    text, emitted = "", 0
-    hold = max((len(s) for s in params.stop_strings), default=1) - 1
+    text = StopText(tokenizer.stream_decoder(), params.stop_strings)
     for step in generate_tokens(model, [prompt], params, stop_ids):
         token = int(step[0])
         if token in stop_ids:
             break
-        text += decoder.push(token)
-        cut = min((i for s in params.stop_strings if (i := text.find(s)) != -1), default=-1)
-        if cut != -1:
-            yield text[emitted:cut]
+        if piece := text.push(token):
+            yield piece
+        if text.stopped:
             return
-        safe = len(text) - hold  # text that cannot be the start of a stop string yet
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text += decoder.flush()
-    if len(text) > emitted:
-        yield text[emitted:]
+    if piece := text.flush():
+        yield piece

@@ -195,6 +195,54 @@ class KVCache(nn.Module):
         return new
 
 
+class SlotCache(nn.Module):
+    """Keys and values of `max_batch` independent sequences (slots), each with its own length (the engine's cache).
+
+    A slot is one row, preallocated to `max_len`; a sequence joins by taking a free row and leaves by giving it
+    back, so nothing is copied when the batch changes. Key index = RoPE position (no padding inside a row); what
+    lies past a row's length is stale and hidden by the mask of `rows`. `copy_prefix` shares a computed prefix.
+    """
+
+    def __init__(self, config: Config, max_batch: int, max_len: int, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        shape = (config.n_layer, max_batch, config.n_query_groups, max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len = max_len
+
+    def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> CacheRows:
+        """The rows `slots` (B,) written at `positions` (B, T) by one forward pass (each row at its own offset)."""
+        return CacheRows(self, slots, positions)
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot src into slot dst (a shared prompt prefix, computed once)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class CacheRows(NamedTuple):
+    """Rows of a SlotCache as one forward pass sees them: query t of row b sits at positions[b, t] and attends
+    to keys [0, positions[b, t]] of its own slot (earlier tokens of the row, then causal within the call)."""
+
+    cache: SlotCache
+    slots: torch.Tensor  # (B,)
+    positions: torch.Tensor  # (B, T)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) at each row's positions; return the rows' keys/values (B, n_kv, S, hd)."""
+        end = int(self.positions.max()) + 1
+        index = (self.slots[:, None], slice(None), self.positions)  # selects (B, T, n_kv, hd)
+        self.cache.k[layer][index] = k.transpose(1, 2)
+        self.cache.v[layer][index] = v.transpose(1, 2)
+        return self.cache.k[layer, :, :, :end].index_select(0, self.slots), \
+            self.cache.v[layer, :, :, :end].index_select(0, self.slots)
+
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, S) bool: key j is visible to the query at position p when j <= p."""
+        keys = torch.arange(int(self.positions.max()) + 1, device=self.positions.device)
+        return (keys <= self.positions[..., None])[:, None]
+
+
 class Spans(NamedTuple):
     """Packed samples: per row of a batch, the (start, end) of each causal segment, covering the row in order."""
 
@@ -229,7 +277,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | Spans | None,
-        cache: KVCache | None,
+        cache: KVCache | CacheRows | None,
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.x.shape
@@ -333,7 +381,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | CacheRows | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
         segment_ids: torch.Tensor | None = None,
@@ -350,7 +398,11 @@ class GPT(nn.Module):
         segment_ids: (B, T) ids of packed samples (training): a token attends to the earlier tokens of its own
             sample only; give `positions` that restart at each sample. Padding (id 0) goes at the row's end.
             Same result as the block-diagonal (B, T, T) attn_mask, without computing the masked-out blocks.
+        cache: a KVCache (one write position for all rows), or `SlotCache.rows(slots, positions)`, where each
+            row is read and written at its own positions (the engine); then positions and mask come from it.
         """
+        if isinstance(cache, CacheRows):
+            return self._forward(idx, cache.positions, cache.mask(), cache, last_only, return_hidden)
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
@@ -362,19 +414,24 @@ class GPT(nn.Module):
                 positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
         if attn_mask is None and past > 0 and T > 1:
             attn_mask = torch.ones(B, past + T, dtype=torch.bool, device=idx.device)  # causal with an offset
-        x = self.model.embed_tokens(idx)
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
         if segment_ids is not None:
             if attn_mask is not None or past:
                 raise ValueError("segment_ids takes neither attn_mask nor a filled cache")
             mask = Spans.from_segment_ids(segment_ids)
         else:
             mask = None if attn_mask is None else self._attention_mask(attn_mask, past, T)
+        out = self._forward(idx, positions, mask, cache, last_only, return_hidden)
+        if cache is not None:
+            cache.length = past + T
+        return out
+
+    def _forward(self, idx, positions, mask, cache, last_only: bool, return_hidden: bool) -> torch.Tensor:
+        """The blocks, final norm and head, once positions (B, T) and the attention mask are settled."""
+        x = self.model.embed_tokens(idx)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
         for i, block in enumerate(self.model.layers):
             share_cores(x)  # per layer, forward and backward: threads for the busy llamaherd processes
             x = block(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.length = past + T
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)

@@ -1,0 +1,259 @@
+"""The generation engine: continuous batching over a slot-based KV cache, chunked prefill and prefix reuse.
+
+Each `step` (1) gives free cache rows to waiting sequences, (2) prefills up to `prefill_chunk` prompt tokens,
+first copying the longest prefix some row already holds, and (3) decodes one token for every sequence whose
+prompt is in its row, all rows in one forward pass, each at its own position. A prompt's last token is fed by
+the decode step, so the first sampled token and every later one come from the same code path.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+
+from llamaherd.engine.request import Completion, Event, Request, TokenLogprob
+from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, sample_next
+from llamaherd.engine.slots import Slots
+from llamaherd.engine.text import StopText
+from llamaherd.errors import InputError
+from llamaherd.model import GPT, SlotCache
+
+
+class _Sequence:
+    """One completion in flight: its ids (prompt + output), its cache row and how many ids the row holds."""
+
+    def __init__(self, request: Request, completion: Completion, generator: torch.Generator,
+                 text: StopText | None, stop_ids: frozenset[int], scores_prompt: bool) -> None:
+        self.request, self.completion, self.generator = request, completion, generator
+        self.text, self.stop_ids, self.scores_prompt = text, stop_ids, scores_prompt
+        self.ids = list(request.prompt_ids)
+        self.slot = -1
+        self.computed = 0  # leading ids whose keys/values are in the row
+        self.matched = False  # prefix reuse settled (done when its prefill starts, so earlier prompts are in)
+
+    @property
+    def prefilling(self) -> bool:
+        """Prompt ids except the last still to compute (the decode step feeds the last one)."""
+        return not self.matched or self.computed < len(self.request.prompt_ids) - 1
+
+
+class Engine:
+    """Serves many requests at once on one model; see the module docstring for what a step does.
+
+    max_batch rows of max_len positions are preallocated; tokenizer (optional) gives text, stop strings and the
+    default stop ids. Not thread-safe: one thread calls add_request / cancel / step (a server's engine loop).
+    """
+
+    def __init__(self, model: GPT, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
+                 prefill_chunk: int = 512, prefix_reuse: bool = True) -> None:
+        if max_batch < 1 or prefill_chunk < 1:
+            raise InputError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_len = max_len or model.config.block_size
+        self.prefill_chunk, self.prefix_reuse = prefill_chunk, prefix_reuse
+        weight = model.output_weight
+        self.device = weight.device
+        with torch.inference_mode():
+            self.cache = SlotCache(model.config, max_batch, self.max_len, weight.dtype, self.device)
+        self.slots = Slots(max_batch)
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []  # holding a row, in the order they got it
+        self.requests: dict[str, Request] = {}  # unfinished, by id
+        self.computed_tokens = 0  # token positions run through the model (prefill + decode), for stats and tests
+        self._ids = itertools.count()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, n: int = 1) -> Request:
+        """Queue a prompt for n completions (n samples of one prompt share its prefill); it joins at the next step.
+
+        With a seed, completion i samples from its own generator seeded with seed + i, so its tokens do not
+        depend on what else is in the batch; without one, the seed is drawn from torch's global generator.
+        """
+        params = params or SamplingParams()
+        params.validate()
+        prompt = self._check_prompt(prompt_ids, params, n)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InputError(f"request_id {request_id!r} is already running; give each request its own id")
+        if params.stop_strings and self.tokenizer is None:
+            raise InputError("stop_strings need the engine to have a tokenizer; pass Engine(model, tokenizer)")
+        stop_ids = frozenset(params.stop_ids if params.stop_ids is not None
+                             else getattr(self.tokenizer, "stop_ids", ()))
+        request = Request(request_id, prompt, params, [Completion(i) for i in range(n)],
+                          [None] if params.prompt_logprobs else None)
+        for completion in request.completions:
+            seed = (params.seed + completion.index if params.seed is not None
+                    else int(torch.randint(2**62, (), dtype=torch.long)))
+            generator = torch.Generator(self.device).manual_seed(seed)
+            text = StopText(self.tokenizer.stream_decoder(), params.stop_strings) if self.tokenizer else None
+            scores = params.prompt_logprobs and completion.index == 0
+            self.waiting.append(_Sequence(request, completion, generator, text, stop_ids, scores))
+        self.requests[request_id] = request
+        return request
+
+    def _check_prompt(self, prompt_ids, params: SamplingParams, n: int) -> list[int]:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(f"n must be an integer >= 1, got {n!r}")
+        if params.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        vocab = self.model.config.vocab_size
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise InputError("the prompt is empty; give at least one token id")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+            raise InputError(f"prompt ids must be integers in [0, {vocab}); got {prompt[:8]}...")
+        if len(prompt) + params.max_new_tokens > self.max_len:
+            raise InputError(f"a prompt of {len(prompt)} tokens plus max_new_tokens={params.max_new_tokens} "
+                             f"exceeds the engine's max_len of {self.max_len} tokens; shorten the prompt or lower "
+                             "max_new_tokens")
+        return prompt
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now and free its rows; False if it is unknown or already finished."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.waiting = deque(s for s in self.waiting if s.request is not request)
+        for seq in [s for s in self.running if s.request is request]:
+            self.running.remove(seq)
+            self.slots.release(seq.slot)
+        for completion in request.completions:
+            completion.finish_reason = completion.finish_reason or "cancelled"
+        return True
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit, prefill one chunk, decode one token per ready sequence; the events of this step."""
+        while self.waiting and self.slots.free:
+            seq = self.waiting.popleft()
+            seq.slot = self.slots.take()
+            self.running.append(seq)
+        self._prefill()
+        return self._decode()
+
+    def stream(self) -> Iterator[Event]:
+        """Step until every request has finished, yielding events as they come."""
+        while self.has_work:
+            yield from self.step()
+
+    def generate_many(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                      n: int = 1) -> list[Request]:
+        """Run prompts to completion (batch users: synthetic data, rejection sampling); one Request per prompt."""
+        many = params if isinstance(params, list) else [params] * len(prompts)
+        if len(many) != len(prompts):
+            raise InputError(f"got {len(prompts)} prompts but {len(many)} sampling params; give one per prompt")
+        requests = [self.add_request(p, sp, n=n) for p, sp in zip(prompts, many)]
+        while not all(r.done for r in requests):
+            self.step()
+        return requests
+
+    def _prefill(self) -> None:
+        """Compute up to prefill_chunk prompt tokens, oldest sequence first, after reusing a held prefix."""
+        budget = self.prefill_chunk
+        for seq in [s for s in self.running if s.prefilling]:
+            if not seq.matched:
+                self._reuse_prefix(seq)
+            while seq.prefilling and budget > 0:
+                n = min(len(seq.request.prompt_ids) - 1 - seq.computed, budget)
+                self._prefill_chunk(seq, n)
+                budget -= n
+            if budget == 0:
+                return
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Start the row with the longest prefix of the prompt (less its last id) that any row holds."""
+        seq.matched = True
+        src, length = -1, 0
+        if self.prefix_reuse and not seq.scores_prompt:
+            src, length = self.slots.longest_prefix(seq.ids[: len(seq.request.prompt_ids) - 1])
+        if length and src != seq.slot:
+            self.cache.copy_prefix(src, seq.slot, length)
+        self.slots.tokens[seq.slot] = seq.ids[:length]
+        seq.computed = length
+
+    def _prefill_chunk(self, seq: _Sequence, n: int) -> None:
+        start = seq.computed
+        chunk = seq.ids[start:start + n]
+        idx = torch.tensor([chunk], device=self.device)
+        rows = self.cache.rows(torch.tensor([seq.slot], device=self.device),
+                               torch.arange(start, start + n, device=self.device)[None])
+        if seq.scores_prompt:
+            logprobs = self.model(idx, cache=rows)[0].float().log_softmax(-1)  # (n, V)
+            targets = seq.ids[start + 1:start + n + 1]
+            seq.request.prompt_logprobs.extend(_entries(logprobs, targets, seq.request.params.logprobs))
+        else:
+            self.model(idx, cache=rows, last_only=True, return_hidden=True)  # keys/values only: skip the head
+        seq.computed += n
+        self.slots.tokens[seq.slot].extend(chunk)
+        self.computed_tokens += n
+
+    def _decode(self) -> list[Event]:
+        ready = [s for s in self.running if not s.prefilling]
+        if not ready:
+            return []
+        idx = torch.tensor([[s.ids[s.computed]] for s in ready], device=self.device)  # (B, 1)
+        positions = torch.tensor([[s.computed] for s in ready], device=self.device)
+        rows = self.cache.rows(torch.tensor([s.slot for s in ready], device=self.device), positions)
+        logits = self.model(idx, cache=rows)[:, 0].float()  # (B, V)
+        self.computed_tokens += len(ready)
+        logprobs = logits.log_softmax(-1)
+        events = []
+        for b, seq in enumerate(ready):
+            self.slots.tokens[seq.slot].append(seq.ids[seq.computed])
+            seq.computed += 1
+            params = seq.request.params
+            row = logits[b:b + 1]
+            if params.repetition_penalty != 1.0:
+                seen = torch.tensor([seq.ids], device=self.device)
+                row = apply_repetition_penalty(row, seen, params.repetition_penalty)
+            token = int(sample_next(row, params, seq.generator))
+            events.append(self._emit(seq, token, logprobs[b]))
+        return events
+
+    def _emit(self, seq: _Sequence, token: int, logprobs: torch.Tensor) -> Event:
+        """Record a sampled token; finish the sequence on a stop id, a stop string or max_new_tokens."""
+        params, completion = seq.request.params, seq.completion
+        seq.ids.append(token)
+        completion.token_ids.append(token)
+        entries = [] if params.logprobs is None else _entries(logprobs[None], [token], params.logprobs)
+        completion.logprobs.extend(entries)
+        text, finish = "", None
+        if token in seq.stop_ids:
+            finish = "stop"
+            text = seq.text.flush() if seq.text else ""
+        elif seq.text:
+            text = seq.text.push(token)
+            finish = "stop" if seq.text.stopped else None
+        if finish is None and len(completion.token_ids) >= params.max_new_tokens:
+            text += seq.text.flush() if seq.text else ""
+            finish = "stop" if seq.text and seq.text.stopped else "length"
+        completion.text += text
+        if finish:
+            self._finish(seq, finish)
+        return Event(seq.request.request_id, completion.index, [token], text, entries, finish)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        seq.completion.finish_reason = reason
+        self.running.remove(seq)
+        self.slots.release(seq.slot)  # the row keeps its keys/values for prefix reuse until taken again
+        if seq.request.done:
+            self.requests.pop(seq.request.request_id, None)
+
+
+def _entries(logprobs: torch.Tensor, targets: list[int], top: int | None) -> list[TokenLogprob]:
+    """TokenLogprob per row of logprobs (N, V) for the chosen ids targets (N), with the `top` best tokens."""
+    chosen = logprobs.gather(-1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+    if top:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        best = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        best = [[] for _ in targets]
+    return [TokenLogprob(t, lp, b) for t, lp, b in zip(targets, chosen, best)]

@@ -1,0 +1,239 @@
+"""The generation engine: continuous batching, chunked prefill, prefix reuse and logprobs against transformers."""
+
+import dataclasses
+
+import pytest
+import torch
+from hf_tiny import save_hf_model
+
+from llamaherd.engine import Engine, SamplingParams
+from llamaherd.errors import InputError
+from llamaherd.generate import stream_text
+from llamaherd.load import load_gpt
+
+NO_STOP = frozenset()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama-gqa")
+    hf = save_hf_model("llama-gqa", path)
+    return hf, load_gpt(path)
+
+
+def hf_greedy(hf, prompt: list[int], n: int, **kw) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=0, eos_token_id=None, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
+    """(len(ids), V): log-softmax of transformers' logits at each position."""
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, stop_ids=NO_STOP, **kw)
+
+
+PROMPTS = [[5, 17, 33, 9, 60, 71, 23], [40], [3, 4, 5], list(range(10, 40)), [90, 91, 92, 93, 94, 95, 96, 97, 98]]
+
+
+def test_greedy_batch_with_joins_equals_transformers_one_at_a_time(models):
+    """Mixed prompt lengths, more requests than rows, requests joining mid-way, chunked prefill: each output
+    equals transformers' greedy generate of that prompt alone."""
+    hf, ours = models
+    engine = Engine(ours, max_batch=3, max_len=64, prefill_chunk=5)
+    lengths = [12, 5, 9, 7, 10]
+    requests = [engine.add_request(p, greedy(n)) for p, n in zip(PROMPTS[:2], lengths[:2])]
+    for _ in range(3):
+        engine.step()
+    requests += [engine.add_request(p, greedy(n)) for p, n in zip(PROMPTS[2:], lengths[2:])]
+    list(engine.stream())
+    for request, prompt, n in zip(requests, PROMPTS, lengths):
+        assert request.completions[0].token_ids == hf_greedy(hf, prompt, n)
+        assert request.completions[0].finish_reason == "length"
+    many = engine.generate_many(PROMPTS[:3], greedy(6))
+    assert [r.completions[0].token_ids for r in many] == [hf_greedy(hf, p, 6) for p in PROMPTS[:3]]
+
+
+def test_chunked_prefill_keeps_streams_running_and_gives_the_same_tokens(models):
+    hf, ours = models
+    long_prompt = list(range(3, 43))
+    outs = {}
+    for chunk in (4, 512):
+        engine = Engine(ours, max_batch=2, max_len=64, prefill_chunk=chunk)
+        short = engine.add_request([7, 8], greedy(20))
+        engine.step()
+        long = engine.add_request(long_prompt, greedy(8, logprobs=0))
+        steps_with_short_only = 0
+        while not long.completions[0].token_ids:
+            events = engine.step()
+            steps_with_short_only += all(e.request_id == short.request_id for e in events) and bool(events)
+        list(engine.stream())
+        outs[chunk] = long.completions[0]
+        assert short.completions[0].token_ids == hf_greedy(hf, [7, 8], 20)
+        if chunk == 4:  # 39 prompt tokens in chunks of 4: the short stream decodes during each of 10 steps
+            assert steps_with_short_only == 9
+    assert outs[4].token_ids == outs[512].token_ids == hf_greedy(hf, long_prompt, 8)
+    lp4 = torch.tensor([e.logprob for e in outs[4].logprobs])
+    lp512 = torch.tensor([e.logprob for e in outs[512].logprobs])
+    assert torch.allclose(lp4, lp512, atol=1e-5)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch_and_settings_are_per_request(models):
+    hf, ours = models
+    sampled = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.95, seed=7, stop_ids=NO_STOP)
+    alone = Engine(ours, max_batch=4, max_len=64).generate_many([PROMPTS[0]], sampled)[0].completions[0].token_ids
+
+    engine = Engine(ours, max_batch=4, max_len=64, prefill_chunk=3)
+    others = [engine.add_request(PROMPTS[3], SamplingParams(max_new_tokens=5, temperature=1.3, seed=1,
+                                                             stop_ids=NO_STOP))]
+    engine.step()
+    mine = engine.add_request(PROMPTS[0], sampled)
+    top1 = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=10, temperature=1.0, top_k=1, seed=3,
+                                                         stop_ids=NO_STOP))
+    penalised = engine.add_request(PROMPTS[2], greedy(10, repetition_penalty=0.5))
+    plain = engine.add_request(PROMPTS[2], greedy(10))
+    other_seed = engine.add_request(PROMPTS[0], dataclasses.replace(sampled, seed=8))
+    list(engine.stream())
+    assert others[0].done
+    assert mine.completions[0].token_ids == alone
+    assert other_seed.completions[0].token_ids != alone
+    assert alone != hf_greedy(hf, PROMPTS[0], 16)  # temperature 1 really samples
+    assert top1.completions[0].token_ids == plain.completions[0].token_ids == hf_greedy(hf, PROMPTS[2], 10)
+    assert penalised.completions[0].token_ids == hf_greedy(hf, PROMPTS[2], 10, repetition_penalty=0.5)
+    assert penalised.completions[0].token_ids != plain.completions[0].token_ids
+
+
+def test_prefix_reuse_same_tokens_and_logprobs_fewer_computed(models):
+    hf, ours = models
+    system = list(range(20, 44))  # 24 tokens shared
+    prompts = [system + [5, 6, 7], system + [8, 9]]
+    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, seed=11, stop_ids=NO_STOP, logprobs=2)
+    results = {}
+    for reuse in (True, False):
+        engine = Engine(ours, max_batch=4, max_len=64, prefill_chunk=8, prefix_reuse=reuse)
+        k_samples = engine.add_request(prompts[0], sampled, n=3)
+        other = engine.add_request(prompts[1], sampled)
+        list(engine.stream())
+        results[reuse] = (k_samples, other, engine.computed_tokens)
+    (k_on, other_on, computed_on), (k_off, other_off, computed_off) = results[True], results[False]
+    for on, off in zip([*k_on.completions, *other_on.completions], [*k_off.completions, *other_off.completions]):
+        assert on.token_ids == off.token_ids
+        assert torch.allclose(torch.tensor([e.logprob for e in on.logprobs]),
+                              torch.tensor([e.logprob for e in off.logprobs]), atol=1e-5)
+        assert [[i for i, _ in e.top] for e in on.logprobs] == [[i for i, _ in e.top] for e in off.logprobs]
+    assert len({tuple(c.token_ids) for c in k_on.completions}) > 1  # n samples differ (seed + index)
+    decoded = 4 * 6  # every completion decodes 6 tokens, its prompt's last id included in the first
+    assert computed_off == 3 * 26 + 25 + decoded  # each prompt less its last id, per completion
+    assert computed_on == 26 + 1 + decoded  # prompt 0 once; prompt 1 reuses the 24 system tokens, computes 1
+
+
+def test_logprobs_and_prompt_logprobs_equal_transformers(models):
+    hf, ours = models
+    prompt = PROMPTS[0] + PROMPTS[4]
+    engine = Engine(ours, max_batch=2, max_len=64, prefill_chunk=5)
+    request = engine.add_request(prompt, greedy(8, logprobs=3, prompt_logprobs=True), n=2)
+    list(engine.stream())
+    out = request.completions[1]
+    ref = hf_logprobs(hf, prompt + out.token_ids)
+    got = torch.tensor([e.logprob for e in out.logprobs])
+    want = ref[len(prompt) - 1:-1].gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert (got - want).abs().max() <= 1e-4
+    for e, row in zip(out.logprobs, ref[len(prompt) - 1:-1]):
+        values, ids = row.topk(3)
+        assert [i for i, _ in e.top] == ids.tolist()
+        assert max(abs(v - w) for (_, v), w in zip(e.top, values.tolist())) <= 1e-4
+
+    scored = request.prompt_logprobs
+    assert len(scored) == len(prompt) and scored[0] is None
+    assert [e.token_id for e in scored[1:]] == prompt[1:]
+    want = ref[:len(prompt) - 1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    assert (torch.tensor([e.logprob for e in scored[1:]]) - want).abs().max() <= 1e-4
+    assert [[i for i, _ in e.top] for e in scored[1:]] == ref[:len(prompt) - 1].topk(3).indices.tolist()
+
+
+def test_cancel_frees_the_slot_at_once(models):
+    hf, ours = models
+    engine = Engine(ours, max_batch=1, max_len=64)
+    first = engine.add_request(PROMPTS[0], greedy(50))
+    engine.step()
+    second = engine.add_request(PROMPTS[2], greedy(6))
+    engine.step()
+    assert not second.completions[0].token_ids and engine.slots.free == []  # waiting for the only row
+    assert engine.cancel(first.request_id) and not engine.cancel(first.request_id)
+    assert first.completions[0].finish_reason == "cancelled" and engine.slots.free == [0]
+    events = engine.step()
+    assert [e.request_id for e in events] == [second.request_id]
+    list(engine.stream())
+    assert second.completions[0].token_ids == hf_greedy(hf, PROMPTS[2], 6)
+    assert len(first.completions[0].token_ids) == 2
+
+
+class CharTokenizer:
+    """Id i reads as chr(ord('a') + i % 26); enough to test stop strings and stop ids."""
+
+    def __init__(self, stop_ids=()):
+        self.stop_ids = set(stop_ids)
+
+    def stream_decoder(self):
+        class Decoder:
+            def push(self, t):
+                return chr(ord("a") + t % 26)
+
+            def flush(self):
+                return ""
+
+        return Decoder()
+
+
+def test_stop_strings_and_stop_ids_end_a_completion_as_generate_does(models):
+    _, ours = models
+    free = Engine(ours, CharTokenizer(), max_batch=2, max_len=64).generate_many([PROMPTS[0]], greedy(20))[0]
+    text = free.completions[0].text
+    stop = text[6:8]
+    params = SamplingParams(max_new_tokens=20, stop_strings=[stop])
+    engine = Engine(ours, CharTokenizer(), max_batch=2, max_len=64)
+    request = engine.add_request(PROMPTS[0], params)
+    streamed = "".join(e.text for e in engine.stream())
+    expected = text[: text.index(stop)]
+    assert streamed == request.completions[0].text == expected
+    assert expected == "".join(stream_text(ours, CharTokenizer(), PROMPTS[0], params))
+    assert request.completions[0].finish_reason == "stop"
+
+    stop_id = free.completions[0].token_ids[4]
+    first = free.completions[0].token_ids.index(stop_id)
+    engine = Engine(ours, CharTokenizer(stop_ids={stop_id}), max_batch=2, max_len=64)
+    ended = engine.generate_many([PROMPTS[0]], SamplingParams(max_new_tokens=20))[0].completions[0]
+    assert ended.token_ids == free.completions[0].token_ids[: first + 1] and ended.finish_reason == "stop"
+    assert ended.text == text[:first]
+
+
+@pytest.mark.parametrize("prompt, params, n, message", [
+    ([], SamplingParams(), 1, "the prompt is empty"),
+    ([1, 2], SamplingParams(temperature=-1), 1, "temperature must be >= 0"),
+    ([1, 2], SamplingParams(top_p=1.5), 1, "top_p must be in"),
+    ([1, 2], SamplingParams(top_k="3"), 1, "top_k must be a number"),
+    ([1, 2], SamplingParams(max_new_tokens=0), 1, "max_new_tokens must be >= 1"),
+    ([1, 2], SamplingParams(), 0, "n must be an integer >= 1"),
+    ([1, 999], SamplingParams(), 1, r"prompt ids must be integers in \[0, 128\)"),
+    ([1] * 60, SamplingParams(max_new_tokens=5), 1, "a prompt of 60 tokens plus max_new_tokens=5 exceeds the "
+                                                    "engine's max_len of 64 tokens"),
+    ([1, 2], SamplingParams(max_new_tokens=4, stop_strings=["x"]), 1, "stop_strings need the engine to have a"),
+])
+def test_bad_input_is_a_one_line_error(models, prompt, params, n, message):
+    engine = Engine(models[1], max_batch=1, max_len=64)
+    with pytest.raises(InputError, match=message) as err:
+        engine.add_request(prompt, params, n=n)
+    assert "\n" not in str(err.value)
+    assert not engine.has_work
+
+
+def test_a_running_request_id_cannot_be_reused(models):
+    engine = Engine(models[1], max_batch=1, max_len=64)
+    engine.add_request([1, 2], greedy(3), request_id="a")
+    with pytest.raises(InputError, match="request_id 'a' is already running"):
+        engine.add_request([1, 2], greedy(3), request_id="a")
