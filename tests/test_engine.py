@@ -59,6 +59,14 @@ def test_greedy_batch_with_joins_equals_transformers_one_at_a_time(models):
     assert [r.completions[0].token_ids for r in many] == [hf_greedy(hf, p, 6) for p in PROMPTS[:3]]
 
 
+@pytest.mark.parametrize("kind", ["llama-mha", "llama-tied", "falcon-7b-style", "falcon-40b-style"])
+def test_greedy_batch_equals_transformers_for_each_family(kind, tmp_path):
+    hf = save_hf_model(kind, tmp_path)
+    engine = Engine(load_gpt(tmp_path), max_batch=2, max_len=64, prefill_chunk=4)
+    requests = engine.generate_many(PROMPTS[:3], greedy(8))
+    assert [r.completions[0].token_ids for r in requests] == [hf_greedy(hf, p, 8) for p in PROMPTS[:3]]
+
+
 def test_chunked_prefill_keeps_streams_running_and_gives_the_same_tokens(models):
     hf, ours = models
     long_prompt = list(range(3, 43))
