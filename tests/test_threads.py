@@ -101,23 +101,56 @@ def test_a_user_set_thread_count_wins(tmp_path, neighbour, restore_threads, monk
         assert torch.get_num_threads() == 1
         torch.set_num_threads(3)  # the user's call
         check_now(share)
-        assert not share.enabled and torch.get_num_threads() == 3
+        assert not share.adapting and torch.get_num_threads() == 3
         check_now(share)
         assert torch.get_num_threads() == 3
     finally:
         share.close()
 
 
-@pytest.mark.parametrize("env", [{"OMP_NUM_THREADS": "2"}, {"MKL_NUM_THREADS": "2"}, {"LLAMAHERD_SHARE_CORES": "0"}])
-def test_explicit_environment_turns_sharing_off(tmp_path, neighbour, restore_threads, monkeypatch, env):
+@pytest.mark.parametrize("env, marked", [({"OMP_NUM_THREADS": "2"}, True), ({"MKL_NUM_THREADS": "2"}, True),
+                                         ({"LLAMAHERD_SHARE_CORES": "0"}, False),
+                                         ({"LLAMAHERD_SHARE_CORES": " Off"}, False)])
+def test_explicit_environment_keeps_the_thread_count(tmp_path, neighbour, restore_threads, monkeypatch, env, marked):
+    """An explicit thread count is kept, but still marked busy so that the others make room; the opt-out is total."""
+    for var in threads.OFF_VARIABLES + ("LLAMAHERD_SHARE_CORES",):
+        monkeypatch.delenv(var, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     torch.set_num_threads(2)
     share = CoreShare(tmp_path)
-    mark(tmp_path, neighbour)
-    check_now(share)
-    assert not share.enabled and torch.get_num_threads() == 2
-    assert not (tmp_path / str(os.getpid())).exists()  # not even marked busy
+    try:
+        mark(tmp_path, neighbour)
+        check_now(share)
+        assert not share.adapting and torch.get_num_threads() == 2
+        assert (tmp_path / str(os.getpid())).exists() == marked
+    finally:
+        share.close()
+
+
+def test_hostile_directory_contents_are_ignored(tmp_path, neighbour, restore_threads, monkeypatch):
+    """The directory is world-writable: names that are not pids are skipped, a removed directory is made again."""
+    for var in threads.OFF_VARIABLES + ("LLAMAHERD_SHARE_CORES",):
+        monkeypatch.delenv(var, raising=False)
+    for name in ("99999999999999999999", "\u00b2", "0", "-1", "12a", str(2**22 + 1)):
+        (tmp_path / name).touch()
+    (tmp_path / str(neighbour)).mkdir()  # named like a live pid, but not a file: not a mark
+    assert count_busy(tmp_path) == 0
+    torch.set_num_threads(2)
+    directory = tmp_path / "busy"
+    share = CoreShare(directory)
+    try:
+        check_now(share)
+        mark(directory, neighbour)
+        check_now(share)
+        assert torch.get_num_threads() == 1
+        for f in directory.iterdir():
+            f.unlink()
+        directory.rmdir()  # removed under a running job: made again at the next check, no crash
+        check_now(share)
+        assert (directory / str(os.getpid())).exists() and torch.get_num_threads() == 2
+    finally:
+        share.close()
 
 
 def test_heartbeat_marks_busy_only_while_computing(tmp_path, monkeypatch):
@@ -128,7 +161,7 @@ def test_heartbeat_marks_busy_only_while_computing(tmp_path, monkeypatch):
     share = CoreShare(tmp_path, cores=1)
     own = tmp_path / str(os.getpid())
     try:
-        share.start()
+        assert share.mark_busy()
         old = time.time() - 100
         os.utime(own, (old, old))
         time.sleep(0.3)  # idle: the mark stays old

@@ -12,8 +12,10 @@ Checking per layer matters: a training step can take seconds, and a step run at 
 another process is the very stall this avoids. With one thread a process never waits at a
 barrier; alone, a process keeps torch's default thread count and loses nothing.
 
-The user's choice wins: `OMP_NUM_THREADS` or `MKL_NUM_THREADS` in the environment, `LLAMAHERD_SHARE_CORES=0`,
-or a `torch.set_num_threads` call (noticed at the next check) turn the sharing off for the process.
+The user's choice wins: with `OMP_NUM_THREADS` or `MKL_NUM_THREADS` in the environment, or after a
+`torch.set_num_threads` call (noticed at the next check), a process keeps its thread count but still marks
+itself busy, so the others make room; `LLAMAHERD_SHARE_CORES=0` (or false/no/off) opts out altogether.
+Names in the directory that are not plain pids are ignored, and a removed directory is made again.
 `benchmarks/contention.py` measures the effect.
 """
 
@@ -33,6 +35,8 @@ HEARTBEAT_S = 0.5  # how often a computing process refreshes its mark
 BUSY_WINDOW_S = 3.0  # a mark refreshed within this long counts as a busy process
 BUSY_CPU_SHARE = 0.2  # a process that used at least this share of one core since its last heartbeat is busy
 OFF_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+OFF_VALUES = ("0", "false", "no", "off")  # LLAMAHERD_SHARE_CORES values that opt out
+MAX_PID = 2**22  # Linux's largest pid_max
 
 
 def default_directory() -> Path:
@@ -53,10 +57,13 @@ def count_busy(directory: Path, now: float | None = None) -> int:
     except OSError:
         return 0
     for entry in entries:
-        if not entry.name.isdigit():
+        # The directory is everyone's: a name that is not a plain pid is somebody else's file.
+        if not (entry.name.isascii() and entry.name.isdigit() and 0 < int(entry.name) <= MAX_PID):
+            continue
+        if not entry.is_file(follow_symlinks=False):
             continue
         try:
-            fresh = entry.stat().st_mtime >= now - BUSY_WINDOW_S
+            fresh = entry.stat(follow_symlinks=False).st_mtime >= now - BUSY_WINDOW_S
             os.kill(int(entry.name), 0)
         except ProcessLookupError:
             _remove(Path(entry.path))  # a process that died without cleaning up
@@ -82,8 +89,9 @@ class CoreShare:
     def __init__(self, directory: Path | None = None, cores: int | None = None) -> None:
         self.directory = directory or default_directory()
         self.cores = cores or torch.get_num_threads()
-        self.enabled = os.environ.get("LLAMAHERD_SHARE_CORES", "1") != "0" and not any(
-            os.environ.get(v) for v in OFF_VARIABLES)
+        # marking: this process tells the others when it computes; adapting: it also follows them.
+        self.marking = os.environ.get("LLAMAHERD_SHARE_CORES", "1").strip().lower() not in OFF_VALUES
+        self.adapting = self.marking and not any(os.environ.get(v) for v in OFF_VARIABLES)
         self.pid = os.getpid()
         self.mark = self.directory / str(self.pid)
         self.threads_set: int | None = None
@@ -91,19 +99,24 @@ class CoreShare:
         self.heartbeat: threading.Thread | None = None
         self.stop = threading.Event()
 
-    def start(self) -> None:
-        """Create the directory and the mark, and start the heartbeat thread; turn off if that fails."""
+    def mark_busy(self) -> bool:
+        """Refresh the mark (making the directory again if it was removed); start the heartbeat the first time.
+        False when the directory cannot be written: the process then computes as if alone."""
         try:
-            if not self.directory.is_dir():
-                self.directory.mkdir(parents=True, exist_ok=True)
-                self.directory.chmod(0o1777)  # every user's processes share the cores (sticky: own marks only)
-            self.mark.touch()
+            os.utime(self.mark)
         except OSError:
-            self.enabled = False
-            return
-        self.heartbeat = threading.Thread(target=self._beat, name="llamaherd-heartbeat", daemon=True)
-        self.heartbeat.start()
-        atexit.register(self.close)
+            try:
+                if not self.directory.is_dir():
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    self.directory.chmod(0o1777)  # every user's processes share the cores (sticky: own marks only)
+                self.mark.touch()
+            except OSError:
+                return False
+        if self.heartbeat is None:
+            self.heartbeat = threading.Thread(target=self._beat, name="llamaherd-heartbeat", daemon=True)
+            self.heartbeat.start()
+            atexit.register(self.close)
+        return True
 
     def _beat(self) -> None:
         """Refresh the mark while the process keeps the CPU busy (computing, or in OpenMP's busy-wait)."""
@@ -120,21 +133,15 @@ class CoreShare:
     def check(self) -> None:
         """Set torch's thread count for the busy processes now; a no-op between checks (see `share_cores`)."""
         now = time.monotonic()
-        if now < self.next_check or not self.enabled:
+        if now < self.next_check or not self.marking:
             return
         self.next_check = now + CHECK_EVERY_S
+        if not self.mark_busy() or not self.adapting:  # about to compute: busy now, before the heartbeat notices
+            return
         current = torch.get_num_threads()
         if self.threads_set is not None and current != self.threads_set:
-            self.enabled = False  # the user called torch.set_num_threads: theirs wins
+            self.adapting = False  # the user called torch.set_num_threads: theirs wins
             return
-        if self.heartbeat is None:
-            self.start()
-            if not self.enabled:
-                return
-        try:
-            os.utime(self.mark)  # about to compute: busy now, before the heartbeat notices
-        except OSError:
-            self.mark.touch()
         wanted = max(1, self.cores // max(1, count_busy(self.directory)))
         if wanted != current:
             torch.set_num_threads(wanted)
@@ -160,7 +167,7 @@ def share_cores(x: torch.Tensor | None = None) -> None:
     if _share is None or _share.pid != os.getpid():  # first call, or a forked child
         _share = CoreShare()
     _share.check()
-    if x is not None and x.requires_grad and _share.enabled:
+    if x is not None and x.requires_grad and _share.adapting:
         x.register_hook(_check_in_backward)
 
 
