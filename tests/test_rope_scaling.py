@@ -264,3 +264,29 @@ def test_meta_use_scaled_rope_matches_transformers_llama3(params, factor, tmp_pa
         assert (expected - plain(idx).logits).abs().max() > 1e-3
         err = (load_gpt(tmp_path)(idx) - expected).abs().max().item()
     assert err <= 1e-4, f"max |logit diff| {err:.2e}"
+
+
+def test_generation_past_the_context_with_dynamic_scaling(tmp_path):
+    """Dynamic NTK is made for sequences past max_position_embeddings: greedy generation runs past it as
+    transformers' generate does (same tokens); without dynamic scaling it stops at the context with a warning."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from llamaherd.generate import generate_ids
+
+    path = _save("llama-gqa", SCALINGS["dynamic"], tmp_path / "dynamic")
+    hf, ours = AutoModelForCausalLM.from_pretrained(path).eval(), load_gpt(path)
+    prompt = _tokens(40)
+    n_new = 2 * N_CTX
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)[0, 40:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = generate_ids(ours, prompt[0].tolist(), max_new_tokens=n_new, stop_ids=())
+    assert got == expected.tolist()
+
+    plain = load_gpt(_save("llama-gqa", SCALINGS["linear"], tmp_path / "linear"))
+    with pytest.warns(UserWarning, match=f"context window of {N_CTX} tokens: at most {N_CTX - 40} new tokens"):
+        cut = generate_ids(plain, prompt[0].tolist(), max_new_tokens=n_new, stop_ids=())
+    assert len(cut) == N_CTX - 40

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -16,11 +17,19 @@ __all__ = ["SamplingParams", "apply_repetition_penalty", "generate_batch", "gene
 
 
 def _check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
+    """How many new tokens fit: dynamic NTK RoPE scaling exists for sequences past block_size (no cap, as in
+    transformers' generate); otherwise up to the context window, with a warning when that cuts the request."""
+    scaling = model.config.rope_scaling
+    if scaling is not None and scaling.type == "dynamic":
+        return max_new_tokens
     limit = model.config.block_size
     if prompt_len >= limit:
         raise InputError(
             f"prompt of {prompt_len} tokens does not fit the context window of {limit} tokens; shorten it"
         )
+    if prompt_len + max_new_tokens > limit:
+        warnings.warn(f"generation stops at the context window of {limit} tokens: at most {limit - prompt_len} "
+                      f"new tokens after a {prompt_len}-token prompt, not {max_new_tokens}", stacklevel=3)
     return min(max_new_tokens, limit - prompt_len)
 
 
