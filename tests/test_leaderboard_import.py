@@ -122,6 +122,16 @@ def test_evaluating_a_fine_tune_imports_its_lineage(reg, tmp_path):
     assert board_rows(reg)[0].parent == "base-model"
 
 
+def test_a_bad_carried_lineage_says_the_results_were_recorded(reg, tmp_path):
+    path = write_results(tmp_path / "eval", "my-ft", SCORES)
+    data = json.loads(path.read_text())
+    data["model"]["lineage"] = json.loads(write_lineage(tmp_path / "ft", "my-ft", "p", method="distill").read_text())
+    path.write_text(json.dumps(data))
+    with pytest.raises(LeaderboardError, match="'distill'.*results were recorded without a parent"):
+        record_results(reg, path)
+    assert [(r.name, r.parent) for r in board_rows(reg)] == [("my-ft", None)]
+
+
 def test_deltas_against_parent_hand_worked(reg, tmp_path):
     # Parent average (40 + 50 + 30 + 40) / 4 = 40.00; child (45 + 55 + 32 + 44) / 4 = 44.00: delta +4.00.
     # The grandchild, a --limit estimate: (41 + 50 + 30 + 39) / 4 = 40.00: delta -4.00, marked estimate.

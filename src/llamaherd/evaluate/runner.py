@@ -249,7 +249,8 @@ def _score_pending(engine: LoglikelihoodEngine, runs: list[TaskRun], done: Done,
             if missing[k] == 0:
                 run, doc = pending[k]
                 if run.group not in files:
-                    files[run.group] = os.open(_samples_path(out, run.group), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                    files[run.group] = os.open(_samples_path(out, run.group),
+                                             os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 read = encoded[i - j : i - j + len(doc.requests)] if log_samples else None  # doc's requests
                 os.write(files[run.group], (json.dumps(_record(run, doc, partial[k], read)) + "\n").encode())
                 done[run.task.name][doc.doc_id] = ([(r.logprob, r.is_greedy) for r in partial[k]],

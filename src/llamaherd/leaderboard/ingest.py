@@ -124,7 +124,11 @@ def record_results(db: Registry | str | Path | None, results_json_path: str | Pa
                             date=date, versions=doc.get("versions", dict, required=False),
                             results_path=str(doc.path.resolve()),
                             **_task_run(doc, task, benchmark, benchmarks.count(benchmark) == 1))
-        lineage = _record_parent(reg, doc, model.name)
+        try:
+            lineage = _record_parent(reg, doc, model.name)
+        except LeaderboardError as e:
+            raise LeaderboardError(f"{e} (the results were recorded without a parent; fix the lineage and import "
+                                   "the file again)") from None
     return RecordedResults(model.name, protocol, tuple(tasks), estimate, lineage)
 
 
