@@ -279,6 +279,13 @@ def test_bos_is_explicit_and_never_doubled(spm_model, spm_gguf):
     assert tok.encode("Hello there", add_eos=True) == [*plain, sp.eos_id()]
 
 
+def test_text_that_is_not_utf8_is_an_input_error(spm_gguf):
+    tok = Tokenizer.from_gguf(spm_gguf)
+    argv_text = b"Hi \xc3".decode("utf-8", "surrogateescape")  # how Python hands over a non-UTF-8 argument
+    with pytest.raises(InputError, match="not valid UTF-8 .* at character 3"):
+        tok.encode(argv_text)
+
+
 def test_add_bos_without_a_bos_token_is_an_error(tmp_path, byte_level_vocab):
     tokens, merges = byte_level_vocab
     w = gguf.GGUFWriter(tmp_path / "nobos.gguf", "llama")

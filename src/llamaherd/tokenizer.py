@@ -180,7 +180,16 @@ class Tokenizer:
         BOS/EOS are added only when asked, and never doubled: text that already starts with the BOS
         string (or ends with the EOS string) gets no second one.
         """
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            if isinstance(text, str):
+                try:  # undecodable bytes, e.g. a command-line argument that is not UTF-8 (surrogate escapes)
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise InputError(f"text is not valid UTF-8 (an undecodable byte at character {e.start}); "
+                                     "pass UTF-8 text") from None
+            raise
         if add_bos:
             if self.bos_id is None:
                 raise InputError("add_bos=True, but this tokenizer has no BOS token")
