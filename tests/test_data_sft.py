@@ -194,6 +194,10 @@ def test_truncation_drops_samples_without_response_and_reports_them(tok, tmp_pat
     assert data.stats.dropped == [f"{f}:1"]
     assert data.stats.truncated == 1
     assert [s.sources for s in data.samples] == [[f"{f}:2"], [f"{f}:3"]]
+    hostile = write(tmp_path / "t\x1b]0;x\x07.jsonl", records)  # the warning names the file: escaped
+    with pytest.warns(UserWarning, match=r"t\\x1b\]0;x\\x07\.jsonl:1") as caught:
+        load_sft_data(hostile, tok, "llama-2", max_seq_len=40)
+    assert "\x1b" not in str(caught[0].message)
     assert len(data.samples[0]) == 40
     assert trained_text(tok, data.samples[0]) == ("a long answer " * 5)[: 40 - len("[INST] short [/INST] ")]
     assert all(any(t != IGNORE_INDEX for t in s.labels) for s in data.samples)

@@ -405,7 +405,7 @@ def load_sft_data(
         shown = ", ".join(stats.dropped[:5]) + (" ..." if len(stats.dropped) > 5 else "")
         warnings.warn(
             f"{len(stats.dropped)} samples dropped: their responses start after max_seq_len={max_seq_len} "
-            f"tokens ({shown}); raise max_seq_len to keep them",
+            f"tokens ({printable(shown)}); raise max_seq_len to keep them",
             stacklevel=2,
         )
     return SFTData(samples, stats)
