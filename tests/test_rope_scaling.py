@@ -16,6 +16,7 @@ from test_checkpoint_gguf import write_tiny_gguf
 from test_checkpoint_meta import write_meta
 
 from llamaherd.checkpoints import gguf as gguf_reader
+from llamaherd.checkpoints import meta as meta_reader
 from llamaherd.checkpoints.hf import read_config, save_hf
 from llamaherd.config import Config, RopeScaling
 from llamaherd.errors import CheckpointError
@@ -290,3 +291,114 @@ def test_generation_past_the_context_with_dynamic_scaling(tmp_path):
     with pytest.warns(UserWarning, match=f"context window of {N_CTX} tokens: at most {N_CTX - 40} new tokens"):
         cut = generate_ids(plain, prompt[0].tolist(), max_new_tokens=n_new, stop_ids=())
     assert len(cut) == N_CTX - 40
+
+
+# --- Bad RoPE numbers, from every format: refused in one line naming the file, the field and the value ----------
+
+
+def _refused(read, path: Path, field: str, value: str) -> None:
+    with pytest.raises(CheckpointError) as e:
+        read(path)
+    message = str(e.value)
+    assert "\n" not in message and str(path) in message and f"'{field}'" in message and value in message
+
+
+def _yarn(**fields) -> dict:
+    return {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32} | fields}
+
+
+@pytest.mark.parametrize("fields, field, value", [
+    ({"rope_parameters": {"rope_type": "linear", "factor": 0}}, "rope_parameters.factor", "0"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": float("nan")}}, "rope_parameters.factor", "nan"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": -2.0}}, "rope_parameters.factor", "-2.0"),
+    ({"rope_scaling": {"type": "linear", "factor": True}}, "rope_scaling.factor", "True"),  # a bool, not 1.0
+    ({"rope_theta": -5}, "rope_theta", "-5"),
+    ({"rope_theta": 0}, "rope_theta", "0"),
+    ({"rope_theta": "1e6"}, "rope_theta", "'1e6'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}}, "rope_parameters.rope_theta", "inf"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 32}}, "rope_parameters", "high_freq_factor > low"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 32}}, "rope_parameters.low_freq_factor", "0"),
+    (_yarn(beta_fast=0), "rope_parameters.beta_fast", "0"),
+    (_yarn(beta_slow=-1.0), "rope_parameters.beta_slow", "-1.0"),
+    (_yarn(attention_factor=0.0), "rope_parameters.attention_factor", "0.0"),
+    (_yarn(mscale=-0.7, mscale_all_dim=1.0), "rope_parameters.mscale", "-0.7"),
+    (_yarn(mscale_all_dim=float("inf"), mscale=1.0), "rope_parameters.mscale_all_dim", "inf"),
+    (_yarn(original_max_position_embeddings=32.5), "rope_parameters.original_max_position_embeddings", "32.5"),
+    (_yarn(original_max_position_embeddings="32"), "rope_parameters.original_max_position_embeddings", "'32'"),
+    (_yarn(truncate=0), "rope_parameters.truncate", "0"),  # a number, not a bool
+    (_yarn() | {"original_max_position_embeddings": -1}, "original_max_position_embeddings", "-1"),
+    (_yarn(original_max_position_embeddings=None) | {"max_position_embeddings": True}, "max_position_embeddings",
+     "True"),
+    # a factor with no type would silently be plain RoPE; a null type is no type
+    ({"rope_parameters": {"factor": 4.0, "rope_theta": THETA}}, "rope_parameters.factor", "without a RoPE type"),
+    ({"rope_scaling": {"type": None, "factor": 4.0}}, "rope_scaling.factor", "without a RoPE type"),
+    # keys the type does not read would be dropped
+    ({"rope_parameters": {"rope_type": "default", "factor": 4.0}}, "rope_parameters.factor", "'default'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0, "low_freq_factor": 1.0}}, "rope_scaling.low_freq_factor",
+     "'linear'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 32}},
+     "rope_scaling.original_max_position_embeddings", "'dynamic'"),
+    ({"rope_scaling": {"type": ["linear"], "factor": 2.0}}, "rope_scaling.type", "['linear']"),
+    ({"partial_rotary_factor": True}, "partial_rotary_factor", "True"),
+])
+def test_hf_bad_rope_values_are_refused(fields, field, value, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_BASE | fields))
+    _refused(read_config, path, field, value)
+
+
+def test_hf_null_type_alone_is_plain_rope(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(_BASE | {"rope_parameters": {"rope_type": None, "rope_theta": 5e5}}))
+    config = read_config(path)
+    assert config.rope_scaling is None and config.rope_base == 5e5
+
+
+def test_hf_factor_below_one_is_computed_as_transformers(tmp_path):
+    """transformers warns on a factor < 1 but computes it (frequencies multiplied): so does llamaherd."""
+    path = _save("llama-gqa", {"rope_type": "linear", "factor": 0.5}, tmp_path)
+    idx = _tokens()
+    assert _plain_rope_differs("llama-gqa", path, idx)
+    assert _max_diff(path, idx) <= 1e-4
+
+
+@pytest.mark.parametrize("metadata, key, value", [
+    (lambda w: w.add_rope_scaling_factor(-4.0), "llama.rope.scaling.factor", "-4.0"),
+    (lambda w: w.add_rope_scaling_factor(float("nan")), "llama.rope.scaling.factor", "nan"),
+    (lambda w: w.add_string("llama.rope.scaling.factor", "abc"), "llama.rope.scaling.factor", "'abc'"),
+    (lambda w: w.add_float32("llama.rope.scale_linear", float("-inf")), "llama.rope.scale_linear", "-inf"),
+    (lambda w: (w.add_rope_scaling_type(RST.YARN), w.add_rope_scaling_factor(4.0),
+                w.add_rope_scaling_yarn_beta_fast(0.0)), "llama.rope.scaling.yarn_beta_fast", "0.0"),
+    (lambda w: (w.add_rope_scaling_type(RST.YARN), w.add_rope_scaling_factor(4.0),
+                w.add_string("llama.rope.scaling.original_context_length", "32")),
+     "llama.rope.scaling.original_context_length", "'32'"),
+])
+def test_gguf_bad_rope_values_are_refused(metadata, key, value, tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, make_hf_model("llama-gqa"), f32=True, metadata=metadata)
+    _refused(gguf_reader.read_config, path, key, value)
+
+
+@pytest.mark.parametrize("params, field, value", [
+    ({"rope_theta": -1}, "rope_theta", "-1"),
+    ({"rope_theta": 0}, "rope_theta", "0"),
+    ({"rope_theta": "abc"}, "rope_theta", "'abc'"),
+    ({"use_scaled_rope": "yes"}, "use_scaled_rope", "'yes'"),
+    ({"use_scaled_rope": "false"}, "use_scaled_rope", "'false'"),
+    ({"use_scaled_rope": 1}, "use_scaled_rope", "1"),
+    ({"use_scaled_rope": True, "rope_scaling_factor": "x"}, "rope_scaling_factor", "'x'"),
+    ({"use_scaled_rope": True, "rope_scaling_factor": 0}, "rope_scaling_factor", "0"),
+    ({"use_scaled_rope": True, "rope_high_freq_factor": 1.0}, "rope_high_freq_factor", "high_freq_factor > low"),
+    ({"rope_scaling_factor": 32.0}, "rope_scaling_factor", "without use_scaled_rope"),
+    ({"use_scaled_rope": False, "rope_high_freq_factor": 2.0}, "rope_high_freq_factor", "without use_scaled_rope"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling", "not a params.json field"),
+])
+def test_meta_bad_rope_values_are_refused(params, field, value, tmp_path):
+    (tmp_path / "params.json").write_text(json.dumps(META_PARAMS | params))
+    with pytest.raises(CheckpointError) as e:
+        meta_reader.read_config(tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path / "params.json") in message and f"'{field}'" in message
+    assert value in message

@@ -47,6 +47,10 @@ class RopeScaling:
         missing = [f for f in self.REQUIRED[self.type] if getattr(self, f) is None]
         if missing:
             raise ValueError(f"RoPE scaling {self.type!r} needs {', '.join(missing)}")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            # the blend divides by their difference (transformers' `_validate_llama3_rope_parameters`)
+            raise ValueError(f"RoPE scaling 'llama3' needs high_freq_factor > low_freq_factor, got "
+                             f"{self.high_freq_factor} and {self.low_freq_factor}")
 
 
 @dataclass(frozen=True)

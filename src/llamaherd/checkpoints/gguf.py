@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from llamaherd.checkpoints.gguf_file import GGUFFile, read_gguf, read_tensor
+from llamaherd.checkpoints.rope_fields import rope_number
 from llamaherd.checkpoints.rope_layout import to_rotate_half
 from llamaherd.config import Config, RopeScaling
 from llamaherd.errors import CheckpointError
@@ -91,6 +92,8 @@ def read_config(path: str | Path) -> Config:
         )
     n_head = need(f"{arch}.attention.head_count")
     n_ctx = need(f"{arch}.context_length")
+    dim_key = f"{arch}.rope.dimension_count"
+    rope_dim = None if get(dim_key) is None else rope_number(path, dim_key, get(dim_key), integer=True)
     return Config(
         name=Path(path).stem,
         family=arch,
@@ -104,8 +107,8 @@ def read_config(path: str | Path) -> Config:
         head_dim=get(f"{arch}.attention.key_length"),
         intermediate_size=need(f"{arch}.feed_forward_length"),
         norm_eps=need(f"{arch}.attention.layer_norm_rms_epsilon"),
-        rope_base=get(f"{arch}.rope.freq_base", 10000.0),
-        rope_dim=get(f"{arch}.rope.dimension_count"),
+        rope_base=rope_number(path, f"{arch}.rope.freq_base", get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_dim=rope_dim,
         rope_scaling=_rope_scaling(gf, arch, n_ctx),
         attn_bias="blk.0.attn_q.bias" in names,
         attn_out_bias="blk.0.attn_output.bias" in names,
@@ -140,16 +143,19 @@ def _rope_scaling(gf: GGUFFile, arch: str, n_ctx: int) -> RopeScaling | None:
         if key in md and md[key] not in neutral:
             raise refuse(key, "is not supported (llamaherd computes linear and YaRN RoPE scaling as transformers does)")
     factor_key = f"{prefix}.factor" if f"{prefix}.factor" in md else f"{arch}.rope.scale_linear"
-    factor = float(md.get(factor_key, 0.0))
+    factor = rope_number(gf.path, factor_key, md.get(factor_key, 0.0), zero_ok=True)
     kind = md.get(f"{prefix}.type", "linear")
     if kind == "none" or (kind in ("linear", "yarn") and factor in (0.0, 1.0)):
         return None
     if kind == "linear":
         return RopeScaling("linear", factor=factor)
     if kind == "yarn":
-        n_orig = md.get(f"{prefix}.original_context_length") or n_ctx
-        return RopeScaling("yarn", factor=factor, original_max_position_embeddings=n_orig,
-                           beta_fast=md.get(f"{prefix}.yarn_beta_fast"), beta_slow=md.get(f"{prefix}.yarn_beta_slow"))
+        orig_key = f"{prefix}.original_context_length"
+        n_orig = rope_number(gf.path, orig_key, md.get(orig_key, 0), integer=True, zero_ok=True) or n_ctx
+        beta_fast, beta_slow = (rope_number(gf.path, k, md[k]) if k in md else None
+                                for k in (f"{prefix}.yarn_beta_fast", f"{prefix}.yarn_beta_slow"))
+        return RopeScaling("yarn", factor=factor, original_max_position_embeddings=n_orig, beta_fast=beta_fast,
+                           beta_slow=beta_slow)
     raise refuse(f"{prefix}.type", "is not supported; supported: none, linear, yarn")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llamaherd.checkpoints.rope_fields import make_scaling, rope_flag, rope_number
 from llamaherd.config import Config, RopeScaling
 from llamaherd.errors import CheckpointError
 
@@ -78,14 +79,16 @@ def read_config(path: str | Path) -> Config:
     )
 
 
-_ROPE_FIELD_TYPES = {"original_max_position_embeddings": int, "truncate": bool}
+# Keys every RoPE type may carry besides its own fields (`RopeScaling.FIELDS`); partial rotation is checked apart.
+_ROPE_COMMON_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 
 
 def _read_rope(c: dict, cfg_path: Path) -> tuple[float, RopeScaling | None]:
     """RoPE base and scaling from config.json as transformers reads them: `rope_scaling` (older writers; it
     wins when both are there) or `rope_parameters` (transformers 5), the type under `rope_type` or `type`,
     the theta there or at the top level, a top-level `original_max_position_embeddings` first for llama3 and
-    yarn. A type or field llamaherd cannot compute exactly is refused, never dropped."""
+    yarn. A type, field or value llamaherd cannot compute exactly is refused, never dropped: a key the type
+    does not read, scaling fields without a type, a number that is not finite and > 0."""
     key = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"
     p = c.get(key) or {}
     if not isinstance(p, dict):
@@ -94,35 +97,45 @@ def _read_rope(c: dict, cfg_path: Path) -> tuple[float, RopeScaling | None]:
     def refuse(field: str, value: object, why: str) -> CheckpointError:
         return CheckpointError(f"{cfg_path}: field {field!r} = {value!r} {why}")
 
-    base = float(p.get("rope_theta") or c.get("rope_theta") or 10000.0)
-    partial = p.get("partial_rotary_factor", c.get("partial_rotary_factor"))
-    if partial not in (None, 1):
-        raise refuse("partial_rotary_factor", partial, "is not supported (Llama and Falcon rotate whole heads)")
-    type_field = "rope_type" if p.get("rope_type") else "type"
-    kind = p.get(type_field) or "default"
-    if kind == "default":
+    thetas = [rope_number(cfg_path, f, v) for f, v in ((f"{key}.rope_theta", p.get("rope_theta")),
+                                                        ("rope_theta", c.get("rope_theta"))) if v is not None]
+    base = thetas[0] if thetas else 10000.0
+    for field, partial in ((f"{key}.partial_rotary_factor", p.get("partial_rotary_factor")),
+                           ("partial_rotary_factor", c.get("partial_rotary_factor"))):
+        if partial is not None and (isinstance(partial, bool) or partial != 1):
+            raise refuse(field, partial, "is not supported (Llama and Falcon rotate whole heads)")
+    type_field = "rope_type" if p.get("rope_type") is not None else "type"
+    kind = p.get(type_field)
+    fields = [f for f in p if f not in _ROPE_COMMON_KEYS]
+    if kind is None and fields:
+        raise refuse(f"{key}.{fields[0]}", p[fields[0]], "is given without a RoPE type (add rope_type: linear, "
+                     f"dynamic, llama3 or yarn, or remove {', '.join(fields)})")
+    if kind in (None, "default"):
+        if fields:
+            raise refuse(f"{key}.{fields[0]}", p[fields[0]], "is not a field of RoPE type 'default'")
         return base, None
-    if kind not in RopeScaling.FIELDS:
+    if not isinstance(kind, str) or kind not in RopeScaling.FIELDS:
         supported = ", ".join(("default", *RopeScaling.FIELDS))
         raise refuse(f"{key}.{type_field}", kind, f"is not supported; supported RoPE types: {supported}")
-    if "factor" not in p:
+    unknown = [f for f in fields if f not in RopeScaling.FIELDS[kind]]
+    if unknown:
+        raise refuse(f"{key}.{unknown[0]}", p[unknown[0]], f"is not a field of RoPE type {kind!r} "
+                     f"(allowed: {', '.join(RopeScaling.FIELDS[kind])})")
+    if p.get("factor") is None:
         raise CheckpointError(f"{cfg_path}: field '{key}.factor' is missing (RoPE type {kind!r} needs it)")
     values = {}
-    for field in RopeScaling.FIELDS[kind]:
-        if p.get(field) is None:
-            continue
-        cast = _ROPE_FIELD_TYPES.get(field, float)
-        if not isinstance(p[field], int | float):
-            raise refuse(f"{key}.{field}", p[field], f"is not a number (RoPE type {kind!r})")
-        values[field] = cast(p[field])
-    if kind in ("llama3", "yarn"):
-        values["original_max_position_embeddings"] = int(
-            c.get("original_max_position_embeddings") or values.get("original_max_position_embeddings")
-            or c.get("max_position_embeddings", 2048))
-    try:
-        return base, RopeScaling(kind, **values)
-    except ValueError as e:
-        raise refuse(key, p, f"cannot be computed: {e}") from None
+    for field in (f for f in RopeScaling.FIELDS[kind] if p.get(f) is not None):
+        name = f"{key}.{field}"
+        values[field] = rope_flag(cfg_path, name, p[field]) if field == "truncate" else rope_number(
+            cfg_path, name, p[field], integer=field == "original_max_position_embeddings",
+            zero_ok=field.startswith("mscale"))  # transformers reads an mscale of 0 as not given
+    orig = "original_max_position_embeddings"
+    if kind in ("llama3", "yarn") and c.get(orig) is not None:
+        values[orig] = rope_number(cfg_path, orig, c[orig], integer=True)
+    elif kind in ("llama3", "yarn") and orig not in values:
+        values[orig] = rope_number(cfg_path, "max_position_embeddings", c.get("max_position_embeddings", 2048),
+                                   integer=True)
+    return base, make_scaling(cfg_path, key, kind, **values)
 
 
 def _rope_parameters(config: Config) -> dict:

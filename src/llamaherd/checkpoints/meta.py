@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from llamaherd.checkpoints.rope_fields import make_scaling, rope_flag, rope_number
 from llamaherd.checkpoints.rope_layout import to_rotate_half
 from llamaherd.config import Config, RopeScaling
 from llamaherd.errors import CheckpointError
@@ -105,15 +106,26 @@ def _read_params(directory: Path) -> dict[str, Any]:
     return params
 
 
-def _rope_scaling(p: dict[str, Any]) -> RopeScaling | None:
+def _rope_scaling(p: dict[str, Any], path: Path) -> RopeScaling | None:
     """`use_scaled_rope`: Llama 3.1's scaling with the constants of Meta's reference `apply_scaling` (factor 8,
     low/high frequency factors 1 and 4, original context 8192); llama-models' `rope_scaling_factor` and
-    `rope_high_freq_factor` override the two it names."""
-    if not p.get("use_scaled_rope"):
+    `rope_high_freq_factor` override the two it names. Those without `use_scaled_rope: true` would be ignored,
+    and a Hugging Face `rope_scaling` object is not read from params.json: both are refused."""
+    if "rope_scaling" in p:
+        raise CheckpointError(f"{path}: field 'rope_scaling' = {p['rope_scaling']!r} is not a params.json field "
+                              "(Meta's Llama 3.1 scaling is use_scaled_rope: true; Hugging Face's is in config.json)")
+    overrides = {f: p[f] for f in ("rope_scaling_factor", "rope_high_freq_factor") if p.get(f) is not None}
+    scaled = "use_scaled_rope" in p and rope_flag(path, "use_scaled_rope", p["use_scaled_rope"])
+    if not scaled and overrides:
+        field, value = next(iter(overrides.items()))
+        raise CheckpointError(f"{path}: field {field!r} = {value!r} is given without use_scaled_rope: true "
+                              "(set it, or remove the field)")
+    if not scaled:
         return None
-    return RopeScaling(
-        "llama3", factor=float(p.get("rope_scaling_factor") or 8.0), original_max_position_embeddings=8192,
-        low_freq_factor=1.0, high_freq_factor=float(p.get("rope_high_freq_factor") or 4.0),
+    return make_scaling(
+        path, "rope_high_freq_factor", "llama3", original_max_position_embeddings=8192, low_freq_factor=1.0,
+        factor=rope_number(path, "rope_scaling_factor", overrides.get("rope_scaling_factor", 8.0)),
+        high_freq_factor=rope_number(path, "rope_high_freq_factor", overrides.get("rope_high_freq_factor", 4.0)),
     )
 
 
@@ -141,8 +153,8 @@ def read_config(path: str | Path) -> Config:
         n_embd=p["dim"],
         intermediate_size=ffn_hidden_size(p["dim"], p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
         norm_eps=p["norm_eps"],
-        rope_base=float(p.get("rope_theta", 10000.0)),
-        rope_scaling=_rope_scaling(p),
+        rope_base=rope_number(directory / "params.json", "rope_theta", p.get("rope_theta", 10000.0)),
+        rope_scaling=_rope_scaling(p, directory / "params.json"),
         tie_embeddings=False,
     )
 
