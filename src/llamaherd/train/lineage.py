@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,15 @@ def build_lineage(
     parent_name: str,
     parent_path: Path,
     method: str,
-    data_files: list[str | Path],
+    data_files: Sequence[tuple[str | Path, str]],
     hyperparameters: dict[str, Any],
     final_metrics: dict[str, Any],
     parent_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """The lineage record; the child's fingerprint is null when it has no weight files to hash."""
+    """The lineage record; the child's fingerprint is null when it has no weight files to hash.
+
+    data_files: (path, sha256) of each file trained on, hashed once by the Trainer when training began.
+    """
     try:
         child_fp: str | None = model_fingerprint(child_path)
     except CheckpointError:  # nothing to hash: recorded as null
@@ -55,7 +59,7 @@ def build_lineage(
         "parent": {"name": parent_name, "path": str(Path(parent_path).resolve()),
                    "fingerprint": parent_fingerprint or model_fingerprint(parent_path)},
         "method": METHODS.get(method, method),
-        "data_files": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in data_files],
+        "data_files": [{"path": str(Path(p).resolve()), "sha256": sha256} for p, sha256 in data_files],
         "hyperparameters": hyperparameters,
         "final_metrics": final_metrics,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -147,7 +147,8 @@ def run_sft(cfg: TrainConfig) -> dict[str, Any]:
                                                                  "progress", "plot", "tensorboard")}
     hyper |= {"world_size": info.world_size, "chat_format": chat_format, "trainable_params": n_train}
     lineage = build_lineage(out.resolve().name, child, loaded.source.name, loaded.source.path, cfg.method,
-                            [*cfg.data, *cfg.val_data], hyper, metrics, parent_fp)
+                            [*zip(cfg.data, trainer.content["data"]), *zip(cfg.val_data, trainer.content["val_data"])],
+                            hyper, metrics, parent_fp)
     write_lineage(out, lineage)
     log(f"saved {child}; final metrics {metrics}")
     return metrics
