@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_engine import CharTokenizer
 
 from llamaherd.config import Config
 from llamaherd.errors import InputError
@@ -90,24 +91,8 @@ def test_max_new_tokens_and_context_window(model):
         generate_ids(model, [1] * 64, max_new_tokens=1)
 
 
-class _CharTokenizer:
-    """Maps id i to chr(ord('a') + i % 26): enough to test stop-string streaming."""
-
-    stop_ids: set[int] = set()
-
-    def stream_decoder(self):
-        class D:
-            def push(self, t):
-                return chr(ord("a") + t % 26)
-
-            def flush(self):
-                return ""
-
-        return D()
-
-
 def test_stop_strings_truncate_stream(model):
-    tok = _CharTokenizer()
+    tok = CharTokenizer()
     full = "".join(chr(ord("a") + t % 26) for t in generate_ids(model, [3, 4], max_new_tokens=20))
     stop = full[6:8]
     params = SamplingParams(max_new_tokens=20, stop_strings=[stop])

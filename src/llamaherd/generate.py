@@ -19,8 +19,7 @@ __all__ = ["SamplingParams", "apply_repetition_penalty", "generate_batch", "gene
 def _check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
     """How many new tokens fit: dynamic NTK RoPE scaling exists for sequences past block_size (no cap, as in
     transformers' generate); otherwise up to the context window, with a warning when that cuts the request."""
-    scaling = model.config.rope_scaling
-    if scaling is not None and scaling.type == "dynamic":
+    if model.rope.dynamic:
         return max_new_tokens
     limit = model.config.block_size
     if prompt_len >= limit:

@@ -48,23 +48,21 @@ def default_directory() -> Path:
     return (shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())) / "llamaherd-busy"
 
 
-def count_busy(directory: Path, now: float | None = None) -> int:
+def count_busy(directory: Path) -> int:
     """Processes whose mark in `directory` was refreshed within `BUSY_WINDOW_S` and that are still alive."""
-    now = time.time() if now is None else now
-    busy = 0
+    now, busy = time.time(), 0
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return 0
     for entry in entries:
         # The directory is everyone's: a name that is not a plain pid is somebody else's file.
-        if not (entry.name.isascii() and entry.name.isdigit() and 0 < int(entry.name) <= MAX_PID):
-            continue
-        if not entry.is_file(follow_symlinks=False):
+        pid = int(entry.name) if entry.name.isascii() and entry.name.isdigit() else 0
+        if not (0 < pid <= MAX_PID and entry.is_file(follow_symlinks=False)):
             continue
         try:
             fresh = entry.stat(follow_symlinks=False).st_mtime >= now - BUSY_WINDOW_S
-            os.kill(int(entry.name), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             _remove(Path(entry.path))  # a process that died without cleaning up
             continue
