@@ -245,3 +245,32 @@ def test_a_running_request_id_cannot_be_reused(models):
     engine.add_request([1, 2], greedy(3), request_id="a")
     with pytest.raises(InputError, match="request_id 'a' is already running"):
         engine.add_request([1, 2], greedy(3), request_id="a")
+
+
+def test_isolate_faults_ends_only_the_sequence_that_raised(models, monkeypatch):
+    """A server's engine (isolate_faults) ends a sequence whose sampling raises with finish_reason "error" and
+    keeps the rest of the batch going; a library engine raises."""
+    import llamaherd.engine.engine as engine_module
+
+    hf, ours = models
+    real = engine_module.sample_next
+
+    def faulty(logits, params, generator):
+        if params.seed == 13:
+            raise RuntimeError("injected fault")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample_next", faulty)
+    engine = Engine(ours, max_batch=2, max_len=64, isolate_faults=True)
+    bad = engine.add_request(PROMPTS[0], greedy(5, seed=13))
+    good = engine.add_request(PROMPTS[2], greedy(6))
+    events = list(engine.stream())
+    assert bad.completions[0].finish_reason == "error" and isinstance(bad.completions[0].error, RuntimeError)
+    assert [e.finish_reason for e in events if e.request_id == bad.request_id] == ["error"]
+    assert good.completions[0].token_ids == hf_greedy(hf, PROMPTS[2], 6)
+    assert sorted(engine.slots.free) == [0, 1] and not engine.requests
+
+    strict = Engine(ours, max_batch=2, max_len=64)
+    strict.add_request(PROMPTS[0], greedy(5, seed=13))
+    with pytest.raises(RuntimeError, match="injected fault"):
+        list(strict.stream())

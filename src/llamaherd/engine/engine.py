@@ -48,12 +48,13 @@ class Engine:
     """
 
     def __init__(self, model: GPT, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 512, prefix_reuse: bool = True) -> None:
+                 prefill_chunk: int = 512, prefix_reuse: bool = True, isolate_faults: bool = False) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise InputError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         self.max_len = max_len or model.config.block_size
         self.prefill_chunk, self.prefix_reuse = prefill_chunk, prefix_reuse
+        self.isolate_faults = isolate_faults  # a server's choice: one sequence's exception ends only that sequence
         weight = model.output_weight
         self.device = weight.device
         with torch.inference_mode():
@@ -77,8 +78,7 @@ class Engine:
         depend on what else is in the batch; without one, the seed is drawn from torch's global generator.
         """
         params = params or SamplingParams()
-        params.validate()
-        prompt = self._check_prompt(prompt_ids, params, n)
+        prompt = self.check_request(prompt_ids, params, n)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -99,7 +99,10 @@ class Engine:
         self.requests[request_id] = request
         return request
 
-    def _check_prompt(self, prompt_ids, params: SamplingParams, n: int) -> list[int]:
+    def check_request(self, prompt_ids, params: SamplingParams, n: int = 1) -> list[int]:
+        """The prompt as a list, or InputError for what add_request would refuse; reads only the model's config,
+        so another thread (a server's request handler) may call it while the engine steps."""
+        params.validate()
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise InputError(f"n must be an integer >= 1, got {n!r}")
         if params.max_new_tokens < 1:
@@ -136,8 +139,8 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot = self.slots.take()
             self.running.append(seq)
-        self._prefill()
-        return self._decode()
+        failed = self._prefill()
+        return failed + self._decode()
 
     def stream(self) -> Iterator[Event]:
         """Step until every request has finished, yielding events as they come."""
@@ -155,18 +158,26 @@ class Engine:
             self.step()
         return requests
 
-    def _prefill(self) -> None:
-        """Compute up to prefill_chunk prompt tokens, oldest sequence first, after reusing a held prefix."""
-        budget = self.prefill_chunk
+    def _prefill(self) -> list[Event]:
+        """Compute up to prefill_chunk prompt tokens, oldest sequence first, after reusing a held prefix; the
+        events of sequences that failed (isolate_faults)."""
+        budget, failed = self.prefill_chunk, []
         for seq in [s for s in self.running if s.prefilling]:
             if not seq.matched:
                 self._reuse_prefix(seq)
             while seq.prefilling and budget > 0:
                 n = min(len(seq.request.prompt_ids) - 1 - seq.computed, budget)
-                self._prefill_chunk(seq, n)
+                try:
+                    self._prefill_chunk(seq, n)
+                except Exception as error:
+                    if not self.isolate_faults:
+                        raise
+                    failed.append(self._fail(seq, error))
+                    break
                 budget -= n
             if budget == 0:
-                return
+                break
+        return failed
 
     def _reuse_prefix(self, seq: _Sequence) -> None:
         """Start the row with the longest prefix of the prompt (less its last id) that any row holds."""
@@ -209,14 +220,22 @@ class Engine:
         for b, seq in enumerate(ready):
             self.slots.tokens[seq.slot].append(seq.ids[seq.computed])
             seq.computed += 1
-            params = seq.request.params
-            row = logits[b:b + 1]
-            if params.repetition_penalty != 1.0:
-                seen = torch.tensor([seq.ids], device=self.device)
-                row = apply_repetition_penalty(row, seen, params.repetition_penalty)
-            token = int(sample_next(row, params, seq.generator))
-            events.append(self._emit(seq, token, logprobs[b]))
+            try:
+                events.append(self._sample(seq, logits[b:b + 1], logprobs[b]))
+            except Exception as error:
+                if not self.isolate_faults:
+                    raise
+                events.append(self._fail(seq, error))
         return events
+
+    def _sample(self, seq: _Sequence, row: torch.Tensor, logprobs: torch.Tensor) -> Event:
+        """Sample the next token from the sequence's logits row (1, V) and record it."""
+        params = seq.request.params
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor([seq.ids], device=self.device)
+            row = apply_repetition_penalty(row, seen, params.repetition_penalty)
+        token = int(sample_next(row, params, seq.generator))
+        return self._emit(seq, token, logprobs)
 
     def _emit(self, seq: _Sequence, token: int, logprobs: torch.Tensor) -> Event:
         """Record a sampled token; finish the sequence on a stop id, a stop string or max_new_tokens."""
@@ -239,6 +258,13 @@ class Engine:
         if finish:
             self._finish(seq, finish)
         return Event(seq.request.request_id, completion.index, [token], text, entries, finish)
+
+    def _fail(self, seq: _Sequence, error: Exception) -> Event:
+        """End a sequence whose work raised (isolate_faults): finish_reason "error", the exception kept on its
+        completion, its row freed; the other sequences of the batch go on."""
+        seq.completion.error = error
+        self._finish(seq, "error")
+        return Event(seq.request.request_id, seq.completion.index, [], "", [], "error")
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         seq.completion.finish_reason = reason

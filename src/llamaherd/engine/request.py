@@ -21,7 +21,8 @@ class TokenLogprob:
 class Completion:
     """One of a request's n samples. token_ids end with the stop id that ended it, if any; text never holds it.
 
-    finish_reason: None while running, "stop" (stop id or stop string), "length" (max_new_tokens) or "cancelled".
+    finish_reason: None while running, "stop" (stop id or stop string), "length" (max_new_tokens), "cancelled",
+    or "error" (its work raised in an engine made with isolate_faults; the exception is in `error`).
     """
 
     index: int
@@ -29,6 +30,7 @@ class Completion:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    error: Exception | None = None
 
 
 @dataclass

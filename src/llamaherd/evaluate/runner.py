@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -49,9 +49,7 @@ from llamaherd.evaluate.tasks import (
     get_protocol,
     resolve_tasks,
 )
-
-if TYPE_CHECKING:
-    from llamaherd.load import Source
+from llamaherd.train.lineage import model_identity
 
 SCHEMA = 1
 # run.json keys added after schema 1, with the value that the runs whose run.json lacks them were made with
@@ -113,7 +111,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     t = time.perf_counter()
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(opts.model, dtype=opts.dtype, device=device, quantize=opts.quantize, base=opts.base)
-    identity = _model_identity(loaded.source)
+    identity = model_identity(loaded.source)
     add_bos = protocol.add_bos and loaded.tokenizer.add_bos_default
     engine = LoglikelihoodEngine(loaded.model, loaded.tokenizer, add_bos, opts.batch_size, opts.max_length)
     timings["load_s"] = time.perf_counter() - t
@@ -138,21 +136,6 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     results["timings"] = {**timings, "resumed_docs": n_resumed}
     _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
-
-
-def _model_identity(src: Source) -> dict[str, Any]:
-    """results.json's name, path and fingerprint of the model; a PEFT adapter adds its base's, and a fine-tune
-    the lineage.json of its run, so that the leaderboard records the model with its parent."""
-    from llamaherd.fingerprint import model_fingerprint
-    from llamaherd.train.lineage import find_lineage, read_lineage
-
-    identity: dict[str, Any] = {"name": src.name, "path": str(src.path), "fingerprint": model_fingerprint(src.path)}
-    if src.base is not None:
-        identity["base"] = {"name": src.base.name, "path": str(src.base.path),
-                            "fingerprint": model_fingerprint(src.base.path)}
-    if (lineage := find_lineage(src.path)) is not None:
-        identity["lineage"] = read_lineage(lineage)
-    return identity
 
 
 def _claim_output(out: Path, run: dict[str, Any]) -> None:

@@ -15,10 +15,13 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamaherd.errors import CheckpointError
 from llamaherd.fingerprint import model_fingerprint
+
+if TYPE_CHECKING:
+    from llamaherd.load import Source
 
 SCHEMA = 1
 LINEAGE_FILE = "lineage.json"
@@ -91,6 +94,18 @@ def find_lineage(model_path: str | Path) -> Path | None:
         if isinstance(child_path, str) and (beside.parent / child_path).resolve() == path.resolve():
             return beside
     return None
+
+
+def model_identity(src: Source) -> dict[str, Any]:
+    """A model's name, path and fingerprint; a PEFT adapter adds its base's, and a fine-tune the lineage.json of its
+    run, so that whoever records or serves the model names its parent (results.json, `herd serve`'s /v1/models)."""
+    identity: dict[str, Any] = {"name": src.name, "path": str(src.path), "fingerprint": model_fingerprint(src.path)}
+    if src.base is not None:
+        identity["base"] = {"name": src.base.name, "path": str(src.base.path),
+                            "fingerprint": model_fingerprint(src.base.path)}
+    if (lineage := find_lineage(src.path)) is not None:
+        identity["lineage"] = read_lineage(lineage)
+    return identity
 
 
 def write_lineage(out_dir: Path, lineage: dict[str, Any]) -> Path:
