@@ -1,19 +1,15 @@
-"""Generation: sampling processors against transformers, batching, determinism, stops, limits."""
+"""One-off generation over the engine: sampling processors against transformers, batching, determinism, stops,
+limits, and the engine sized to the request."""
 
 import pytest
 import torch
 from test_engine import CharTokenizer
 
+from llamaherd import generate
 from llamaherd.config import Config
+from llamaherd.engine.sampling import apply_repetition_penalty, warp_logits
 from llamaherd.errors import InputError
-from llamaherd.generate import (
-    SamplingParams,
-    apply_repetition_penalty,
-    generate_batch,
-    generate_ids,
-    stream_text,
-    warp_logits,
-)
+from llamaherd.generate import SamplingParams, generate_batch, generate_ids, stream_text
 from llamaherd.model import GPT
 
 TINY = Config(name="tiny", vocab_size=97, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
@@ -64,7 +60,7 @@ def test_stop_token_ends_row_in_batch(model):
     prompts = [[5, 6, 7], [9, 10, 11, 12]]
     free = generate_batch(model, prompts, SamplingParams(max_new_tokens=10))
     stop = free[0][3]
-    out = generate_batch(model, prompts, SamplingParams(max_new_tokens=10), stop_ids={stop})
+    out = generate_batch(model, prompts, SamplingParams(max_new_tokens=10, stop_ids={stop}))
     assert out[0] == free[0][: free[0].index(stop) + 1]
     first = free[1].index(stop) + 1 if stop in free[1] else len(free[1])
     assert out[1] == free[1][:first]
@@ -78,6 +74,15 @@ def test_seeded_sampling_is_deterministic(model):
     assert a == b and a != c
 
 
+def test_seeded_batch_samples_each_prompt_as_alone(model):
+    """A seeded batch gives every prompt the tokens it gets alone with that seed (its own generator)."""
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+    prompts = [[1, 2, 3], [8, 9], [1, 2, 3]]
+    batched = generate_batch(model, prompts, SamplingParams(**kw))
+    assert batched == [generate_ids(model, p, **kw) for p in prompts]
+    assert batched[0] != generate_ids(model, prompts[0], max_new_tokens=12)  # temperature 1 really samples
+
+
 def test_top_k_one_is_greedy(model):
     assert generate_ids(model, [4, 5], max_new_tokens=8, temperature=1.0, top_k=1, seed=0) == generate_ids(
         model, [4, 5], max_new_tokens=8
@@ -86,9 +91,31 @@ def test_top_k_one_is_greedy(model):
 
 def test_max_new_tokens_and_context_window(model):
     assert len(generate_ids(model, [1, 2], max_new_tokens=5)) == 5
-    assert len(generate_ids(model, list(range(1, 60)), max_new_tokens=50)) == TINY.block_size - 59
+    with pytest.warns(UserWarning, match="at most 5 new tokens after a 59-token prompt, not 50"):
+        assert len(generate_ids(model, list(range(1, 60)), max_new_tokens=50)) == TINY.block_size - 59
     with pytest.raises(InputError, match="context window of 64 tokens"):
         generate_ids(model, [1] * 64, max_new_tokens=1)
+
+
+def test_the_window_cuts_only_the_prompt_that_reaches_it(model):
+    """In a batch, a long prompt stopped by the context window does not shorten a short prompt's output."""
+    prompts = [list(range(1, 60)), [4, 5]]
+    with pytest.warns(UserWarning, match="context window"):
+        long, short = generate_batch(model, prompts, SamplingParams(max_new_tokens=20))
+    assert len(long) == 5 and short == generate_ids(model, [4, 5], max_new_tokens=20)
+
+
+def test_engine_is_sized_to_the_request_not_the_context(model, monkeypatch):
+    sizes = []
+
+    class Spy(generate.Engine):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            sizes.append((self.cache.k.shape[1], self.cache.k.shape[3]))  # (rows, positions)
+
+    monkeypatch.setattr(generate, "Engine", Spy)
+    generate_batch(model, [[1, 2, 3], [4] * 9], SamplingParams(max_new_tokens=6))
+    assert sizes == [(2, 9 + 6)]
 
 
 def test_stop_strings_truncate_stream(model):

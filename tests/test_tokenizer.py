@@ -501,19 +501,29 @@ def test_stream_step_cost_does_not_grow_with_the_text(tmp_path, spm_gguf, byte_l
 
 def test_stream_text_stopping_mid_character_equals_decode(monkeypatch, spm_model, spm_gguf):
     """`stream_text` (what `herd chat` and `herd generate` print) flushes the held bytes when generation ends
-    mid-character, at max_new_tokens or at a stop token, so the reply is decode() of the generated ids."""
+    mid-character, at max_new_tokens or at a stop token, so the reply is decode() of the generated ids. The
+    engine's sampler is scripted to return these ids from a tiny model over the same vocabulary."""
     import torch
 
-    from llamaherd import generate
+    from llamaherd.config import Config
+    from llamaherd.engine import engine
+    from llamaherd.generate import SamplingParams, stream_text
+    from llamaherd.model import GPT
 
     sp, tok = _sp(spm_model), Tokenizer.from_gguf(spm_gguf)
+    model = GPT(Config(name="tiny", vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=8, intermediate_size=8,
+                       block_size=32)).eval()
     reply = [tok.token_to_id(t) for t in ("▁the", "<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>")]  # "theé" + half an emoji
-    params = generate.SamplingParams(max_new_tokens=8)
-    for generated in (reply, [*reply, tok.eos_id, tok.token_to_id("▁the")]):
-        monkeypatch.setattr(generate, "generate_tokens", lambda *args, ids=generated: iter(torch.tensor([ids]).T))
-        assert "".join(generate.stream_text(None, tok, [1], params)) == sp.decode(reply) == "theé\ufffd\ufffd"
-    stop_at_e = generate.SamplingParams(max_new_tokens=8, stop_strings=["é"])
-    assert "".join(generate.stream_text(None, tok, [1], stop_at_e)) == "the"
+
+    def stream(generated: list[int], params: SamplingParams) -> str:
+        script = iter(generated)
+        monkeypatch.setattr(engine, "sample_next", lambda *args: torch.tensor([next(script)]))
+        return "".join(stream_text(model, tok, [1], params))
+
+    at_length, at_stop_id = SamplingParams(max_new_tokens=len(reply)), SamplingParams(max_new_tokens=8)
+    assert stream(reply, at_length) == sp.decode(reply) == "theé\ufffd\ufffd"
+    assert stream([*reply, tok.eos_id, tok.token_to_id("▁the")], at_stop_id) == sp.decode(reply)
+    assert stream(reply, SamplingParams(max_new_tokens=8, stop_strings=["é"])) == "the"
 
 
 # ---- save_pretrained -> transformers ------------------------------------------------------------------------

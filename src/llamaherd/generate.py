@@ -1,24 +1,27 @@
-"""Text generation: greedy and sampled decoding with a KV cache, batches, stop strings and streaming."""
+"""One-off generation (a prompt or a batch, ids or streamed text): a thin layer over the generation engine.
+
+Each call runs a fresh `llamaherd.engine.Engine` sized to the request (one cache row per prompt, prompt +
+max_new_tokens positions), so there is one decode loop in llamaherd; long-lived users (a server, rejection
+sampling) keep an Engine of their own instead.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 
-import torch
-
-from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, sample_next, warp_logits
-from llamaherd.engine.text import StopText
+from llamaherd.engine import Engine, SamplingParams
 from llamaherd.errors import InputError
 from llamaherd.model import GPT
 
-__all__ = ["SamplingParams", "apply_repetition_penalty", "generate_batch", "generate_ids", "generate_tokens",
-           "sample_next", "stream_text", "warp_logits"]
+__all__ = ["SamplingParams", "generate_batch", "generate_ids", "stream_text"]
 
 
 def _check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
     """How many new tokens fit: dynamic NTK RoPE scaling exists for sequences past block_size (no cap, as in
-    transformers' generate); otherwise up to the context window, with a warning when that cuts the request."""
+    transformers' generate); otherwise up to the context window, with a warning (at the caller of
+    generate_batch / stream_text) when that cuts the request."""
     if model.rope.dynamic:
         return max_new_tokens
     limit = model.config.block_size
@@ -28,102 +31,45 @@ def _check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
         )
     if prompt_len + max_new_tokens > limit:
         warnings.warn(f"generation stops at the context window of {limit} tokens: at most {limit - prompt_len} "
-                      f"new tokens after a {prompt_len}-token prompt, not {max_new_tokens}", stacklevel=3)
+                      f"new tokens after a {prompt_len}-token prompt, not {max_new_tokens}", stacklevel=4)
     return min(max_new_tokens, limit - prompt_len)
 
 
-@torch.inference_mode()
-def generate_tokens(
-    model: GPT,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    stop_ids: set[int] | frozenset[int] = frozenset(),
-    use_cache: bool = True,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,) each step; finished rows repeat their last stop token.
-
-    Prompts of different lengths are left-padded; the mask hides the padding, and positions count
-    real tokens only, so each row decodes exactly as it would alone.
-    """
+def _sized_engine(model: GPT, tokenizer, prompts: list[list[int]],
+                  params: SamplingParams) -> tuple[Engine, list[SamplingParams]]:
+    """An engine with one row per prompt and just enough positions, and each prompt's params with max_new_tokens
+    cut to what fits its own context (so a row decodes as it would alone)."""
     params.validate()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise InputError("every prompt needs at least one token")
-    longest = max(len(p) for p in prompts)
-    max_new = _check_fits(model, longest, params.max_new_tokens)
-    device = model.output_weight.device
-    B = len(prompts)
-    idx = torch.zeros(B, longest, dtype=torch.long, device=device)
-    mask = torch.zeros(B, longest, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        idx[i, longest - len(p):] = torch.tensor(p, device=device)
-        mask[i, longest - len(p):] = True
-    padded = not bool(mask.all())
-    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    # Tokens seen per row, for the repetition penalty; padding repeats the row's first real token.
-    seen = idx.clone()
-    for i, p in enumerate(prompts):
-        seen[i, : longest - len(p)] = p[0]
-
-    cache = model.new_cache(B, longest + max_new) if use_cache else None
-    tokens, step_mask = idx, mask
-    for _ in range(max_new):
-        logits = model(tokens, attn_mask=step_mask if padded or not use_cache else None, cache=cache, last_only=True)
-        logits = apply_repetition_penalty(logits[:, -1].float(), seen, params.repetition_penalty)
-        nxt = sample_next(logits, params, generator)
-        if finished.any():
-            nxt = torch.where(finished, seen[:, -1], nxt)
-        yield nxt
-        finished |= torch.isin(nxt, stop)
-        if bool(finished.all()):
-            return
-        seen = torch.cat((seen, nxt[:, None]), dim=1)
-        mask = torch.cat((mask, torch.ones(B, 1, dtype=torch.bool, device=device)), dim=1)
-        if use_cache:
-            tokens, step_mask = nxt[:, None], mask
-        else:
-            idx = torch.cat((idx, nxt[:, None]), dim=1)
-            tokens, step_mask = idx, mask
+    fitted = []
+    for prompt in prompts:  # not a comprehension (its own frame on 3.11): the warning's stacklevel counts frames
+        cap = _check_fits(model, len(prompt), params.max_new_tokens)
+        fitted.append(dataclasses.replace(params, max_new_tokens=cap))
+    max_len = max((len(p) + f.max_new_tokens for p, f in zip(prompts, fitted)), default=1)
+    return Engine(model, tokenizer, max_batch=max(len(prompts), 1), max_len=max_len), fitted
 
 
-def generate_batch(
-    model: GPT, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int] = frozenset(),
-    use_cache: bool = True,
-) -> list[list[int]]:
-    """New token ids per prompt; each row ends at (and includes) its first stop token."""
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for step in generate_tokens(model, prompts, params, stop_ids, use_cache):
-        for i, t in enumerate(step.tolist()):
-            if not done[i]:
-                out[i].append(t)
-                done[i] = t in stop_ids
-    return out
+def generate_batch(model: GPT, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """New token ids per prompt, each exactly as `generate_ids` gives it alone; a row ends at (and includes) its
+    first id in params.stop_ids (none when None: there is no tokenizer here).
+
+    With a seed, every prompt samples from its own generator seeded with params.seed, whatever else is in the
+    batch (before the engine, one generator was shared by the batch's rows). Raises InputError for bad params,
+    an empty or out-of-vocabulary prompt, or one that fills the context window; warns when the window cuts one.
+    """
+    engine, fitted = _sized_engine(model, None, prompts, params)
+    return [r.completions[0].token_ids for r in engine.generate_many(prompts, fitted)]
 
 
-def generate_ids(
-    model: GPT, prompt: list[int], max_new_tokens: int = 256, stop_ids: set[int] = frozenset(),
-    use_cache: bool = True, **sampling,
-) -> list[int]:
-    """New token ids for one prompt (greedy unless sampling options are given)."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-    return generate_batch(model, [prompt], params, stop_ids, use_cache)[0]
+def generate_ids(model: GPT, prompt: list[int], max_new_tokens: int = 256, **sampling) -> list[int]:
+    """New token ids for one prompt; greedy unless sampling options (SamplingParams fields) are given."""
+    return generate_batch(model, [prompt], SamplingParams(max_new_tokens=max_new_tokens, **sampling))[0]
 
 
-def stream_text(
-    model: GPT, tokenizer, prompt: list[int], params: SamplingParams, stop_ids: set[int] | None = None,
-) -> Iterator[str]:
-    """Yield text as it is generated; stops at a stop token or stop string (neither is yielded)."""
-    stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-    text = StopText(tokenizer.stream_decoder(), params.stop_strings)
-    for step in generate_tokens(model, [prompt], params, stop_ids):
-        token = int(step[0])
-        if token in stop_ids:
-            break
-        if piece := text.push(token):
-            yield piece
-        if text.stopped:
-            return
-    if piece := text.flush():
-        yield piece
+def stream_text(model: GPT, tokenizer, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+    """Yield text as it is generated; stops at a stop id (params.stop_ids, or the tokenizer's when None) or a
+    stop string, neither of which is yielded. The pieces join to decode() of the ids before the stop."""
+    engine, fitted = _sized_engine(model, tokenizer, [prompt], params)
+    engine.add_request(prompt, fitted[0])
+    for event in engine.stream():
+        if event.text:
+            yield event.text
