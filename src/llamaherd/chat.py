@@ -59,6 +59,12 @@ class ChatFormat(ABC):
     def render_with_spans(self, messages: Sequence[Message]) -> tuple[str, list[Span]]:
         """The finished conversation and the [start, end) character spans of each assistant response."""
 
+    def encode(self, messages: Sequence[Message], tokenizer) -> list[int]:
+        """Token ids of the conversation, ready for the assistant to answer (llamaherd.tokenizer.Tokenizer): the
+        tokenizer's BOS is added only when it adds one by default and the rendered text does not already hold it."""
+        text = self.render(messages, add_generation_prompt=True)
+        return tokenizer.encode(text, add_bos=not self.includes_bos and tokenizer.add_bos_default)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 

@@ -72,8 +72,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     def reply(user_text: str) -> None:
         messages.append({"role": "user", "content": user_text})
-        text = fmt.render(messages, add_generation_prompt=True)
-        ids = tok.encode(text, add_bos=not fmt.includes_bos and tok.add_bos_default)
+        ids = fmt.encode(messages, tok)
         messages.append({"role": "assistant", "content": _stream(loaded, ids, params)})
 
     if args.prompt is not None:
@@ -197,10 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     from llamaherd.demo import add_demo_parser
     from llamaherd.evaluate.cli import add_eval_parser
     from llamaherd.leaderboard.cli import add_leaderboard_parser
+    from llamaherd.serve.cli import add_serve_parser
     from llamaherd.train.cli import add_estimate_parser, add_finetune_parser, add_merge_parser
 
     for add in (add_eval_parser, add_leaderboard_parser, add_finetune_parser, add_merge_parser,
-                add_estimate_parser, add_demo_parser):
+                add_estimate_parser, add_demo_parser, add_serve_parser):
         add(sub)
     return parser
 

@@ -1,0 +1,72 @@
+"""The `herd serve` subcommand: load a model, build the app, run it under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llamaherd.errors import InputError
+from llamaherd.terminal import printable
+
+API_KEY_ENV = "LLAMAHERD_API_KEY"
+DEFAULT_MAX_LEN = 2048  # KV positions per row unless the model's context is shorter
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `herd serve` on the `herd` parser's subcommands."""
+    from llamaherd.cli import _add_model_options
+
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (chat, completions, logprobs) on 127.0.0.1",
+        description="Serve MODEL over OpenAI's HTTP API (/v1/models, /v1/chat/completions, /v1/completions, "
+                    "/health, /metrics) with continuous batching. See docs/serving.md.")
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--max-batch", type=int, default=4, help="sequences decoded together, one KV-cache row each "
+                                                            "(default: 4)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help=f"positions per KV-cache row: prompt + completion (default: the model's context, at most "
+                        f"{DEFAULT_MAX_LEN}); the cache of max-batch x max-len is allocated at start")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a row beyond the running ones; more get 429 (default: 64)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, which keeps the key out of "
+                        "the process list)")
+    p.add_argument("--chat-format", default=None, help="built-in format name (overrides the model's template)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """`herd serve`: check the limits, load the model, print the KV-cache size, serve until interrupted."""
+    import uvicorn
+
+    from llamaherd.cli import _load
+    from llamaherd.serve.app import ServeConfig, create_app
+
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(args, name) < (1 if name == "max_batch" else 0):
+            raise InputError(f"--{name.replace('_', '-')} must be >= {1 if name == 'max_batch' else 0}, "
+                             f"got {getattr(args, name)}")
+    loaded = _load(args)
+    block = loaded.config.block_size
+    max_len = args.max_len or min(block, DEFAULT_MAX_LEN)
+    if not 2 <= max_len <= block:
+        raise InputError(f"--max-len must be between 2 and the model's context of {block} tokens, got {max_len}")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    config = ServeConfig(max_batch=args.max_batch, max_len=max_len, max_queue=args.max_queue, api_key=api_key,
+                         chat_format=args.chat_format)
+    app = create_app(loaded, config)
+    server = app.state.server
+    cache = server.engine.cache
+    size = 2 * cache.k.numel() * cache.k.element_size()
+    print(printable(f"serving {server.model_id} ({loaded.source.path}) on http://{args.host}:{args.port}/v1"),
+          file=sys.stderr)
+    print(f"KV cache: {args.max_batch} rows x {max_len} positions, {size / 2**20:.1f} MiB ({cache.k.dtype}); "
+          f"queue up to {args.max_queue} requests; API key {'required' if api_key else 'not required'}",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
