@@ -187,7 +187,7 @@ class CharTokenizer:
     def __init__(self, stop_ids=()):
         self.stop_ids = set(stop_ids)
 
-    def stream_decoder(self):
+    def stream_decoder(self, skip_special_tokens: bool = False):
         class Decoder:
             def push(self, t):
                 return chr(ord("a") + t % 26)

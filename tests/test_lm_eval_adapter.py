@@ -97,5 +97,14 @@ def test_rolling_and_generation_match_lm_eval_hf(tiny_dir):
     rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     assert ours.loglikelihood_rolling(rolling, True) == pytest.approx(ref.loglikelihood_rolling(rolling, True),
                                                                        abs=1e-4)
-    gen = [Instance("generate_until", {}, ("Question: What is", {"until": ["\n"], "max_gen_toks": 6}), 0)]
-    assert ours.generate_until(gen, True) == ref.generate_until(gen, True)
+    # More requests than batch rows, each with its own stop strings (a list or one string) and length; the
+    # second stops after a generated "<s>" that both leave out of the text.
+    gen = [Instance("generate_until", {}, args, i) for i, args in enumerate([
+        ("Question: What is", {"until": ["ce"], "max_gen_toks": 10}),
+        ("The quick brown fox", {"until": ["Tre", "xyz"], "max_gen_toks": 10}),
+        ("Q: legs?", {"until": "ap", "max_gen_toks": 10}),
+        ("water boils at", {"until": ["\n"], "max_gen_toks": 3}),
+    ])]
+    expected = ref.generate_until(gen, True)
+    assert expected == ["ck", "esT.?\nAice", "ian.: bm", ") ofH"]  # each request ends its own way
+    assert ours.generate_until(gen, True) == expected

@@ -93,7 +93,8 @@ class Engine:
             seed = (params.seed + completion.index if params.seed is not None
                     else int(torch.randint(2**62, (), dtype=torch.long)))
             generator = torch.Generator(self.device).manual_seed(seed)
-            text = StopText(self.tokenizer.stream_decoder(), params.stop_strings) if self.tokenizer else None
+            text = StopText(self.tokenizer.stream_decoder(skip_special_tokens=params.skip_special_tokens),
+                            params.stop_strings) if self.tokenizer else None
             scores = params.prompt_logprobs and completion.index == 0
             self.waiting.append(_Sequence(request, completion, generator, text, stop_ids, scores))
         self.requests[request_id] = request

@@ -19,6 +19,7 @@ class SamplingParams:
     stop_ids: token ids that end the output (kept in its ids, not in its text); None: the tokenizer's.
     logprobs: None for none; k >= 0 for each chosen token's log-probability plus the k most likely tokens'.
     prompt_logprobs: also score every prompt token given the ones before it (computed during prefill).
+    skip_special_tokens: leave control tokens (BOS, EOS...) out of the text, as lm-eval and vLLM decode it.
     """
 
     max_new_tokens: int = 256
@@ -31,6 +32,7 @@ class SamplingParams:
     stop_ids: frozenset[int] | set[int] | None = None
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    skip_special_tokens: bool = False
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "logprobs"):

@@ -67,21 +67,31 @@ class LlamaherdLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, with do_sample) text up to the first stop string or EOS."""
-        from llamaherd.generate import SamplingParams, stream_text
+        """Greedy (or sampled, with do_sample) text up to the first of its stop strings or EOS, per request. All
+        requests go through one generation engine, batch_size at a time (continuous batching), each decoded as
+        it would be alone; the engine's rows hold the longest prompt + max_gen_toks, not the whole context."""
+        from llamaherd.engine import Engine, SamplingParams
 
-        out = []
-        for req in tqdm(requests, desc="llamaherd generate_until", disable=disable_tqdm):
+        prompts, params = [], []
+        for req in requests:
             context, kwargs = req.args
             until = kwargs.get("until") or []
             max_new = int(kwargs.get("max_gen_toks", 256))
-            params = SamplingParams(
+            params.append(SamplingParams(
                 max_new_tokens=max_new, stop_strings=[until] if isinstance(until, str) else list(until),
                 temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
-            )
-            ids = self.tokenizer.encode(context, add_bos=self.add_bos)[-(self.engine.max_length - max_new):]
-            out.append("".join(stream_text(self.engine.model, self.tokenizer, ids, params)))
-        return out
+                skip_special_tokens=True,  # as lm-eval's hf model decodes
+            ))
+            prompts.append(self.tokenizer.encode(context, add_bos=self.add_bos)[-(self.engine.max_length - max_new):])
+        if not prompts:
+            return []
+        engine = Engine(self.engine.model, self.tokenizer, max_batch=min(self.engine.batch_size, len(prompts)),
+                        max_len=max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params)))
+        handles = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        with tqdm(total=len(handles), desc="llamaherd generate_until", disable=disable_tqdm) as bar:
+            for event in engine.stream():
+                bar.update(event.finish_reason is not None)
+        return [h.completions[0].text for h in handles]
 
     def _score(self, encoded: list[Encoded], disable_tqdm: bool) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
