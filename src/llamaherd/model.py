@@ -20,6 +20,7 @@ from torch import nn
 
 from llamaherd import rope
 from llamaherd.config import Config
+from llamaherd.kernels import decode_linear
 from llamaherd.lean_autograd import NormProjections, RMSNormFunction, SiluMul, SwiGLUDown
 from llamaherd.threads import share_cores
 
@@ -56,7 +57,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     one pass over it: prefill and batched scoring go from unusable to fp32 speed. The products of half values
     are exact in fp32 and both accumulate in fp32, so results agree with the native kernel up to summation
     order. A single row (decode) keeps the native matrix-vector kernel, which reads half the bytes.
+    Without autograd, a few rows (decode steps) take llamaherd's matrix-vector kernel (llamaherd.kernels).
     """
+    if (y := decode_linear(x, weight, bias)) is not None:
+        return y
     if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
             and x.numel() > x.shape[-1] and _slow_half_matmul(weight.dtype)):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -110,7 +114,76 @@ class Normed:
         if isinstance(self.norm, RMSNorm) and lean_training(self.x, *linears):
             return NormProjections.apply(self.x, self.norm.weight, self.norm.eps, *(m.weight for m in linears))
         h = self.value()
+        fused = getattr(linears[0], "fused", None)
+        if fused is not None and not torch.is_grad_enabled() and fused.serves(linears):
+            return fused(h)
         return tuple(m(h) for m in linears)
+
+
+class FusedProjections:
+    """Projections of one input (q/k/v, gate/up) whose weights are row blocks of one tensor, so inference runs
+    them as one product: fewer, larger matrix products per decode step (issue 12). Each module keeps its own
+    parameters, now views into the shared tensor, so names, checkpoints and eager forward are unchanged;
+    a module that is replaced (LoRA) or whose weight is reassigned (`.to()`) is computed on its own again."""
+
+    def __init__(self, modules: tuple[nn.Module, ...]) -> None:
+        from llamaherd.quantize import Int8Linear
+
+        self.modules, self.int8 = modules, isinstance(modules[0], Int8Linear)
+        attr = "weight_int8" if self.int8 else "weight"
+        self.weight = torch.cat([getattr(m, attr).detach() for m in modules])
+        self.scale = torch.cat([m.scale for m in modules]) if self.int8 else None
+        self.bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
+        self.sizes = [getattr(m, attr).shape[0] for m in modules]
+        start = 0
+        for m, n in zip(modules, self.sizes):
+            rows = slice(start, start + n)
+            if self.int8:
+                m.weight_int8, m.scale = self.weight[rows], self.scale[rows]
+            else:
+                m.weight = nn.Parameter(self.weight[rows], requires_grad=m.weight.requires_grad)
+            if self.bias is not None:
+                m.bias = nn.Parameter(self.bias[rows], requires_grad=m.bias.requires_grad)
+            start += n
+        self._pointers = self._current(modules)
+
+    @staticmethod
+    def _current(modules) -> list[int]:
+        return [(m.weight_int8 if hasattr(m, "weight_int8") else m.weight).data_ptr() for m in modules]
+
+    def serves(self, modules: tuple[nn.Module, ...]) -> bool:
+        return modules == self.modules and self._current(modules) == self._pointers
+
+    def __call__(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.int8:
+            from llamaherd.quantize import int8_linear
+
+            y = int8_linear(h, self.weight, self.scale, self.bias)
+        else:
+            y = linear(h, self.weight, self.bias)
+        return y.split(self.sizes, dim=-1)
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Fuse q/k/v and gate/up of every block (see FusedProjections) where they are all plain Linear or all
+    Int8Linear with the same dtype and bias presence; others stay as they are. For inference (the engine)."""
+    from llamaherd.quantize import Int8Linear
+
+    for block in model.modules():
+        if not isinstance(block, Block):
+            continue
+        groups = [(block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj)]
+        if block.mlp.swiglu:
+            groups.append((block.mlp.gate_proj, block.mlp.up_proj))
+        for group in groups:
+            kind = type(group[0])
+            attr = "weight_int8" if kind is Int8Linear else "weight"
+            if (kind not in (Linear, Int8Linear) or any(type(m) is not kind for m in group)
+                    or len({(getattr(m, attr).dtype, getattr(m, attr).device, m.bias is None) for m in group}) != 1
+                    or any(getattr(m, attr).device.type == "meta" for m in group)):
+                continue
+            if getattr(group[0], "fused", None) is None or not group[0].fused.serves(group):
+                group[0].fused = FusedProjections(group)
 
 
 class RotaryEmbedding(nn.Module):

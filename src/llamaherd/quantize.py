@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamaherd.kernels import decode_linear
+
 
 class _Int8MatMul(torch.autograd.Function):
     """x @ (weight_int8 * scale).T with ATen's fused kernel (which has no derivative of its own).
@@ -45,12 +47,25 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(dtype) * self.scale.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.device.type == "cpu":
-            # ATen's fused int8-weight matmul: no full dequantized copy per call.
-            y = _Int8MatMul.apply(x.reshape(-1, self.in_features), self.weight_int8, self.scale.to(x.dtype))
-            y = y.view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return int8_linear(x, self.weight_int8, self.scale, self.bias)
+
+
+def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) times int8 rows (out, in) scaled per row (out,), plus bias: (..., out) in x's dtype.
+
+    Decode steps (a few rows, no autograd) take llamaherd's matrix-vector kernel; other CPU products ATen's
+    fused int8-weight matmul, which makes no dequantized copy of the weight; elsewhere the weight is dequantized.
+    """
+    if (y := decode_linear(x, weight_int8, bias, scale)) is not None:
+        return y
+    out_features, in_features = weight_int8.shape
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.device.type == "cpu":
+        y = _Int8MatMul.apply(x.reshape(-1, in_features), weight_int8, scale.to(x.dtype))
+        y = y.view(*x.shape[:-1], out_features)
+        return y if bias is None else y + bias.to(x.dtype)
+    weight = weight_int8.to(x.dtype) * scale.to(x.dtype)[:, None]
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 def swap_linears_for_int8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> None:

@@ -19,7 +19,7 @@ from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, 
 from llamaherd.engine.slots import Slots
 from llamaherd.engine.text import StopText
 from llamaherd.errors import InputError
-from llamaherd.model import GPT, SlotCache
+from llamaherd.model import GPT, SlotCache, fuse_projections
 
 
 class _Sequence:
@@ -52,6 +52,7 @@ class Engine:
         if max_batch < 1 or prefill_chunk < 1:
             raise InputError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
+        fuse_projections(model)  # q/k/v and gate/up as one product each: fewer, larger products per step
         self.max_len = max_len or model.config.block_size
         self.prefill_chunk, self.prefix_reuse = prefill_chunk, prefix_reuse
         self.isolate_faults = isolate_faults  # a server's choice: one sequence's exception ends only that sequence

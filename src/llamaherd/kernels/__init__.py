@@ -1,0 +1,93 @@
+"""Native decode kernels: matrix-vector products that stream the weights at memory speed on every core.
+
+Decoding one token reads every weight once and does two flops per weight, so its speed is the speed at which
+the weights stream from memory. ATen's matrix-vector product runs one product on one core (measured in
+issue 12: 15-19 GB/s whether torch has 1 or 2 threads) and its bf16 and packed-int8 ones are slower still.
+`matvec.cpp` splits the output rows of each product over torch's intra-op threads and reads fp32, bf16 or
+int8 weights (one scale per row, `llamaherd.quantize`) directly.
+
+The kernel is compiled for this CPU on first use (`-O3 -march=native`, about 20 s, kept under
+`$XDG_CACHE_HOME/llamaherd/kernels`). Without a compiler, or when the build fails, a one-line notice says so and
+decoding uses PyTorch's own products (same results, slower). `LLAMAHERD_KERNELS=0` (or false/no/off) turns the
+kernels off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("matvec.cpp")
+KERNEL_ROWS = 16  # inputs of at most this many rows (decode steps) take the kernel; more rows are a GEMM for ATen
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OFF_VALUES = ("0", "false", "no", "off")
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+
+
+def cache_directory() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "llamaherd" / "kernels"
+
+
+def _build_name() -> str:
+    """A name per source, torch version and CPU: a home directory shared by different machines (-march=native)
+    never loads a kernel built for another CPU."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
+    return f"llamaherd_matvec_{digest}"
+
+
+@functools.cache
+def matvec_op():
+    """torch.ops.llamaherd.matvec, built and loaded once per process; None (after one notice) when unavailable."""
+    if os.environ.get("LLAMAHERD_KERNELS", "1").strip().lower() in OFF_VALUES:
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        name = _build_name()
+        directory = cache_directory() / name
+        directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / f"{name}.so").exists():
+            print("llamaherd: compiling the decode kernels for this CPU (once, about 20 s)", file=sys.stderr)
+        load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(directory), is_python_module=False, verbose=False)
+        return torch.ops.llamaherd.matvec
+    except Exception as e:  # no compiler or ninja, a failed build: decode still works, only slower
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"llamaherd: decode kernels unavailable ({type(e).__name__}: {reason[:200]}); decoding with "
+              "PyTorch's own matrix products (same results, slower)", file=sys.stderr)
+        return None
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x (..., K) @ weight (N, K).T, times scale (N,) per output row for int8 weights, plus bias (N,):
+    (..., N) in x's dtype, accumulated in fp32. None when the kernel does not apply: autograd recording, not
+    on the CPU, more than KERNEL_ROWS rows, dtypes it does not read, or the kernel is unavailable."""
+    records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                           or (bias is not None and bias.requires_grad))
+    if (records or x.device.type != "cpu" or weight.dtype not in WEIGHT_DTYPES
+            or x.dtype not in INPUT_DTYPES or (weight.dtype == torch.int8) != (scale is not None)
+            or x.numel() > KERNEL_ROWS * x.shape[-1] or not weight.is_contiguous()
+            or torch.is_autocast_enabled("cpu")):
+        return None
+    op = matvec_op()
+    if op is None:
+        return None
+    none = _EMPTY
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = op(rows, weight, none if scale is None else scale.float(), none if bias is None else bias.float())
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+_EMPTY = torch.empty(0)

@@ -1,0 +1,185 @@
+"""The decode kernels (llamaherd.kernels) and fused projections against PyTorch's products and transformers."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_tiny import save_hf_model
+
+from llamaherd import kernels
+from llamaherd.engine import Engine, SamplingParams
+from llamaherd.load import load_gpt
+from llamaherd.lora import LoRAConfig, inject_lora
+from llamaherd.model import fuse_projections
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler: the kernels fall back (tested below)")
+
+
+def int8_rows(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100 + 1e-3
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_matvec_equals_a_float64_product(rows, weight_dtype):
+    """Odd sizes (131 outputs, 67 inputs) cover the row blocks' and vector loops' tails; bias and int8 scales."""
+    torch.manual_seed(0)
+    n, k = 131, 67
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    if weight_dtype is torch.int8:
+        w, scale = int8_rows(n, k)
+        dense = w.double() * scale.double()[:, None]
+    else:
+        w, scale = torch.randn(n, k).to(weight_dtype), None
+        dense = w.double()
+    got = kernels.decode_linear(x, w, bias, scale)
+    assert got is not None and got.shape == (rows, n) and got.dtype == torch.float32
+    want = x.double() @ dense.T + bias.double()
+    assert (got.double() - want).abs().max() <= 1e-4
+
+    # A bf16 input (a bf16 model) gets a bf16 output: PyTorch's product rounded once, up to one bf16 step.
+    xb = x.bfloat16()
+    got_b = kernels.decode_linear(xb, w, bias, scale)
+    want_b = (xb.double() @ dense.T + bias.double())
+    assert got_b.dtype == torch.bfloat16
+    assert ((got_b.double() - want_b).abs() <= want_b.abs() * 2**-7 + 1e-3).all()
+
+
+def test_decode_linear_declines_what_it_does_not_serve():
+    w, x = torch.randn(8, 4), torch.randn(1, 4)
+    assert kernels.decode_linear(torch.randn(kernels.KERNEL_ROWS + 1, 4), w) is None  # prefill: a GEMM for ATen
+    assert kernels.decode_linear(x, w.half()) is None
+    assert kernels.decode_linear(x, torch.zeros(8, 4, dtype=torch.int8)) is None  # int8 needs its scale
+    with torch.enable_grad():
+        assert kernels.decode_linear(x.requires_grad_(), w) is None  # autograd stays with PyTorch
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama-gqa")
+    return save_hf_model("llama-gqa", path), path
+
+
+def decode_logits(model, prompt: list[int], n: int) -> torch.Tensor:
+    """(n, V) logits of n greedy decode steps, one token per forward (the kernel's shape)."""
+    cache, out = model.new_cache(1, len(prompt) + n), []
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1]
+        for _ in range(n):
+            out.append(logits)
+            logits = model(logits.argmax()[None, None], cache=cache)[0, -1]
+    return torch.stack(out)
+
+
+@needs_compiler
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_fused_kernel_decode_equals_eager(tiny, quantize, monkeypatch):
+    """Fused q/k/v and gate/up through the kernel: logits within 1e-4 of the unfused PyTorch model."""
+    _, path = tiny
+    fast, eager = load_gpt(path, quantize=quantize), load_gpt(path, quantize=quantize)
+    fuse_projections(fast)
+    assert fast.model.layers[0].self_attn.q_proj.fused is not None
+    prompt = [5, 17, 33, 9, 60]
+    got = decode_logits(fast, prompt, 12)
+    monkeypatch.setattr(kernels, "matvec_op", lambda: None)  # PyTorch's own products from here
+    want = decode_logits(eager, prompt, 12)
+    assert (got - want).abs().max() <= 1e-4
+
+
+@needs_compiler
+def test_engine_with_kernels_gives_transformers_logprobs(tiny):
+    hf, path = tiny
+    prompt = [5, 17, 33, 9, 60, 71, 23]
+    engine = Engine(load_gpt(path), max_batch=2, max_len=64)
+    request = engine.add_request(prompt, SamplingParams(max_new_tokens=10, stop_ids=frozenset(), logprobs=0))
+    list(engine.stream())
+    out = request.completions[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)
+    want = ref[len(prompt) - 1:-1].gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert (torch.tensor([e.logprob for e in out.logprobs]) - want).abs().max() <= 1e-4
+    assert out.token_ids == ref[len(prompt) - 1:-1].argmax(-1).tolist()
+
+
+def test_fusing_keeps_parameter_names_and_values_and_yields_to_lora(tiny):
+    _, path = tiny
+    model, reference = load_gpt(path), load_gpt(path)
+    fuse_projections(model)
+    state, want = model.state_dict(), reference.state_dict()
+    assert list(state) == list(want)
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.k_proj.weight.untyped_storage().data_ptr()
+
+    # LoRA replaces the projections after fusing: the adapted modules are computed, not the stale fused weight.
+    inject_lora(model, LoRAConfig(r=2, alpha=4, targets=("q", "v")))
+    inject_lora(reference, LoRAConfig(r=2, alpha=4, targets=("q", "v")))
+    reference.load_state_dict(model.state_dict())
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.normal_()
+                reference.get_parameter(name).copy_(p)
+    idx = torch.tensor([[5, 17, 33]])
+    with torch.inference_mode():
+        assert torch.allclose(model(idx), reference(idx), atol=1e-5)
+        # And the unfused reference differs from the base model, so the check above can fail.
+        assert not torch.allclose(reference(idx), load_gpt(path)(idx), atol=1e-3)
+
+
+def test_without_a_compiler_decoding_falls_back_with_one_notice(tiny, monkeypatch, capsys):
+    _, path = tiny
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nsecond line")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    kernels.matvec_op.cache_clear()
+    try:
+        model = load_gpt(path)
+        w = torch.randn(8, 4)
+        assert kernels.decode_linear(torch.randn(1, 4), w) is None
+        got = decode_logits(model, [5, 17, 33], 4)
+        err = capsys.readouterr().err
+        assert err.count("decode kernels unavailable") == 1 and "Ninja is required" in err
+        assert "second line" not in err
+        with torch.no_grad():
+            ids = [5, 17, 33, *got.argmax(-1).tolist()[:-1]]
+            full = model(torch.tensor([ids]))[0, 2:]
+        assert (got - full).abs().max() <= 1e-4
+    finally:
+        kernels.matvec_op.cache_clear()
+
+
+def test_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("LLAMAHERD_KERNELS", "off")
+    kernels.matvec_op.cache_clear()
+    try:
+        assert kernels.decode_linear(torch.randn(1, 4), torch.randn(8, 4)) is None
+    finally:
+        kernels.matvec_op.cache_clear()
+
+
+def test_linear_layers_use_the_kernel_only_without_autograd(monkeypatch):
+    calls = []
+    real = kernels.matvec_op
+
+    def counting():
+        op = real()
+        return None if op is None else (lambda *a: calls.append(1) or op(*a))
+
+    monkeypatch.setattr(kernels, "matvec_op", counting)
+    from llamaherd.model import linear
+
+    x, w = torch.randn(2, 4), torch.randn(8, 4)
+    with torch.no_grad():
+        y = linear(x, w)
+    assert torch.allclose(y, F.linear(x, w), atol=1e-6)
+    if real() is not None:
+        assert calls == [1]
+    linear(x.requires_grad_(), w)
+    assert len(calls) <= 1
