@@ -143,22 +143,3 @@ def test_fused_head_loss_matches_autograd_cross_entropy(tied, monkeypatch):
             want = torch.nn.functional.cross_entropy(model.head(h0), labels, reduction="sum")
             assert not torch.allclose(want, reference[0])
             torch.testing.assert_close(head_loss.head_cross_entropy(model, h0, labels).double(), want)
-
-
-def test_full_fine_tuning_trains_row_major_weights(tiny):
-    """The loader keeps widening matrices column-major (decode speed); trained weights must be row-major like
-    their gradients, or autograd and fused AdamW copy each such gradient on every step."""
-    from llamaherd.train.config import TrainConfig
-    from llamaherd.train.distributed import DistInfo
-    from llamaherd.train.sft import prepare_model
-
-    loaded = load_model(tiny[0])
-    model = loaded.model
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert any(not p.is_contiguous() for p in model.parameters())  # what the loader does
-    cfg = TrainConfig(method="full", batch_size=1, micro_batch_size=1)
-    samples = load_sft_data(tiny[1], loaded.tokenizer, "alpaca", max_seq_len=256).samples[:2]
-    Trainer(SFTObjective(prepare_model(model, cfg)), samples, [], lambda b: collate(b, pad_id=0), cfg,
-            DistInfo(0, 1, 0, torch.device("cpu")))
-    assert all(p.is_contiguous() and p.requires_grad for p in model.parameters())
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -205,27 +205,6 @@ def build_on_meta(config: Config, quantize: str | None = None) -> GPT:
     return model
 
 
-def matmul_layout(t: torch.Tensor) -> torch.Tensor:
-    """Store fp32 matrices that widen (out_features > in_features) column-major (same shape, transposed strides).
-
-    Decode is a chain of matrix-vector products, bound by how fast BLAS streams each weight. Measured here
-    (benchmarks/generate.py's machine, MKL fp32 gemv): a widening matrix (576 -> 1536, 576 -> 49152) reads
-    1.5-2x faster stored (in, out), a square or narrowing one (576 -> 576, 1536 -> 576) faster as stored
-    (out, in). The bf16/fp16 kernels prefer row-major throughout, so they are left alone.
-    """
-    if t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] <= t.shape[1]:
-        return t
-    return t.t().contiguous().t()
-
-
-def row_major(params: Iterable[torch.Tensor]) -> None:
-    """Give parameters that `matmul_layout` stored column-major row-major storage again, in place (same values):
-    for training, where gradients come out row-major, and for FSDP2, which shards row-major storage only."""
-    for p in params:
-        if not p.is_contiguous():
-            p.data = p.data.contiguous()
-
-
 def load_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, origin: str) -> None:
     """Assign each tensor into place (cast to `dtype`), checking names and shapes; all must be present."""
     from llamaherd.quantize import Int8Linear
@@ -248,7 +227,7 @@ def load_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtype:
         if isinstance(module, Int8Linear) and attr == "weight":
             module.set_weight(t)
         else:
-            t = matmul_layout(t.to(dtype).contiguous())  # the readers yield tensors in their own memory
+            t = t.to(dtype).contiguous()  # the readers yield tensors in their own memory; kernels read rows
             setattr(module, attr, nn.Parameter(t, requires_grad=t.is_floating_point()))
         seen.add(name)
     missing = sorted(set(expected) - seen)

@@ -25,7 +25,6 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from llamaherd.errors import CheckpointError, InputError
-from llamaherd.load import row_major
 from llamaherd.model import GPT
 from llamaherd.terminal import printable
 from llamaherd.train import distributed as D
@@ -142,9 +141,6 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
         self.objective = objective.to(self.info.device)
-        # Trained weights row-major, as their gradients come out: the loader's column-major decode layout would
-        # make autograd and fused AdamW copy each such gradient on every step.
-        row_major(p for p in objective.parameters() if p.requires_grad)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(objective.blocks())
         strategy = "fsdp" if cfg.distributed == "fsdp" else "ddp"

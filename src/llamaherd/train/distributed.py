@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llamaherd.load import row_major
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,6 @@ def wrap(module: nn.Module, blocks: list[nn.Module], strategy: str, info: DistIn
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        row_major(module.parameters())  # frozen ones too: fully_shard shards every parameter
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         for block in blocks:
             fully_shard(block, mesh=mesh)
