@@ -274,8 +274,11 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def _params(body, max_tokens: int, stop: list[str], logprobs: int | None, echo: bool = False) -> SamplingParams:
+    """The engine's settings for a request; a temperature below 1e-5 is greedy (vLLM's rule: dividing the logits
+    by less overflows float32)."""
     return SamplingParams(
-        max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
+        max_new_tokens=max_tokens, temperature=body.temperature if body.temperature >= 1e-5 else 0.0,
+        top_k=body.top_k,
         top_p=None if body.top_p == 1.0 else body.top_p, repetition_penalty=body.repetition_penalty,
         stop_strings=stop, seed=body.seed, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
 
@@ -524,4 +527,7 @@ def _completion_prompts(server: Server, prompt) -> list[list[int]]:
     if not prompt:
         raise ApiError(400, "prompt: is empty; send a string or token ids", "prompt")
     tok = server.tokenizer
-    return [tok.encode(p, add_bos=tok.add_bos_default) if isinstance(p, str) else list(p) for p in prompt]
+    try:
+        return [tok.encode(p, add_bos=tok.add_bos_default) if isinstance(p, str) else list(p) for p in prompt]
+    except InputError as e:
+        raise ApiError(400, f"prompt: {e}", "prompt") from None

@@ -8,9 +8,10 @@ are strict: "5" is not a number and 1 is not a boolean. Extensions that vLLM and
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 MAX_N = 128  # OpenAI's limit on n
@@ -36,7 +37,7 @@ class _Sampling(_Body):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100)  # further out, logits overflow float32
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -102,10 +103,11 @@ class ChatCompletionRequest(_Sampling):
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+                   code: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}, as ASCII JSON (a message may quote
+    a client's text, lone surrogates included)."""
     body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
 
 # What a field that takes several shapes accepts: pydantic reports a failed union once per shape, so name them all.

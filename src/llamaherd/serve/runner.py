@@ -90,21 +90,34 @@ class EngineRunner:
     def _run(self) -> None:
         while True:
             try:
-                command = self._commands.get(block=not self.engine.has_work)
+                if not self._turn():
+                    return
+            except Exception as error:  # the thread outlives any bug in one turn; /health reports it alive
+                log.error("engine loop error", exc_info=error)
+
+    def _turn(self) -> bool:
+        """Apply the queued commands (waiting for one when idle), then step once; False once told to stop."""
+        try:
+            command = self._commands.get(block=not self.engine.has_work)
+        except queue.Empty:
+            command = ()
+        while command != ():
+            if command is None:
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
             except queue.Empty:
                 command = ()
-            while command != ():
-                if command is None:
-                    return
-                self._apply(command)
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = ()
-            if self.engine.has_work:
-                self._step()
-            self.waiting, self.running = len(self.engine.waiting), len(self.engine.running)
-            self.free_slots = len(self.engine.slots.free)
+        self._observe()
+        if self.engine.has_work:
+            self._step()
+        return True
+
+    def _observe(self) -> None:
+        """The gauges of /metrics, taken before events go out (a client that got its answer sees them settled)."""
+        self.waiting, self.running = len(self.engine.waiting), len(self.engine.running)
+        self.free_slots = len(self.engine.slots.free)
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "cancel":
@@ -132,7 +145,12 @@ class EngineRunner:
                 self.engine.cancel(request_id)
                 if (stream := self._streams.pop(request_id, None)) is not None:
                     self._fail(stream, error)
+            self._observe()
             return
+        for event in events:  # a failed sequence's request stops now, before the gauges are taken
+            if event.finish_reason == "error":
+                self.engine.cancel(event.request_id)
+        self._observe()
         by_request: dict[str, list[Event]] = {}
         for event in events:
             by_request.setdefault(event.request_id, []).append(event)
@@ -146,8 +164,7 @@ class EngineRunner:
             if stream is None:
                 continue
             failed = next((e for e in mine if e.finish_reason == "error"), None)
-            if failed is not None:  # one sequence raised: the whole request fails, its other completions stop
-                self.engine.cancel(request_id)
+            if failed is not None:  # one sequence raised: the whole request fails (its other completions stopped)
                 del self._streams[request_id]
                 self._fail(stream, stream.handle.completions[failed.index].error)
                 continue
