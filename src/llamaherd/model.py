@@ -285,7 +285,14 @@ class SlotCache(nn.Module):
 
     def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> CacheRows:
         """The rows `slots` (B,) written at `positions` (B, T) by one forward pass (each row at its own offset)."""
-        return CacheRows(self, slots, positions)
+        ids, pos = slots.tolist(), positions.tolist()
+        # Neighbouring rows are a view (no copy of their keys/values per layer); one row at consecutive positions
+        # (every single-sequence step) is written by slicing instead of scattering.
+        span = slice(ids[0], ids[0] + len(ids)) if ids == list(range(ids[0], ids[0] + len(ids))) else None
+        start = pos[0][0] if len(ids) == 1 and pos[0] == list(range(pos[0][0], pos[0][0] + len(pos[0]))) else None
+        end = max(max(p) for p in pos) + 1
+        same = len(pos[0]) == 1 and len({p[0] for p in pos}) == 1  # one query per row, all at one position
+        return CacheRows(self, slots, positions, end, span, start, same)
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot src into slot dst (a shared prompt prefix, computed once)."""
@@ -295,24 +302,35 @@ class SlotCache(nn.Module):
 
 class CacheRows(NamedTuple):
     """Rows of a SlotCache as one forward pass sees them: query t of row b sits at positions[b, t] and attends
-    to keys [0, positions[b, t]] of its own slot (earlier tokens of the row, then causal within the call)."""
+    to keys [0, positions[b, t]] of its own slot (earlier tokens of the row, then causal within the call).
+    Built by `SlotCache.rows`, which also works out the shortcuts below once per pass rather than per layer."""
 
     cache: SlotCache
     slots: torch.Tensor  # (B,)
     positions: torch.Tensor  # (B, T)
+    end: int  # keys [0, end) are read: the largest position + 1
+    span: slice | None  # the slots as a range of neighbouring rows, when they are one
+    start: int | None  # one row written at positions start, start + 1, ...: a slice, not a scatter
+    same_position: bool  # T == 1 and every row at the same position: every key up to it is visible, no mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv, T, hd) at each row's positions; return the rows' keys/values (B, n_kv, S, hd)."""
-        end = int(self.positions.max()) + 1
-        index = (self.slots[:, None], slice(None), self.positions)  # selects (B, T, n_kv, hd)
-        self.cache.k[layer][index] = k.transpose(1, 2)
-        self.cache.v[layer][index] = v.transpose(1, 2)
-        return self.cache.k[layer, :, :, :end].index_select(0, self.slots), \
-            self.cache.v[layer, :, :, :end].index_select(0, self.slots)
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        if self.start is not None:
+            row, where = self.span.start, slice(self.start, self.start + k.shape[2])
+            keys[row, :, where], values[row, :, where] = k[0], v[0]
+        else:
+            index = (self.slots[:, None], slice(None), self.positions)  # selects (B, T, n_kv, hd)
+            keys[index], values[index] = k.transpose(1, 2), v.transpose(1, 2)
+        if self.span is not None:
+            return keys[self.span, :, :self.end], values[self.span, :, :self.end]
+        return keys[:, :, :self.end].index_select(0, self.slots), values[:, :, :self.end].index_select(0, self.slots)
 
-    def mask(self) -> torch.Tensor:
-        """(B, 1, T, S) bool: key j is visible to the query at position p when j <= p."""
-        keys = torch.arange(int(self.positions.max()) + 1, device=self.positions.device)
+    def mask(self) -> torch.Tensor | None:
+        """(B, 1, T, S) bool: key j is visible to the query at position p when j <= p; None when all keys are."""
+        if self.same_position:
+            return None
+        keys = torch.arange(self.end, device=self.positions.device)
         return (keys <= self.positions[..., None])[:, None]
 
 
