@@ -183,3 +183,19 @@ def test_linear_layers_use_the_kernel_only_without_autograd(monkeypatch):
         assert calls == [1]
     linear(x.requires_grad_(), w)
     assert len(calls) <= 1
+
+
+@pytest.mark.slow
+@needs_compiler
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_embedded_model_decode_logits_within_1e4_of_eager(quantize, monkeypatch):
+    """The real SmolLM2-135M (fp32 and weight-only int8): 24 decode steps, fused + kernels vs PyTorch's products."""
+    from llamaherd.embedded import embedded_model_path
+
+    fast = load_gpt(embedded_model_path(), quantize=quantize)
+    fuse_projections(fast)
+    prompt = list(range(1000, 1100))
+    got = decode_logits(fast, prompt, 24)
+    monkeypatch.setattr(kernels, "matvec_op", lambda: None)
+    want = decode_logits(load_gpt(embedded_model_path(), quantize=quantize), prompt, 24)
+    assert (got - want).abs().max() <= 1e-4
