@@ -1,6 +1,7 @@
 """The decode kernels (llamaherd.kernels) and fused projections against PyTorch's products and transformers."""
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,33 +29,51 @@ def test_matvec_equals_a_float64_product(rows, weight_dtype):
     """Odd sizes (131 outputs, 67 inputs) cover the row blocks' and vector loops' tails; bias and int8 scales."""
     torch.manual_seed(0)
     n, k = 131, 67
-    x, bias = torch.randn(rows, k), torch.randn(n)
+    x, bias = torch.randn(rows, 1, k), torch.randn(n)  # a decode step of `rows` sequences
     if weight_dtype is torch.int8:
         w, scale = int8_rows(n, k)
         dense = w.double() * scale.double()[:, None]
     else:
         w, scale = torch.randn(n, k).to(weight_dtype), None
         dense = w.double()
-    got = kernels.decode_linear(x, w, bias, scale)
-    assert got is not None and got.shape == (rows, n) and got.dtype == torch.float32
+    with torch.no_grad():
+        got = kernels.decode_linear(x, w, bias, scale)
+        got_b = kernels.decode_linear(x.bfloat16(), w, bias, scale)
+    assert got is not None and got.shape == (rows, 1, n) and got.dtype == torch.float32
     want = x.double() @ dense.T + bias.double()
     assert (got.double() - want).abs().max() <= 1e-4
 
     # A bf16 input (a bf16 model) gets a bf16 output: PyTorch's product rounded once, up to one bf16 step.
     xb = x.bfloat16()
-    got_b = kernels.decode_linear(xb, w, bias, scale)
     want_b = (xb.double() @ dense.T + bias.double())
     assert got_b.dtype == torch.bfloat16
     assert ((got_b.double() - want_b).abs() <= want_b.abs() * 2**-7 + 1e-3).all()
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_transformers(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    ref = LlamaRMSNorm(67, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ref.weight.normal_()
+        x = (torch.randn(5, 1, 67) * 4).to(dtype)
+        got, want = kernels.rms_norm(x, ref.weight, 1e-5), ref(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    tolerance = 1e-5 if dtype is torch.float32 else 0.0  # bf16: the same two roundings, so the same values
+    assert (got.float() - want.float()).abs().max() <= tolerance * want.abs().max()
+
+
 def test_decode_linear_declines_what_it_does_not_serve():
     w, x = torch.randn(8, 4), torch.randn(1, 4)
-    assert kernels.decode_linear(torch.randn(kernels.KERNEL_ROWS + 1, 4), w) is None  # prefill: a GEMM for ATen
-    assert kernels.decode_linear(x, w.half()) is None
-    assert kernels.decode_linear(x, torch.zeros(8, 4, dtype=torch.int8)) is None  # int8 needs its scale
-    with torch.enable_grad():
-        assert kernels.decode_linear(x.requires_grad_(), w) is None  # autograd stays with PyTorch
+    assert kernels.decode_linear(x, w) is None  # grad mode (training) stays with PyTorch
+    with torch.no_grad():
+        assert kernels.decode_linear(torch.randn(kernels.KERNEL_ROWS + 1, 1, 4), w) is None  # a GEMM for ATen
+        assert kernels.decode_linear(torch.randn(1, 2, 4), w) is None  # two positions: a prefill or a scoring pass
+        assert kernels.decode_linear(x, w.half()) is None
+        assert kernels.decode_linear(x, torch.zeros(8, 4, dtype=torch.int8)) is None  # int8 needs its scale
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +103,7 @@ def test_fused_kernel_decode_equals_eager(tiny, quantize, monkeypatch):
     assert fast.model.layers[0].self_attn.q_proj.fused is not None
     prompt = [5, 17, 33, 9, 60]
     got = decode_logits(fast, prompt, 12)
-    monkeypatch.setattr(kernels, "matvec_op", lambda: None)  # PyTorch's own products from here
+    monkeypatch.setattr(kernels, "native_ops", lambda: None)  # PyTorch's own products from here
     want = decode_logits(eager, prompt, 12)
     assert (got - want).abs().max() <= 1e-4
 
@@ -138,11 +157,11 @@ def test_without_a_compiler_decoding_falls_back_with_one_notice(tiny, monkeypatc
         raise RuntimeError("Ninja is required to load C++ extensions\nsecond line")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    kernels.matvec_op.cache_clear()
+    kernels.native_ops.cache_clear()
     try:
         model = load_gpt(path)
-        w = torch.randn(8, 4)
-        assert kernels.decode_linear(torch.randn(1, 4), w) is None
+        with torch.no_grad():
+            assert kernels.decode_linear(torch.randn(1, 4), torch.randn(8, 4)) is None
         got = decode_logits(model, [5, 17, 33], 4)
         err = capsys.readouterr().err
         assert err.count("decode kernels unavailable") == 1 and "Ninja is required" in err
@@ -152,36 +171,37 @@ def test_without_a_compiler_decoding_falls_back_with_one_notice(tiny, monkeypatc
             full = model(torch.tensor([ids]))[0, 2:]
         assert (got - full).abs().max() <= 1e-4
     finally:
-        kernels.matvec_op.cache_clear()
+        kernels.native_ops.cache_clear()
 
 
 def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("LLAMAHERD_KERNELS", "off")
-    kernels.matvec_op.cache_clear()
+    kernels.native_ops.cache_clear()
     try:
-        assert kernels.decode_linear(torch.randn(1, 4), torch.randn(8, 4)) is None
+        with torch.no_grad():
+            assert kernels.decode_linear(torch.randn(1, 4), torch.randn(8, 4)) is None
     finally:
-        kernels.matvec_op.cache_clear()
+        kernels.native_ops.cache_clear()
 
 
 def test_linear_layers_use_the_kernel_only_without_autograd(monkeypatch):
     calls = []
-    real = kernels.matvec_op
+    real = kernels.native_ops
 
     def counting():
-        op = real()
-        return None if op is None else (lambda *a: calls.append(1) or op(*a))
+        ops = real()
+        return None if ops is None else SimpleNamespace(matvec=lambda *a: calls.append(1) or ops.matvec(*a))
 
-    monkeypatch.setattr(kernels, "matvec_op", counting)
+    monkeypatch.setattr(kernels, "native_ops", counting)
     from llamaherd.model import linear
 
-    x, w = torch.randn(2, 4), torch.randn(8, 4)
+    x, w = torch.randn(2, 1, 4), torch.randn(8, 4)
     with torch.no_grad():
         y = linear(x, w)
     assert torch.allclose(y, F.linear(x, w), atol=1e-6)
     if real() is not None:
         assert calls == [1]
-    linear(x.requires_grad_(), w)
+    linear(x, w)  # grad mode
     assert len(calls) <= 1
 
 
@@ -196,6 +216,6 @@ def test_embedded_model_decode_logits_within_1e4_of_eager(quantize, monkeypatch)
     fuse_projections(fast)
     prompt = list(range(1000, 1100))
     got = decode_logits(fast, prompt, 24)
-    monkeypatch.setattr(kernels, "matvec_op", lambda: None)
+    monkeypatch.setattr(kernels, "native_ops", lambda: None)
     want = decode_logits(load_gpt(embedded_model_path(), quantize=quantize), prompt, 24)
     assert (got - want).abs().max() <= 1e-4

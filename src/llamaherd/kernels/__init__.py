@@ -1,10 +1,11 @@
-"""Native decode kernels: matrix-vector products that stream the weights at memory speed on every core.
+"""Native inference kernels: matrix-vector products that stream the weights at memory speed on every core.
 
 Decoding one token reads every weight once and does two flops per weight, so its speed is the speed at which
 the weights stream from memory. ATen's matrix-vector product runs one product on one core (measured in
 issue 12: 15-19 GB/s whether torch has 1 or 2 threads) and its bf16 and packed-int8 ones are slower still.
 `matvec.cpp` splits the output rows of each product over torch's intra-op threads and reads fp32, bf16 or
-int8 weights (one scale per row, `llamaherd.quantize`) directly.
+int8 weights (one scale per row, `llamaherd.quantize`) directly. A decode step of a small model is also
+bound by the count of ops (each eager op costs microseconds of dispatch), so `rms_norm` is one op there.
 
 The kernel is compiled for this CPU on first use (`-O3 -march=native`, about 20 s, kept under
 `$XDG_CACHE_HOME/llamaherd/kernels`). Without a compiler, or when the build fails, a one-line notice says so and
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("matvec.cpp")
-KERNEL_ROWS = 16  # inputs of at most this many rows (decode steps) take the kernel; more rows are a GEMM for ATen
+SOURCE = Path(__file__).with_name("decode_ops.cpp")
+KERNEL_ROWS = 16  # decode steps of at most this many sequences take the kernels; larger inputs are ATen's GEMMs
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OFF_VALUES = ("0", "false", "no", "off")
@@ -43,12 +44,13 @@ def _build_name() -> str:
     except OSError:
         flags = ""
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
-    return f"llamaherd_matvec_{digest}"
+    return f"llamaherd_ops_{digest}"
 
 
 @functools.cache
-def matvec_op():
-    """torch.ops.llamaherd.matvec, built and loaded once per process; None (after one notice) when unavailable."""
+def native_ops():
+    """The op namespace torch.ops.llamaherd (matvec, rms_norm), built and loaded once per process; None (after one
+    notice) when unavailable."""
     if os.environ.get("LLAMAHERD_KERNELS", "1").strip().lower() in OFF_VALUES:
         return None
     try:
@@ -61,7 +63,7 @@ def matvec_op():
             print("llamaherd: compiling the decode kernels for this CPU (once, about 20 s)", file=sys.stderr)
         load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(directory), is_python_module=False, verbose=False)
-        return torch.ops.llamaherd.matvec
+        return torch.ops.llamaherd
     except Exception as e:  # no compiler or ninja, a failed build: decode still works, only slower
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llamaherd: decode kernels unavailable ({type(e).__name__}: {reason[:200]}); decoding with "
@@ -69,25 +71,33 @@ def matvec_op():
         return None
 
 
+def decode_step(x: torch.Tensor) -> bool:
+    """x (..., 1, D) with at most KERNEL_ROWS rows: one new position per sequence. Only decode steps take the
+    kernels, so a prefill and an evaluation (several positions per row) keep PyTorch's own rounding, whatever
+    their size (evaluation results must not depend on batch size, tests/test_eval_engine.py)."""
+    return x.dim() >= 2 and x.shape[-2] == 1 and x.numel() <= KERNEL_ROWS * x.shape[-1]
+
+
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (..., K) @ weight (N, K).T, times scale (N,) per output row for int8 weights, plus bias (N,):
-    (..., N) in x's dtype, accumulated in fp32. None when the kernel does not apply: autograd recording, not
-    on the CPU, more than KERNEL_ROWS rows, dtypes it does not read, or the kernel is unavailable."""
-    records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                           or (bias is not None and bias.requires_grad))
-    if (records or x.device.type != "cpu" or weight.dtype not in WEIGHT_DTYPES
+    (..., N) in x's dtype, accumulated in fp32. None when the kernel does not apply: grad mode (kernels serve
+    inference, under no_grad or inference_mode), not a decode step (see `decode_step`), not on the CPU, dtypes
+    it does not read, or the kernel is unavailable."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or weight.dtype not in WEIGHT_DTYPES
             or x.dtype not in INPUT_DTYPES or (weight.dtype == torch.int8) != (scale is not None)
-            or x.numel() > KERNEL_ROWS * x.shape[-1] or not weight.is_contiguous()
+            or not decode_step(x) or not weight.is_contiguous()
             or torch.is_autocast_enabled("cpu")):
         return None
-    op = matvec_op()
-    if op is None:
+    ops = native_ops()
+    return None if ops is None else ops.matvec(x, weight, scale, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of x (..., D) with weight (D,) in one op, as `llamaherd.model.RMSNorm` computes it; None when the
+    kernel does not apply (grad mode, not a decode step, not on the CPU, other dtypes) or is unavailable."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in INPUT_DTYPES
+            or not decode_step(x) or torch.is_autocast_enabled("cpu")):
         return None
-    none = _EMPTY
-    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = op(rows, weight, none if scale is None else scale.float(), none if bias is None else bias.float())
-    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-
-
-_EMPTY = torch.empty(0)
+    ops = native_ops()
+    return None if ops is None else ops.rms_norm(x, weight, eps)
