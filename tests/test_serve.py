@@ -322,14 +322,15 @@ FAULT_SEED, HOLD_SEED = 666, 777
 
 
 def on_sampling(monkeypatch, seed: int, action) -> None:
-    """Run `action` whenever the engine samples for a request with this seed (inside the engine's step)."""
+    """Run `action` whenever the engine samples for a request with this seed (inside the engine's step); what it
+    returns, unless None, is the sampled token."""
     import llamaherd.engine.engine as engine_module
 
     real = engine_module.sample_next
 
     def sample_next(logits, params, generator):
-        if params.seed == seed:
-            action()
+        if params.seed == seed and (token := action()) is not None:
+            return torch.tensor([token])
         return real(logits, params, generator)
 
     monkeypatch.setattr(engine_module, "sample_next", sample_next)

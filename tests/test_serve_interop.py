@@ -154,7 +154,7 @@ def test_clients_that_hang_up_mid_stream_free_their_rows(served, monkeypatch):
     cancelled in the engine (rows free, nothing queued or running, far fewer tokens generated than asked), a
     normal request then succeeds, and the process's memory returns to its level before."""
     slow_seed, max_tokens = 4242, 100
-    on_sampling(monkeypatch, slow_seed, lambda: time.sleep(0.005))
+    on_sampling(monkeypatch, slow_seed, lambda: time.sleep(0.005) or 5)  # 5 ms and never EOS: a long stream
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 1.0, "seed": slow_seed, "stream": True}
     server, process = served.app.state.server, psutil.Process()
 
@@ -186,6 +186,29 @@ def test_clients_that_hang_up_mid_stream_free_their_rows(served, monkeypatch):
     assert done.choices[0].finish_reason in ("length", "stop")
     growth = process.memory_info().rss - rss_before
     assert growth < 32 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"
+
+
+def test_a_client_that_hangs_up_before_a_plain_response_is_cancelled(served, monkeypatch):
+    slow_seed = 4243
+    on_sampling(monkeypatch, slow_seed, lambda: time.sleep(0.01) or 5)  # 10 ms and never EOS: a long reply
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 100, "temperature": 1.0, "seed": slow_seed}).encode()
+    before = _metrics(served.base_url)["llamaherd_generation_tokens_total"]
+    with socket.create_connection(("127.0.0.1", served.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
+                  b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while _metrics(served.base_url)["llamaherd_running_sequences"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    deadline = time.monotonic() + 30
+    while True:
+        m = _metrics(served.base_url)
+        state = (m["llamaherd_requests_in_flight"], m["llamaherd_running_sequences"], m["llamaherd_kv_rows_free"])
+        if state == (0, 0, 4) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert state == (0, 0, 4)
+    assert m["llamaherd_generation_tokens_total"] - before < 50  # of the 100 asked
 
 
 def test_herd_serve_command_keeps_the_api_key_out_of_its_logs(tiny, tmp_path):
