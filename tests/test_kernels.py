@@ -66,6 +66,30 @@ def test_rms_norm_equals_transformers(dtype):
     assert (got.float() - want.float()).abs().max() <= tolerance * want.abs().max()
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotated", [16, 10])  # all head dims, or partial rotary (the rest passes through)
+def test_rope_qk_and_silu_mul_equal_the_eager_ops(dtype, rotated):
+    from llamaherd.model import apply_rope
+
+    torch.manual_seed(0)
+    B, n_head, n_kv, hd = 3, 4, 2, 16
+    qkv = torch.randn(B, 1, (n_head + 2 * n_kv) * hd).to(dtype)
+    q, k, _ = qkv.split([n_head * hd, n_kv * hd, n_kv * hd], dim=-1)  # views, as the fused product gives
+    angles = torch.randn(B, 1, 1, rotated // 2) * 3
+    cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
+    with torch.no_grad():
+        got_q, got_k = kernels.rope_qk(q, k, cos, sin, n_head, n_kv)
+        want_q = apply_rope(q.view(B, 1, n_head, hd).transpose(1, 2), cos, sin)
+        want_k = apply_rope(k.view(B, 1, n_kv, hd).transpose(1, 2), cos, sin)
+        gate, up = torch.randn(2, B, 1, 40).mul(3).to(dtype)
+        got_act, want_act = kernels.silu_mul(gate, up), F.silu(gate) * up
+    ulp = 1e-6 if dtype is torch.float32 else 2**-7
+    for got, want in ((got_q, want_q), (got_k, want_k), (got_act, want_act)):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert ((got.float() - want.float()).abs() <= ulp * want.float().abs() + 1e-6).all()
+
+
 def test_decode_linear_declines_what_it_does_not_serve():
     w, x = torch.randn(8, 4), torch.randn(1, 4)
     assert kernels.decode_linear(x, w) is None  # grad mode (training) stays with PyTorch

@@ -376,10 +376,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.x.shape
         q, k, v = x.project(self.q_proj, self.k_proj, self.v_proj)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        if (rotated := kernels.rope_qk(q, k, cos, sin, self.n_head, self.n_kv)) is not None:  # decode: one op
+            q, k = rotated
+        else:
+            q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
+            k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = past + T
         gqa = self.n_kv != self.n_head
@@ -416,7 +419,8 @@ class MLP(nn.Module):
             return self.down_proj(F.gelu(up))
         gate, up = x.project(self.gate_proj, self.up_proj)
         if not torch.is_grad_enabled():  # inference: no graph
-            return self.down_proj(F.silu(gate) * up)
+            act = kernels.silu_mul(gate, up)  # a decode step: one op
+            return self.down_proj(F.silu(gate) * up if act is None else act)
         if lean_training(gate, self.down_proj):
             return SwiGLUDown.apply(gate, up, self.down_proj.weight)
         return self.down_proj(SiluMul.apply(gate, up))  # LoRA / int8 / autocast: the module's own forward

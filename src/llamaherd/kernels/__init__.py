@@ -5,7 +5,8 @@ the weights stream from memory. ATen's matrix-vector product runs one product on
 issue 12: 15-19 GB/s whether torch has 1 or 2 threads) and its bf16 and packed-int8 ones are slower still.
 `matvec.cpp` splits the output rows of each product over torch's intra-op threads and reads fp32, bf16 or
 int8 weights (one scale per row, `llamaherd.quantize`) directly. A decode step of a small model is also
-bound by the count of ops (each eager op costs microseconds of dispatch), so `rms_norm` is one op there.
+bound by the count of ops (each eager op costs microseconds of dispatch), so RMSNorm, RoPE of q and k, and
+SwiGLU's silu(gate) * up are one op each there (`rms_norm`, `rope_qk`, `silu_mul`).
 
 The kernel is compiled for this CPU on first use (`-O3 -march=native`, about 20 s, kept under
 `$XDG_CACHE_HOME/llamaherd/kernels`). Without a compiler, or when the build fails, a one-line notice says so and
@@ -49,8 +50,8 @@ def _build_name() -> str:
 
 @functools.cache
 def native_ops():
-    """The op namespace torch.ops.llamaherd (matvec, rms_norm), built and loaded once per process; None (after one
-    notice) when unavailable."""
+    """The op namespace torch.ops.llamaherd (matvec, rms_norm, rope_qk, silu_mul), built and loaded once per
+    process; None (after one notice) when unavailable."""
     if os.environ.get("LLAMAHERD_KERNELS", "1").strip().lower() in OFF_VALUES:
         return None
     try:
@@ -84,20 +85,38 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     (..., N) in x's dtype, accumulated in fp32. None when the kernel does not apply: grad mode (kernels serve
     inference, under no_grad or inference_mode), not a decode step (see `decode_step`), not on the CPU, dtypes
     it does not read, or the kernel is unavailable."""
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or weight.dtype not in WEIGHT_DTYPES
-            or x.dtype not in INPUT_DTYPES or (weight.dtype == torch.int8) != (scale is not None)
-            or not decode_step(x) or not weight.is_contiguous()
-            or torch.is_autocast_enabled("cpu")):
+    if weight.dtype not in WEIGHT_DTYPES or (weight.dtype == torch.int8) != (scale is not None) \
+            or not weight.is_contiguous():
         return None
-    ops = native_ops()
+    ops = _native_for(x)
     return None if ops is None else ops.matvec(x, weight, scale, bias)
+
+
+def _native_for(x: torch.Tensor):
+    """The native ops when x is a decode step's input they serve (no grad mode, CPU, float dtype); else None."""
+    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in INPUT_DTYPES
+            or not decode_step(x) or torch.is_autocast_enabled("cpu")):
+        return None
+    return native_ops()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of x (..., D) with weight (D,) in one op, as `llamaherd.model.RMSNorm` computes it; None when the
     kernel does not apply (grad mode, not a decode step, not on the CPU, other dtypes) or is unavailable."""
-    if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in INPUT_DTYPES
-            or not decode_step(x) or torch.is_autocast_enabled("cpu")):
-        return None
-    ops = native_ops()
+    ops = _native_for(x)
     return None if ops is None else ops.rms_norm(x, weight, eps)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int,
+            n_kv: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """RoPE of a decode step's q (B, 1, n_head * hd) and k (B, 1, n_kv * hd) with cos, sin (B, 1, 1, d):
+    q (B, n_head, 1, hd) and k (B, n_kv, 1, hd) as `llamaherd.model.apply_rope` rotates them, in one op; None
+    when the kernel does not apply."""
+    ops = _native_for(q)
+    return None if ops is None or q.dtype != cos.dtype else ops.rope_qk(q, k, cos, sin, n_head, n_kv)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of a decode step (SwiGLU), in one op; None when the kernel does not apply."""
+    ops = _native_for(gate)
+    return None if ops is None else ops.silu_mul(gate, up)

@@ -2,7 +2,7 @@
 // against a large weight), split by output rows over torch's intra-op threads so one product uses every core.
 // Weights are read once, in their stored precision: float32, bfloat16 (raw uint16 bits) or int8 with one float
 // scale per output row (llamaherd.quantize). Each dot product accumulates in float32; gcc vectorizes the inner
-// loops (-O3 -march=native). rms_norm: RMSNorm in one op.
+// loops (-O3 -march=native). rms_norm, rope_qk, silu_mul: the other ops of a decode step, each in one op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -146,13 +147,74 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y.view(x.sizes()).to(x.scalar_type());
 }
 
+// RoPE of one decode step's queries and keys in one op (rotate-half layout, as llamaherd.model.apply_rope):
+// q (B, 1, n_head * hd), k (B, 1, n_kv * hd) (views into the fused q/k/v product are fine), cos and sin
+// (B, 1, 1, d) with d <= hd rotated dims -> q (B, n_head, 1, hd), k (B, n_kv, 1, hd) in q's dtype. A half
+// dtype rounds each product and the sum, as the eager ops do.
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, int64_t heads) {
+  const int64_t B = x.size(0), hd = x.size(-1) / heads, d = c.size(-1), half_d = d / 2;
+  const at::ScalarType dtype = x.scalar_type();
+  const bool half = dtype != at::kFloat;
+  const at::Tensor xf = x.reshape({B, heads, hd}).to(at::kFloat).contiguous();
+  at::Tensor out = at::empty_like(xf);
+  const float *xp = xf.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto r = [&](float v) { return half ? round_to(v, dtype) : v; };
+  for (int64_t b = 0; b < B; ++b) {
+    const float *cb = cp + b * d, *sb = sp + b * d;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* xr = xp + (b * heads + h) * hd;
+      float* orow = op + (b * heads + h) * hd;
+      for (int64_t i = 0; i < half_d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(-xr[i + half_d] * sb[i]));
+      for (int64_t i = half_d; i < d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(xr[i - half_d] * sb[i]));
+      for (int64_t i = d; i < hd; ++i) orow[i] = xr[i];
+    }
+  }
+  return out.view({B, heads, 1, hd}).to(dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                           const at::Tensor& sin, int64_t n_head, int64_t n_kv) {
+  TORCH_CHECK(q.dim() == 3 && q.size(1) == 1 && k.size(0) == q.size(0), "rope_qk: q ", q.sizes(), " and k ",
+              k.sizes(), " are not one decode step");
+  const int64_t B = q.size(0);
+  TORCH_CHECK(cos.numel() == B * cos.size(-1) && cos.size(-1) % 2 == 0 && cos.size(-1) <= q.size(-1) / n_head,
+              "rope_qk: cos ", cos.sizes(), " does not fit q ", q.sizes());
+  const at::Tensor c = cos.reshape({B, cos.size(-1)}).to(at::kFloat).contiguous();
+  const at::Tensor s = sin.reshape({B, sin.size(-1)}).to(at::kFloat).contiguous();
+  return {rotate(q, c, s, n_head), rotate(k, c, s, n_kv)};
+}
+
+// silu(gate) * up for one decode step (gate and up may be views into the fused gate/up product), in gate's
+// dtype; a half dtype rounds silu's result and the product, as F.silu(gate) * up does.
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.sizes() == up.sizes(), "silu_mul: gate ", gate.sizes(), " and up ", up.sizes(), " differ");
+  const at::ScalarType dtype = gate.scalar_type();
+  const bool half = dtype != at::kFloat;
+  const at::Tensor g = gate.to(at::kFloat).contiguous(), u = up.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty_like(g);
+  const float *gp = g.data_ptr<float>(), *upp = u.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t n = g.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    float a = gp[i] / (1.f + std::exp(-gp[i]));
+    if (half) a = round_to(a, dtype);
+    yp[i] = a * upp[i];
+  }
+  return y.to(dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llamaherd, m) {
   m.def("matvec(Tensor x, Tensor weight, Tensor? scale=None, Tensor? bias=None) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, int n_head, int n_kv) -> (Tensor, Tensor)");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llamaherd, CPU, m) {
   m.impl("matvec", &matvec);
   m.impl("rms_norm", &rms_norm);
+  m.impl("rope_qk", &rope_qk);
+  m.impl("silu_mul", &silu_mul);
 }
