@@ -209,7 +209,8 @@ class Engine:
         self.computed_tokens += n
 
     def _decode(self) -> list[Event]:
-        ready = [s for s in self.running if not s.prefilling]
+        # In row order: a full batch is a range of rows, which attention reads as a view (CacheRows.span).
+        ready = sorted((s for s in self.running if not s.prefilling), key=lambda s: s.slot)
         if not ready:
             return []
         idx = torch.tensor([[s.ids[s.computed]] for s in ready], device=self.device)  # (B, 1)
