@@ -218,20 +218,21 @@ class Engine:
         rows = self.cache.rows(torch.tensor([s.slot for s in ready], device=self.device), positions)
         logits = self.model(idx, cache=rows)[:, 0].float()  # (B, V)
         self.computed_tokens += len(ready)
-        logprobs = logits.log_softmax(-1)
+        wanted = any(s.request.params.logprobs is not None for s in ready)
+        logprobs = logits.log_softmax(-1) if wanted else None  # (B, V), only when some sequence reports them
         events = []
         for b, seq in enumerate(ready):
             self.slots.tokens[seq.slot].append(seq.ids[seq.computed])
             seq.computed += 1
             try:
-                events.append(self._sample(seq, logits[b:b + 1], logprobs[b]))
+                events.append(self._sample(seq, logits[b:b + 1], None if logprobs is None else logprobs[b]))
             except Exception as error:
                 if not self.isolate_faults:
                     raise
                 events.append(self._fail(seq, error))
         return events
 
-    def _sample(self, seq: _Sequence, row: torch.Tensor, logprobs: torch.Tensor) -> Event:
+    def _sample(self, seq: _Sequence, row: torch.Tensor, logprobs: torch.Tensor | None) -> Event:
         """Sample the next token from the sequence's logits row (1, V) and record it."""
         params = seq.request.params
         if params.repetition_penalty != 1.0:
@@ -240,7 +241,7 @@ class Engine:
         token = int(sample_next(row, params, seq.generator))
         return self._emit(seq, token, logprobs)
 
-    def _emit(self, seq: _Sequence, token: int, logprobs: torch.Tensor) -> Event:
+    def _emit(self, seq: _Sequence, token: int, logprobs: torch.Tensor | None) -> Event:
         """Record a sampled token; finish the sequence on a stop id, a stop string or max_new_tokens."""
         params, completion = seq.request.params, seq.completion
         seq.ids.append(token)
