@@ -281,6 +281,25 @@ def test_non_finite_numbers_are_refused(client):
                                                                                   "application/json"}), 400)
 
 
+def test_the_stop_limit_counts_strings_not_characters(client):
+    long_stop = "Question: and what comes next?"  # 30 characters, one string
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": long_stop})
+    assert r.status_code == 200, r.text
+    assert client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": [long_stop]}).status_code \
+        == 200
+    assert_openai_error(client.post("/v1/completions", json={"prompt": PROMPT, "stop": ["x"] * 17}), 400,
+                        "stop: must be", "at most 16")
+
+
+def test_a_top_p_below_float32s_range_keeps_the_likeliest_token(client, ref):
+    hf, tok = ref
+    ids = tok(PROMPT).input_ids
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "temperature": 1.0, "top_p": 1e-300,
+                                             "seed": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == text_of(tok, hf_greedy(hf, ids, 6))  # the nucleus is the argmax
+
+
 def test_api_key(loaded):
     with serve(loaded, api_key="s3cret-key") as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):

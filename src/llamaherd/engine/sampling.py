@@ -75,6 +75,7 @@ def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= params.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[:, 0] = False  # and the likeliest token always: a top_p under float32's range (1e-300) rounds to 0
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 

@@ -41,7 +41,7 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: StopText | list[StopText] | None = Field(None, max_length=MAX_STOP)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None  # the limit counts strings
     seed: int | None = Field(None, ge=-INT64, lt=INT64 - MAX_N)  # completion i samples with seed + i
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
