@@ -76,7 +76,8 @@ def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
 
 
 def text_of(tok, ids: list[int]) -> str:
-    return tok.decode([i for i in ids if i != EOS])
+    """The text the server returns for ids: without control tokens, as transformers decodes them so."""
+    return tok.decode(ids, skip_special_tokens=True)
 
 
 def assert_openai_error(r, status: int, *words: str) -> dict:
@@ -101,7 +102,7 @@ def test_completion_echo_logprobs_equal_transformers_and_the_engine(client, ref,
     choice = body["choices"][0]
     ids = tok(PROMPT).input_ids  # <s> first, as the tokenizer's post-processor adds it
     new = hf_greedy(hf, ids, 5)
-    assert choice["text"] == tok.decode(ids) + text_of(tok, new)
+    assert choice["text"] == text_of(tok, ids) + text_of(tok, new)
     assert choice["finish_reason"] == ("stop" if EOS in new else "length")
     assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(new),
                              "total_tokens": len(ids) + len(new)}
@@ -279,6 +280,28 @@ def test_non_finite_numbers_are_refused(client):
                 b'{"prompt": "x", "temperature": 1e999}'):
         assert_openai_error(client.post("/v1/completions", content=raw, headers={"Content-Type":
                                                                                   "application/json"}), 400)
+
+
+def test_text_leaves_out_control_tokens_as_openai_and_vllm_do(client, ref):
+    hf, tok = ref
+    ids = tok("fox <s> dog").input_ids  # <s> at the start and inside the prompt
+    assert ids.count(1) == 2
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 40, "temperature": 1.0, "seed": 0, "n": 4,
+                                             "logprobs": 0, "echo": True})
+    assert r.status_code == 200, r.text
+    generated_bos = 0
+    for choice in r.json()["choices"]:
+        lp, text = choice["logprobs"], choice["text"]
+        assert lp["tokens"][:len(ids)] == [tok.decode([i]) for i in ids]  # logprobs still name every token
+        generated_bos += lp["tokens"][len(ids):].count("<s>")
+        assert text.startswith(text_of(tok, ids)) and "<s>" not in text and "</s>" not in text
+        ends = lp["text_offset"][1:] + [len(text)]
+        pieces = [text[a:b] for a, b in zip(lp["text_offset"], ends)]
+        assert all(p == "" for p, t in zip(pieces, lp["tokens"]) if t in ("<s>", "</s>"))
+    assert generated_bos >= 1  # the random model does sample <s>: this checks the completion's text too
+    chat = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 20, "temperature": 1.0,
+                                                     "seed": 0, "n": 4}).json()
+    assert all("<s>" not in c["message"]["content"] for c in chat["choices"])
 
 
 def test_the_stop_limit_counts_strings_not_characters(client):

@@ -110,7 +110,7 @@ def test_openai_client_chat_streaming_and_completions_with_logprobs(served, ref)
     done = client.completions.create(model=model.id, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,
                                      echo=True)
     choice = done.choices[0]
-    assert choice.text == tok.decode(prompt_ids) + text_of(tok, new)
+    assert choice.text == text_of(tok, prompt_ids) + text_of(tok, new)
     want = hf_logprobs(hf, prompt_ids + new)
     every = prompt_ids + new
     assert choice.logprobs.token_logprobs[0] is None

@@ -136,8 +136,9 @@ class Server:
         return self.tokenizer.decode([token_id])
 
     def pieces(self, ids: list[int]) -> list[str]:
-        """Each id's share of the decoded text (partial UTF-8 characters go to the id that completes them)."""
-        decoder = self.tokenizer.stream_decoder()
+        """Each id's share of the decoded text (partial UTF-8 characters go to the id that completes them; control
+        tokens such as <s> have none, as the returned text leaves them out)."""
+        decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         out = [decoder.push(i) for i in ids]
         if out:
             out[-1] += decoder.flush()
@@ -275,12 +276,13 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def _params(body, max_tokens: int, stop: list[str], logprobs: int | None, echo: bool = False) -> SamplingParams:
     """The engine's settings for a request; a temperature below 1e-5 is greedy (vLLM's rule: dividing the logits
-    by less overflows float32)."""
+    by less overflows float32); the text leaves out control tokens (<s>, </s>), as OpenAI's and vLLM's do."""
     return SamplingParams(
         max_new_tokens=max_tokens, temperature=body.temperature if body.temperature >= 1e-5 else 0.0,
         top_k=body.top_k,
         top_p=None if body.top_p == 1.0 else body.top_p, repetition_penalty=body.repetition_penalty,
-        stop_strings=stop, seed=body.seed, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+        stop_strings=stop, seed=body.seed, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
+        skip_special_tokens=True)
 
 
 class _Observe:
