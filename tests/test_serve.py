@@ -264,7 +264,8 @@ def test_models_health_and_metrics(client):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, ["messages.0.content"]),
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400, ["top_logprobs needs logprobs"]),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 400, ["max_completion_tokens"]),
-    ("/v1/nothing", {}, 404, []),
+    ("/v1/completions", b"", 400, ["body must be a JSON object"]),
+    ("/v1/nothing", {}, 404, ["POST /v1/nothing: no such path", "POST /v1/completions"]),
 ])
 def test_bad_requests_get_openai_errors(client, path, body, status, words):
     if isinstance(body, bytes):
@@ -273,6 +274,13 @@ def test_bad_requests_get_openai_errors(client, path, body, status, words):
         r = client.post(path, json=body)
     error = assert_openai_error(r, status, *words)
     assert error["type"] == ("not_found_error" if path == "/v1/nothing" else "invalid_request_error")
+
+
+def test_a_wrong_method_names_the_right_one(client):
+    for method, path, allowed in (("GET", "/v1/completions", "POST"), ("GET", "/v1/chat/completions", "POST"),
+                                  ("DELETE", "/v1/completions", "POST"), ("POST", "/v1/models", "GET")):
+        error = assert_openai_error(client.request(method, path), 405, f"{method} {path}", f"use {allowed}")
+        assert error["type"] == "invalid_request_error"
 
 
 def test_non_finite_numbers_are_refused(client):
@@ -332,6 +340,8 @@ def test_api_key(loaded):
         assert c.get("/health").status_code == 200  # liveness probes need no key
         ok = {"Authorization": "Bearer s3cret-key"}
         assert c.get("/v1/models", headers=ok).status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": "bearer s3cret-key"}).status_code == 200  # RFC 7235
+        assert_openai_error(c.get("/v1/models", headers={"Authorization": "Basic s3cret-key"}), 401)
         assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=ok).status_code == 200
 
 

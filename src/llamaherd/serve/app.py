@@ -292,7 +292,7 @@ class _Observe:
     def __init__(self, app, server: Server, paths: set[str]) -> None:
         self.app, self.server, self.paths = app, server, paths
         key = server.config.api_key
-        self.expected = None if not key else f"Bearer {key}".encode()
+        self.expected = None if not key else key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -308,8 +308,9 @@ class _Observe:
 
         try:
             if self.expected is not None and scope["path"] not in OPEN_PATHS:
-                given = dict(scope["headers"]).get(b"authorization", b"")
-                if not hmac.compare_digest(given, self.expected):
+                scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+                # the scheme is case-insensitive (RFC 7235 section 2.1): "bearer KEY" is as good as "Bearer KEY"
+                if not (hmac.compare_digest(given, self.expected) and scheme.lower() == b"bearer"):
                     response = error_response(401, "Missing or incorrect API key; send the header "
                                                    "'Authorization: Bearer <key>' with the key the server was "
                                                    "started with", code="invalid_api_key")
@@ -347,9 +348,14 @@ def create_app(loaded, config: ServeConfig | None = None) -> FastAPI:
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), type_, headers=getattr(e, "headers", None))
+        headers, where = getattr(e, "headers", None), f"{request.method} {request.url.path}"
+        message = {404: f"{where}: no such path; the API is GET /v1/models, POST /v1/completions, POST "
+                        "/v1/chat/completions, GET /health, GET /metrics",
+                   405: f"{where}: method not allowed; use {(headers or {}).get('Allow', 'another method')}"
+                   }.get(e.status_code, str(e.detail))
+        return error_response(e.status_code, message, type_, headers=headers)
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, e: Exception) -> JSONResponse:

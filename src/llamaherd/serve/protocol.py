@@ -130,10 +130,10 @@ def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
         return f"the body is not valid JSON ({reason}); send a JSON object", None
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param} (this server does not implement it)", param
+    if not fields:  # the body itself: empty, not an object, or not sent as JSON
+        return "the body must be a JSON object (Content-Type: application/json) with the request's fields", None
     if kind == "missing":
         return f"{param}: required field missing", param
-    if not fields:
-        return "the body must be a JSON object (Content-Type: application/json) with the request's fields", None
     shape = next((SHAPES[f] for f in reversed(fields) if f in SHAPES), None)
     if shape and len(fields) < len(loc):  # a union member failed
         return f"{param}: must be {shape}", param
