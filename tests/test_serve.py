@@ -265,6 +265,7 @@ def test_models_health_and_metrics(client):
     ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, 400, ["top_logprobs needs logprobs"]),
     ("/v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 400, ["max_completion_tokens"]),
     ("/v1/completions", b"", 400, ["body must be a JSON object"]),
+    ("/v1/completions", '{"prompt": "\u00e9"}'.encode("latin-1"), 400, ["could not be read", "UTF-8"]),
     ("/v1/nothing", {}, 404, ["POST /v1/nothing: no such path", "POST /v1/completions"]),
 ])
 def test_bad_requests_get_openai_errors(client, path, body, status, words):

@@ -351,7 +351,8 @@ def create_app(loaded, config: ServeConfig | None = None) -> FastAPI:
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         headers, where = getattr(e, "headers", None), f"{request.method} {request.url.path}"
-        message = {404: f"{where}: no such path; the API is GET /v1/models, POST /v1/completions, POST "
+        message = {400: f"the body could not be read ({e.detail}); send a JSON object encoded as UTF-8",  # FastAPI's
+                   404: f"{where}: no such path; the API is GET /v1/models, POST /v1/completions, POST "
                         "/v1/chat/completions, GET /health, GET /metrics",
                    405: f"{where}: method not allowed; use {(headers or {}).get('Allow', 'another method')}"
                    }.get(e.status_code, str(e.detail))
