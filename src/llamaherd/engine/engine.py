@@ -19,6 +19,7 @@ from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, 
 from llamaherd.engine.slots import Slots
 from llamaherd.engine.text import StopText
 from llamaherd.errors import InputError
+from llamaherd.kernels import native_ops
 from llamaherd.model import GPT, SlotCache, fuse_projections
 
 
@@ -53,6 +54,8 @@ class Engine:
             raise InputError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         fuse_projections(model)  # q/k/v and gate/up as one product each: fewer, larger products per step
+        if model.output_weight.device.type == "cpu":
+            native_ops()  # built now if it must be (a server's start-up), not in the first request
         self.max_len = max_len or model.config.block_size
         self.prefill_chunk, self.prefix_reuse = prefill_chunk, prefix_reuse
         self.isolate_faults = isolate_faults  # a server's choice: one sequence's exception ends only that sequence

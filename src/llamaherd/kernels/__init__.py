@@ -3,15 +3,15 @@
 Decoding one token reads every weight once and does two flops per weight, so its speed is the speed at which
 the weights stream from memory. ATen's matrix-vector product runs one product on one core (measured in
 issue 12: 15-19 GB/s whether torch has 1 or 2 threads) and its bf16 and packed-int8 ones are slower still.
-`matvec.cpp` splits the output rows of each product over torch's intra-op threads and reads fp32, bf16 or
+`decode_ops.cpp` splits the output rows of each product over torch's intra-op threads and reads fp32, bf16 or
 int8 weights (one scale per row, `llamaherd.quantize`) directly. A decode step of a small model is also
 bound by the count of ops (each eager op costs microseconds of dispatch), so RMSNorm, RoPE of q and k, and
 SwiGLU's silu(gate) * up are one op each there (`rms_norm`, `rope_qk`, `silu_mul`).
 
 The kernel is compiled for this CPU on first use (`-O3 -march=native`, about 20 s, kept under
 `$XDG_CACHE_HOME/llamaherd/kernels`). Without a compiler, or when the build fails, a one-line notice says so and
-decoding uses PyTorch's own products (same results, slower). `LLAMAHERD_KERNELS=0` (or false/no/off) turns the
-kernels off.
+decoding uses PyTorch's own ops (same results up to rounding, slower). `LLAMAHERD_KERNELS=0` (or false/no/off)
+turns the kernels off.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,25 +52,40 @@ def _build_name() -> str:
 @functools.cache
 def native_ops():
     """The op namespace torch.ops.llamaherd (matvec, rms_norm, rope_qk, silu_mul), built and loaded once per
-    process; None (after one notice) when unavailable."""
+    process; None (after one notice) when unavailable. A failed build is remembered (FAILED.log in the build
+    directory, whose deletion retries it), so later runs neither rebuild nor print the build's output again."""
     if os.environ.get("LLAMAHERD_KERNELS", "1").strip().lower() in OFF_VALUES:
+        return None
+    name = _build_name()
+    directory = cache_directory() / name
+    failed = directory / "FAILED.log"
+    if failed.exists():
+        _notice(f"their build failed before, log: {failed}; delete it to retry")
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        name = _build_name()
-        directory = cache_directory() / name
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / f"{name}.so").exists():
             print("llamaherd: compiling the decode kernels for this CPU (once, about 20 s)", file=sys.stderr)
-        load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-             build_directory=str(directory), is_python_module=False, verbose=False)
+        with warnings.catch_warnings():  # torch's multi-line compiler banner; a failure gets one line below
+            warnings.simplefilter("ignore")
+            load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                 build_directory=str(directory), is_python_module=False, verbose=False)
         return torch.ops.llamaherd
     except Exception as e:  # no compiler or ninja, a failed build: decode still works, only slower
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"llamaherd: decode kernels unavailable ({type(e).__name__}: {reason[:200]}); decoding with "
-              "PyTorch's own matrix products (same results, slower)", file=sys.stderr)
+        try:
+            failed.write_text(f"{type(e).__name__}: {e}\n")
+            where = f"log: {failed}"
+        except OSError:
+            where = f"{type(e).__name__}: {str(e).strip()[:200]}"
+        _notice(f"build failed, {where}")
         return None
+
+
+def _notice(reason: str) -> None:
+    print(f"llamaherd: decode kernels unavailable ({reason}); decoding with PyTorch's own ops (same results up "
+          "to rounding, slower); LLAMAHERD_KERNELS=0 skips them", file=sys.stderr)
 
 
 def decode_step(x: torch.Tensor) -> bool:
