@@ -519,3 +519,19 @@ def test_a_peft_adapter_directory_is_served_with_its_base_and_lineage(tiny, ref,
         text = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0}).json()
     assert text["choices"][0]["text"] == text_of(tok, hf_greedy(peft, ids, 8))
     assert text_of(tok, hf_greedy(peft, ids, 8)) != text_of(tok, hf_greedy(hf, ids, 8))  # the adapter matters
+
+
+def test_a_busy_port_is_a_one_line_error_before_the_model_loads(tmp_path, capsys):
+    import socket
+
+    from llamaherd.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        missing_model = tmp_path / "no-such-model"  # never loaded: the port is checked first
+        assert main(["serve", str(missing_model), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pass another --port, "
+                   "or --host an address of this machine"]

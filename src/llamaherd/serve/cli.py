@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from llamaherd.errors import InputError
@@ -41,6 +42,18 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return p
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """InputError naming the address when nothing can listen on host:port (in use, or not this machine's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port, or --host "
+                             "an address of this machine") from None
+
+
 def run_serve(args: argparse.Namespace) -> None:
     """`herd serve`: check the limits, load the model, print the KV-cache size, serve until interrupted."""
     import uvicorn
@@ -52,6 +65,7 @@ def run_serve(args: argparse.Namespace) -> None:
         if getattr(args, name) < (1 if name == "max_batch" else 0):
             raise InputError(f"--{name.replace('_', '-')} must be >= {1 if name == 'max_batch' else 0}, "
                              f"got {getattr(args, name)}")
+    _check_port_free(args.host, args.port)  # before the model loads: a busy port is a one-line error, at once
     loaded = _load(args)
     block = loaded.config.block_size
     max_len = args.max_len or min(block, DEFAULT_MAX_LEN)
