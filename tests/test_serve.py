@@ -535,3 +535,23 @@ def test_a_busy_port_is_a_one_line_error_before_the_model_loads(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pass another --port, "
                    "or --host an address of this machine"]
+
+
+def test_ignore_eos_generates_past_the_end_of_sequence_token(client, ref):
+    """Token ids [24, 7, 9] make this tiny model say EOS after 29 tokens (transformers' greedy): with ignore_eos
+    (vLLM's and llama.cpp's field, for benchmarks) the completion runs on to max_tokens, as transformers does
+    with no EOS."""
+    hf, tokenizer = ref
+    prompt = [24, 7, 9]
+    stops = hf_greedy(hf, prompt, 40)
+    assert stops[-1] == EOS and len(stops) < 40
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "logprobs": 0}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert plain["finish_reason"] == "stop" and len(plain["logprobs"]["tokens"]) == len(stops)
+    longer = client.post("/v1/completions", json=body | {"ignore_eos": True}).json()
+    assert longer["choices"][0]["finish_reason"] == "length" and longer["usage"]["completion_tokens"] == 40
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert want[:len(stops)] == stops
+    assert longer["choices"][0]["text"] == tokenizer.decode(want, skip_special_tokens=True)

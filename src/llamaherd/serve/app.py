@@ -282,7 +282,7 @@ def _params(body, max_tokens: int, stop: list[str], logprobs: int | None, echo: 
         top_k=body.top_k,
         top_p=None if body.top_p == 1.0 else body.top_p, repetition_penalty=body.repetition_penalty,
         stop_strings=stop, seed=body.seed, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
-        skip_special_tokens=True)
+        skip_special_tokens=True, stop_ids=frozenset() if body.ignore_eos else None)
 
 
 class _Observe:

@@ -3,7 +3,7 @@
 Rules, after OpenAI's API reference: a field of the wrong type, a number out of range, NaN or infinity, and a
 field OpenAI does not define (or this server does not implement) are refused with 400 naming the field. Fields
 are strict: "5" is not a number and 1 is not a boolean. Extensions that vLLM and llama.cpp's server also accept:
-`top_k`, `repetition_penalty`.
+`top_k`, `repetition_penalty`, `ignore_eos` (generate past the end-of-sequence token, for benchmarks).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class _Sampling(_Body):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)  # further out, logits overflow float32
+    ignore_eos: bool = False
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
