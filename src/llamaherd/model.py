@@ -12,6 +12,7 @@ Parameter names follow Hugging Face Llama (see llamaherd.checkpoints) so checkpo
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -165,6 +166,17 @@ class FusedProjections:
         else:
             y = linear(h, self.weight, self.bias)
         return y.split(self.sizes, dim=-1)
+
+
+def _plain_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, int8 scale or None) of a bias-free Linear or Int8Linear; None for anything else (LoRA, biases)."""
+    from llamaherd.quantize import Int8Linear
+
+    if type(module) is Linear and module.bias is None:
+        return module.weight, None
+    if type(module) is Int8Linear and module.bias is None:
+        return module.weight_int8, module.scale
+    return None
 
 
 def fuse_projections(model: nn.Module) -> None:
@@ -527,15 +539,48 @@ class GPT(nn.Module):
         """The blocks, final norm and head, once positions (B, T) and the attention mask are settled."""
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
+        native = self._native_decode(x, cache)
         for i, block in enumerate(self.model.layers):
             share_cores(x)  # per layer, forward and backward: threads for the busy llamaherd processes
-            x = block(x, cos, sin, mask, cache, i)
+            if native is None:
+                x = block(x, cos, sin, mask, cache, i)
+            else:
+                x = native.llama_decode_block(x, *native.weights[i], cos, sin, cache.cache.k[i], cache.cache.v[i],
+                                              cache.slots, native.positions, cache.end, mask)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
         if return_hidden:
             return x
         return self.head(x)
+
+    def _native_decode(self, x: torch.Tensor, cache) -> SimpleNamespace | None:
+        """The native ops and each block's weights when this pass is a decode step (engine cache rows, one new
+        position per sequence) that every block can run as one `llama_decode_block` call: LLaMA blocks (RMSNorm,
+        sequential residual, SwiGLU, no biases) whose q/k/v and gate/up are fused (the engine fuses them), plain
+        or int8. Anything else (Falcon, LoRA, training, prefill) runs the modules."""
+        if not isinstance(cache, CacheRows) or not kernels.decode_step(x):
+            return None
+        ops = kernels.native_ops_for(x)
+        config = self.config
+        if ops is None or config.norm_class != "rmsnorm" or config.parallel_residual or config.mlp_class != "swiglu":
+            return None
+        weights = []
+        for block in self.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            qkv, gate_up = getattr(attn.q_proj, "fused", None), getattr(mlp.gate_proj, "fused", None)
+            if (qkv is None or gate_up is None or qkv.bias is not None or gate_up.bias is not None
+                    or not qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
+                    or not gate_up.serves((mlp.gate_proj, mlp.up_proj))):
+                return None
+            out, down = _plain_weight(attn.o_proj), _plain_weight(mlp.down_proj)
+            if out is None or down is None:
+                return None
+            weights.append((block.input_layernorm.weight, qkv.weight, qkv.scale, *out,
+                            block.post_attention_layernorm.weight, gate_up.weight, gate_up.scale, *down,
+                            block.input_layernorm.eps, attn.n_head, attn.n_kv))
+        return SimpleNamespace(llama_decode_block=ops.llama_decode_block, weights=weights,
+                               positions=cache.positions[:, 0])
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits for final-norm hidden states: the tied embedding, or the lm_head module (so LoRA/int8 take part)."""

@@ -104,11 +104,11 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if weight.dtype not in WEIGHT_DTYPES or (weight.dtype == torch.int8) != (scale is not None) \
             or not weight.is_contiguous():
         return None
-    ops = _native_for(x)
+    ops = native_ops_for(x)
     return None if ops is None else ops.matvec(x, weight, scale, bias)
 
 
-def _native_for(x: torch.Tensor):
+def native_ops_for(x: torch.Tensor):
     """The native ops when x is a decode step's input they serve (no grad mode, CPU, float dtype); else None."""
     if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in INPUT_DTYPES
             or not decode_step(x) or torch.is_autocast_enabled("cpu")):
@@ -119,7 +119,7 @@ def _native_for(x: torch.Tensor):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """RMSNorm of x (..., D) with weight (D,) in one op, as `llamaherd.model.RMSNorm` computes it; None when the
     kernel does not apply (grad mode, not a decode step, not on the CPU, other dtypes) or is unavailable."""
-    ops = _native_for(x)
+    ops = native_ops_for(x)
     return None if ops is None else ops.rms_norm(x, weight, eps)
 
 
@@ -128,11 +128,11 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """RoPE of a decode step's q (B, 1, n_head * hd) and k (B, 1, n_kv * hd) with cos, sin (B, 1, 1, d):
     q (B, n_head, 1, hd) and k (B, n_kv, 1, hd) as `llamaherd.model.apply_rope` rotates them, in one op; None
     when the kernel does not apply."""
-    ops = _native_for(q)
+    ops = native_ops_for(q)
     return None if ops is None or q.dtype != cos.dtype else ops.rope_qk(q, k, cos, sin, n_head, n_kv)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up of a decode step (SwiGLU), in one op; None when the kernel does not apply."""
-    ops = _native_for(gate)
+    ops = native_ops_for(gate)
     return None if ops is None else ops.silu_mul(gate, up)

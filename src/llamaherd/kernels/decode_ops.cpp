@@ -2,7 +2,8 @@
 // against a large weight), split by output rows over torch's intra-op threads so one product uses every core.
 // Weights are read once, in their stored precision: float32, bfloat16 (raw uint16 bits) or int8 with one float
 // scale per output row (llamaherd.quantize). Each dot product accumulates in float32; gcc vectorizes the inner
-// loops (-O3 -march=native). rms_norm, rope_qk, silu_mul: the other ops of a decode step, each in one op.
+// loops (-O3 -march=native). rms_norm, rope_qk, silu_mul: the other ops of a decode step, each in one op;
+// llama_decode_block: all of a LLaMA block's decode step in one call.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +14,10 @@
 #include <optional>
 #include <tuple>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -37,41 +42,66 @@ inline void finish(float acc, int64_t o, const float* scale, const float* bias, 
   *y = acc;
 }
 
+#if defined(__AVX512F__)
+// 16 weights widened to float32: plain floats, bfloat16 bits shifted into a float's high half, int8 sign-extended.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// out[i] = sum_k rows[i][k] * x[k] for R weight rows: R independent sums hide the latency of the fused
+// multiply-adds and each loaded x vector serves R rows. AVX-512 by hand (gcc's vectorization of the widening
+// loads measured 2-3x slower); elsewhere what gcc makes of the portable loop.
+template <typename W, int R>
+inline void dots(const W* const* rows, const float* x, int64_t K, float* out) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(load16(rows[i] + k), xv, acc[i]);
+  }
+  for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+#else
+  for (int i = 0; i < R; ++i) {
+    float a = 0.f;
+#pragma omp simd reduction(+ : a)
+    for (int64_t j = 0; j < K; ++j) a += widen(rows[i][j]) * x[j];
+    out[i] = a;
+  }
+  k = K;
+#endif
+  for (; k < K; ++k)
+    for (int i = 0; i < R; ++i) out[i] += widen(rows[i][k]) * x[k];
+}
+
 template <typename W>
 void rows_times(const float* x, const W* w, const float* scale, const float* bias, float* y,
                 int64_t B, int64_t N, int64_t K) {
-  // Blocks of output rows per thread. Four rows at a time: four independent sums hide the latency of the
-  // fused multiply-adds, and each loaded x vector serves four rows. x (a few KiB) stays in L1.
+  // Blocks of output rows per thread, four rows at a time; each weight row is used for all B inputs while it
+  // sits in L1. x (B rows of a few KiB) stays in L1/L2.
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     int64_t o = begin;
-    for (; o + 4 <= end; o += 4) {
-      const W *r0 = w + o * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    float sums[8];
+    for (; o + 8 <= end; o += 8) {
+      const W* rows[8];
+      for (int i = 0; i < 8; ++i) rows[i] = w + (o + i) * K;
       for (int64_t b = 0; b < B; ++b) {
-        const float* xb = x + b * K;
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t k = 0; k < K; ++k) {
-          const float xk = xb[k];
-          a0 += widen(r0[k]) * xk;
-          a1 += widen(r1[k]) * xk;
-          a2 += widen(r2[k]) * xk;
-          a3 += widen(r3[k]) * xk;
-        }
-        float* yb = y + b * N;
-        finish<W>(a0, o, scale, bias, yb + o);
-        finish<W>(a1, o + 1, scale, bias, yb + o + 1);
-        finish<W>(a2, o + 2, scale, bias, yb + o + 2);
-        finish<W>(a3, o + 3, scale, bias, yb + o + 3);
+        dots<W, 8>(rows, x + b * K, K, sums);
+        for (int i = 0; i < 8; ++i) finish<W>(sums[i], o + i, scale, bias, y + b * N + o + i);
       }
     }
     for (; o < end; ++o) {  // the last rows of a block that is not a multiple of four
-      const W* row = w + o * K;
+      const W* rows[1] = {w + o * K};
       for (int64_t b = 0; b < B; ++b) {
-        const float* xb = x + b * K;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < K; ++k) acc += widen(row[k]) * xb[k];
-        finish<W>(acc, o, scale, bias, y + b * N + o);
+        dots<W, 1>(rows, x + b * K, K, sums);
+        finish<W>(sums[0], o, scale, bias, y + b * N + o);
       }
     }
   });
@@ -204,6 +234,45 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return y.to(dtype);
 }
 
+// One decode step through a LLaMA block (RMSNorm, fused q/k/v, RoPE, grouped-query attention over the KV cache,
+// output projection, RMSNorm, fused gate/up, SwiGLU, down projection, both residuals) in one call: a decode step
+// of a small model is bound by per-op dispatch from Python otherwise (issue 12). The steps are the ops above
+// and ATen's attention, in the order and precision llamaherd.model.Block runs them.
+// x (B, 1, D); weights as FusedProjections / the modules hold them (int8 with its scales); cos, sin (B, 1, 1, d);
+// k_cache, v_cache: this layer's (max_batch, n_kv, max_len, hd); slots, positions (B,) int64; `end` keys are read;
+// `mask` (B, 1, 1, end) bool or none (every row sees all `end` keys). Returns the block's output (B, 1, D).
+at::Tensor llama_decode_block(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& qkv_w,
+                              const std::optional<at::Tensor>& qkv_s, const at::Tensor& o_w,
+                              const std::optional<at::Tensor>& o_s, const at::Tensor& norm2, const at::Tensor& gu_w,
+                              const std::optional<at::Tensor>& gu_s, const at::Tensor& down_w,
+                              const std::optional<at::Tensor>& down_s, double eps, int64_t n_head, int64_t n_kv,
+                              const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& positions,
+                              int64_t end, const std::optional<at::Tensor>& mask) {
+  const int64_t B = x.size(0), hd = k_cache.size(3), nq = n_head * hd, nk = n_kv * hd;
+  const at::Tensor qkv = matvec(rms_norm(x, norm1, eps), qkv_w, qkv_s, std::nullopt);  // (B, 1, nq + 2 nk)
+  auto [q, k] = rope_qk(qkv.narrow(2, 0, nq), qkv.narrow(2, nq, nk), cos, sin, n_head, n_kv);
+  const at::Tensor v = qkv.narrow(2, nq + nk, nk).reshape({B, n_kv, 1, hd});
+  const auto slot = slots.accessor<int64_t, 1>();
+  const auto pos = positions.accessor<int64_t, 1>();
+  for (int64_t b = 0; b < B; ++b) {  // each row's new key and value at its own position of its own slot
+    k_cache.select(0, slot[b]).select(1, pos[b]).copy_(k.select(0, b).select(1, 0));
+    v_cache.select(0, slot[b]).select(1, pos[b]).copy_(v.select(0, b).select(1, 0));
+  }
+  bool span = true;  // neighbouring slots: the cache rows are read as a view
+  for (int64_t b = 1; b < B; ++b) span = span && slot[b] == slot[0] + b;
+  at::Tensor keys = span ? k_cache.narrow(0, slot[0], B) : k_cache.index_select(0, slots);
+  at::Tensor values = span ? v_cache.narrow(0, slot[0], B) : v_cache.index_select(0, slots);
+  keys = keys.narrow(2, 0, end);
+  values = values.narrow(2, 0, end);
+  const at::Tensor y = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, std::nullopt,
+                                                        n_kv != n_head);
+  const at::Tensor h = x + matvec(y.transpose(1, 2).reshape({B, 1, nq}), o_w, o_s, std::nullopt);
+  const at::Tensor gu = matvec(rms_norm(h, norm2, eps), gu_w, gu_s, std::nullopt);
+  const int64_t f = gu.size(2) / 2;
+  return h + matvec(silu_mul(gu.narrow(2, 0, f), gu.narrow(2, f, f)), down_w, down_s, std::nullopt);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llamaherd, m) {
@@ -211,10 +280,15 @@ TORCH_LIBRARY(llamaherd, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope_qk(Tensor q, Tensor k, Tensor cos, Tensor sin, int n_head, int n_kv) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("llama_decode_block(Tensor x, Tensor norm1, Tensor qkv_w, Tensor? qkv_s, Tensor o_w, Tensor? o_s, "
+        "Tensor norm2, Tensor gu_w, Tensor? gu_s, Tensor down_w, Tensor? down_s, float eps, int n_head, int n_kv, "
+        "Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions, int end, "
+        "Tensor? mask) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llamaherd, CPU, m) {
   m.impl("matvec", &matvec);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope_qk", &rope_qk);
   m.impl("silu_mul", &silu_mul);
+  m.impl("llama_decode_block", &llama_decode_block);
 }
