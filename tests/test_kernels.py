@@ -38,13 +38,13 @@ def test_matvec_equals_a_float64_product(rows, weight_dtype):
         dense = w.double()
     with torch.no_grad():
         got = kernels.decode_linear(x, w, bias, scale)
-        got_b = kernels.decode_linear(x.bfloat16(), w, bias, scale)
+        got_b = kernels.decode_linear(x[:4].bfloat16(), w, bias, scale)  # bf16 steps: at most 4 rows (max_rows)
     assert got is not None and got.shape == (rows, 1, n) and got.dtype == torch.float32
     want = x.double() @ dense.T + bias.double()
     assert (got.double() - want).abs().max() <= 1e-4
 
     # A bf16 input (a bf16 model) gets a bf16 output: PyTorch's product rounded once, up to one bf16 step.
-    xb = x.bfloat16()
+    xb = x[:4].bfloat16()
     want_b = (xb.double() @ dense.T + bias.double())
     assert got_b.dtype == torch.bfloat16
     assert ((got_b.double() - want_b).abs() <= want_b.abs() * 2**-7 + 1e-3).all()
@@ -59,7 +59,7 @@ def test_rms_norm_equals_transformers(dtype):
     ref = LlamaRMSNorm(67, eps=1e-5).to(dtype)
     with torch.no_grad():
         ref.weight.normal_()
-        x = (torch.randn(5, 1, 67) * 4).to(dtype)
+        x = (torch.randn(4, 1, 67) * 4).to(dtype)
         got, want = kernels.rms_norm(x, ref.weight, 1e-5), ref(x)
     assert got.dtype == dtype and got.shape == x.shape
     tolerance = 1e-5 if dtype is torch.float32 else 0.0  # bf16: the same two roundings, so the same values
@@ -284,3 +284,13 @@ def test_embedded_model_decode_logits_within_1e4_of_eager(quantize, monkeypatch)
     monkeypatch.setattr(kernels, "native_ops", lambda: None)
     want = decode_logits(load_gpt(embedded_model_path(), quantize=quantize), prompt, 24)
     assert (got - want).abs().max() <= 1e-4
+
+
+def test_bf16_steps_beyond_four_rows_go_to_the_matrix_units_when_there_are_some():
+    w = torch.randn(8, 4).bfloat16()
+    with torch.no_grad():
+        five = kernels.decode_linear(torch.randn(5, 1, 4).bfloat16(), w)
+        four = kernels.decode_linear(torch.randn(4, 1, 4).bfloat16(), w)
+    if kernels.native_ops() is not None:
+        assert four is not None
+    assert (five is None) == kernels.half_matrix_units(torch.bfloat16) or kernels.native_ops() is None

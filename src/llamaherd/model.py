@@ -11,7 +11,6 @@ Parameter names follow Hugging Face Llama (see llamaherd.checkpoints) so checkpo
 
 from __future__ import annotations
 
-import functools
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -44,16 +43,6 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-@functools.cache
-def _slow_half_matmul(dtype: torch.dtype) -> bool:
-    """True when this CPU has no bf16/fp16 matrix units, so ATen falls back to a slow reference GEMM."""
-    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
-    try:
-        return not getattr(torch.ops.mkldnn, probe)()
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on a CPU without bf16/fp16 matrix units, a half-precision product of several rows runs in fp32.
 
@@ -66,7 +55,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (y := decode_linear(x, weight, bias)) is not None:
         return y
     if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
-            and x.numel() > x.shape[-1] and _slow_half_matmul(weight.dtype)):
+            and x.numel() > x.shape[-1] and not kernels.half_matrix_units(weight.dtype)):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
