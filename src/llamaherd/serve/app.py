@@ -265,6 +265,36 @@ class _EngineStreamResponse(StreamingResponse):
             self.on_close()
 
 
+def _stream(server: Server, streams, chunks: AsyncIterator[str], body, usage_chunk) -> _EngineStreamResponse:
+    """The SSE response of a streamed request: its chunks, then an error event if the engine failed it, or else
+    the usage chunk when stream_options asks for it; then [DONE]. Its rows are released however it ends."""
+    async def sse() -> AsyncIterator[str]:
+        try:
+            async for piece in chunks:
+                yield piece
+        except _Failed as failed:
+            yield _sse({"error": {"message": str(failed), "type": "server_error", "param": None, "code": None}})
+        else:
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse(usage_chunk())
+        yield _sse("[DONE]")
+    return _EngineStreamResponse(sse(), lambda: server.release(streams))
+
+
+async def _collect(server: Server, streams, request: Request) -> JSONResponse | None:
+    """Wait for a plain (not streamed) request's completions; the error response if the engine failed it or the
+    client hung up (its rows are released either way), else None."""
+    try:
+        await server.collect(streams, request)
+    except _Failed as failed:
+        return error_response(500, str(failed), "server_error")
+    except ClientGone:
+        return error_response(499, "client closed the request")
+    finally:
+        server.release(streams)
+    return None
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -414,33 +444,19 @@ def create_app(loaded, config: ServeConfig | None = None) -> FastAPI:
 
         usage = _usage_of(streams, prompts)
         if body.stream:
-            async def sse() -> AsyncIterator[str]:
+            async def chunks() -> AsyncIterator[str]:
                 started = set()
-                try:
-                    async for e in server.events(streams):
-                        if not (e.text or e.finish_reason or body.logprobs is not None or body.echo):
-                            continue  # text held back (a partial character, a possible stop string)
-                        k = [s.request_id for s in streams].index(e.request_id) * body.n + e.index
-                        echo = body.echo and k not in started
-                        started.add(k)
-                        c = _Piece(e.token_ids, e.text, e.logprobs, e.finish_reason)
-                        yield _sse(head | {"choices": [choice(k, c, echo)]} | _usage_field(body))
-                except _Failed as failed:
-                    yield _sse({"error": {"message": str(failed), "type": "server_error", "param": None,
-                                          "code": None}})
-                else:
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse(head | {"choices": [], "usage": usage()})
-                yield _sse("[DONE]")
-            return _EngineStreamResponse(sse(), lambda: server.release(streams))
-        try:
-            await server.collect(streams, request)
-        except _Failed as failed:
-            return error_response(500, str(failed), "server_error")
-        except ClientGone:
-            return error_response(499, "client closed the request")
-        finally:
-            server.release(streams)
+                async for e in server.events(streams):
+                    if not (e.text or e.finish_reason or body.logprobs is not None or body.echo):
+                        continue  # text held back (a partial character, a possible stop string)
+                    k = [s.request_id for s in streams].index(e.request_id) * body.n + e.index
+                    echo = body.echo and k not in started
+                    started.add(k)
+                    c = _Piece(e.token_ids, e.text, e.logprobs, e.finish_reason)
+                    yield _sse(head | {"choices": [choice(k, c, echo)]} | _usage_field(body))
+            return _stream(server, streams, chunks(), body, lambda: head | {"choices": [], "usage": usage()})
+        if (failed := await _collect(server, streams, request)) is not None:
+            return failed
         choices = [choice(k, stream.handle.completions[j], body.echo)
                    for k, (stream, j) in enumerate((s, j) for s in streams for j in range(body.n))]
         return JSONResponse(head | {"choices": choices, "usage": usage()})
@@ -466,36 +482,23 @@ def create_app(loaded, config: ServeConfig | None = None) -> FastAPI:
                 "model": server.model_id, "system_fingerprint": None}
         usage = _usage_of(streams, [ids])
         if body.stream:
-            async def sse() -> AsyncIterator[str]:
-                chunk = head | {"object": "chat.completion.chunk"}
+            chunk = head | {"object": "chat.completion.chunk"}
+
+            async def chunks() -> AsyncIterator[str]:
                 for i in range(body.n):
                     delta = {"role": "assistant", "content": ""}
                     yield _sse(chunk | {"choices": [{"index": i, "delta": delta, "logprobs": None,
                                                      "finish_reason": None}]} | _usage_field(body))
-                try:
-                    async for e in server.events(streams):
-                        if not (e.text or e.finish_reason or body.logprobs):
-                            continue  # text held back (a partial character, a possible stop string)
-                        lp = server.chat_logprobs(e.logprobs) if body.logprobs else None
-                        choice = {"index": e.index, "delta": {"content": e.text} if e.text else {}, "logprobs": lp,
-                                  "finish_reason": e.finish_reason}
-                        yield _sse(chunk | {"choices": [choice]} | _usage_field(body))
-                except _Failed as failed:
-                    yield _sse({"error": {"message": str(failed), "type": "server_error", "param": None,
-                                          "code": None}})
-                else:
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse(chunk | {"choices": [], "usage": usage()})
-                yield _sse("[DONE]")
-            return _EngineStreamResponse(sse(), lambda: server.release(streams))
-        try:
-            await server.collect(streams, request)
-        except _Failed as failed:
-            return error_response(500, str(failed), "server_error")
-        except ClientGone:
-            return error_response(499, "client closed the request")
-        finally:
-            server.release(streams)
+                async for e in server.events(streams):
+                    if not (e.text or e.finish_reason or body.logprobs):
+                        continue  # text held back (a partial character, a possible stop string)
+                    lp = server.chat_logprobs(e.logprobs) if body.logprobs else None
+                    choice = {"index": e.index, "delta": {"content": e.text} if e.text else {}, "logprobs": lp,
+                              "finish_reason": e.finish_reason}
+                    yield _sse(chunk | {"choices": [choice]} | _usage_field(body))
+            return _stream(server, streams, chunks(), body, lambda: chunk | {"choices": [], "usage": usage()})
+        if (failed := await _collect(server, streams, request)) is not None:
+            return failed
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": server.chat_logprobs(c.logprobs) if body.logprobs else None,
                     "finish_reason": c.finish_reason} for c in streams[0].handle.completions]
