@@ -69,3 +69,15 @@ def test_interactive_chat_session():
     assert proc.returncode == 0, proc.stderr
     replies = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(replies) >= 2  # one streamed reply per user message
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--temperature", "-1"], "error: --temperature must be >= 0, got -1.0"),
+    (["--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1, got 0"),
+    (["--top-p", "2"], "error: --top-p must be in (0, 1], got 2.0"),
+])
+def test_bad_sampling_flags_fail_first_naming_the_flag(capsys, tmp_path, flags, message):
+    """Before the model loads (the path does not exist) and before the prompt is echoed."""
+    assert main(["generate", str(tmp_path / "no-model"), "--prompt", "echoed?", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == message

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llamaherd.errors import HerdError
+from llamaherd.errors import HerdError, InputError
 from llamaherd.terminal import printable
 
 MODEL_HELP = ("preset/alias name, local directory, .gguf file, PEFT adapter directory or hub id "
@@ -21,23 +21,37 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 to save memory")
 
 
+SAMPLING_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                  "top_p": "--top-p", "repetition_penalty": "--repetition-penalty", "stop_strings": "--stop",
+                  "seed": "--seed"}
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling in (0, 1] (default: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
 
 
 def _sampling(args: argparse.Namespace, extra_stops: list[str] = ()):
+    """The command line's sampling settings, checked before anything loads or prints; errors name the flag."""
     from llamaherd.generate import SamplingParams
 
-    return SamplingParams(
+    params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop_strings=[*args.stop, *extra_stops], seed=args.seed,
     )
+    try:
+        params.validate()
+        if params.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    except InputError as e:
+        field, _, rest = str(e).partition(" ")
+        raise InputError(f"{SAMPLING_FLAGS.get(field, field)} {rest}") from None
+    return params
 
 
 def _load(args: argparse.Namespace):
@@ -61,6 +75,7 @@ def _stream(loaded, prompt_ids: list[int], params) -> str:
 def cmd_chat(args: argparse.Namespace) -> None:
     from llamaherd.chat import get_chat_format
 
+    _sampling(args)  # bad flags fail before the model loads
     loaded = _load(args)
     tok = loaded.tokenizer
     fmt_name = args.chat_format or loaded.chat_format
@@ -96,11 +111,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    params = _sampling(args)  # bad flags fail before the model loads or the prompt is echoed
     loaded = _load(args)
     tok = loaded.tokenizer
     ids = tok.encode(args.prompt, add_bos=tok.add_bos_default if args.bos is None else args.bos)
     print(args.prompt, end="", flush=True)
-    _stream(loaded, ids, _sampling(args))
+    _stream(loaded, ids, params)
 
 
 def cmd_download(args: argparse.Namespace) -> None:

@@ -126,7 +126,7 @@ class Server:
             raise ApiError(400, f"{k} prompts in one request; this server takes at most {self.capacity} at once "
                                 "(--max-batch + --max-queue)", "prompt")
         if self.outstanding + k > self.capacity:
-            raise ApiError(429, f"the server is busy: {self.outstanding} requests are running or queued (at most "
+            raise ApiError(429, f"the server is busy: {self.outstanding} request(s) running or queued (at most "
                                 f"{self.capacity}); retry after a second", None, "rate_limit_exceeded",
                            "requests", {"Retry-After": "1"})
         self.outstanding += k
