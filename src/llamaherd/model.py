@@ -140,9 +140,9 @@ class FusedProjections:
             start += n
         self._pointers = self._current(modules)
 
-    @staticmethod
-    def _current(modules) -> list[int]:
-        return [(m.weight_int8 if hasattr(m, "weight_int8") else m.weight).data_ptr() for m in modules]
+    def _current(self, modules) -> list[int]:
+        attr = "weight_int8" if self.int8 else "weight"  # not hasattr: a miss on a Module raises inside
+        return [getattr(m, attr).data_ptr() for m in modules]
 
     def serves(self, modules: tuple[nn.Module, ...]) -> bool:
         return modules == self.modules and self._current(modules) == self._pointers
@@ -529,13 +529,15 @@ class GPT(nn.Module):
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         native = self._native_decode(x, cache)
-        for i, block in enumerate(self.model.layers):
+        if native is not None:  # a decode step, tens of ms: one look at the other processes is enough
+            share_cores(x)
+            keys, values = cache.cache.k, cache.cache.v
+            for i, weights in enumerate(native.weights):
+                x = native.llama_decode_block(x, *weights, cos, sin, keys[i], values[i], cache.slots,
+                                              native.positions, cache.end, mask)
+        for i, block in enumerate(self.model.layers if native is None else ()):
             share_cores(x)  # per layer, forward and backward: threads for the busy llamaherd processes
-            if native is None:
-                x = block(x, cos, sin, mask, cache, i)
-            else:
-                x = native.llama_decode_block(x, *native.weights[i], cos, sin, cache.cache.k[i], cache.cache.v[i],
-                                              cache.slots, native.positions, cache.end, mask)
+            x = block(x, cos, sin, mask, cache, i)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
