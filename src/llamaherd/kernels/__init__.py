@@ -6,7 +6,8 @@ issue 12: 15-19 GB/s whether torch has 1 or 2 threads) and its bf16 and packed-i
 `decode_ops.cpp` splits the output rows of each product over torch's intra-op threads and reads fp32, bf16 or
 int8 weights (one scale per row, `llamaherd.quantize`) directly. A decode step of a small model is also
 bound by the count of ops (each eager op costs microseconds of dispatch), so RMSNorm, RoPE of q and k, and
-SwiGLU's silu(gate) * up are one op each there (`rms_norm`, `rope_qk`, `silu_mul`).
+SwiGLU's silu(gate) * up are one op each there (`rms_norm`, `rope_qk`, `silu_mul`), and a whole LLaMA block's
+decode step is one call (`llama_decode_block`, used by `llamaherd.model.GPT` when every block qualifies).
 
 The kernel is compiled for this CPU on first use (`-O3 -march=native`, about 20 s, kept under
 `$XDG_CACHE_HOME/llamaherd/kernels`). Without a compiler, or when the build fails, a one-line notice says so and
