@@ -21,7 +21,6 @@ from torch import nn
 from llamaherd import rope
 from llamaherd.config import Config
 from llamaherd import kernels
-from llamaherd.kernels import decode_linear
 from llamaherd.lean_autograd import NormProjections, RMSNormFunction, SiluMul, SwiGLUDown
 from llamaherd.threads import share_cores
 
@@ -52,7 +51,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     order. A single row (decode) keeps the native matrix-vector kernel, which reads half the bytes.
     Without autograd, a few rows (decode steps) take llamaherd's matrix-vector kernel (llamaherd.kernels).
     """
-    if (y := decode_linear(x, weight, bias)) is not None:
+    if (y := kernels.decode_linear(x, weight, bias)) is not None:
         return y
     if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
             and x.numel() > x.shape[-1] and not kernels.half_matrix_units(weight.dtype)):
@@ -532,9 +531,10 @@ class GPT(nn.Module):
         if native is not None:  # a decode step, tens of ms: one look at the other processes is enough
             share_cores(x)
             keys, values = cache.cache.k, cache.cache.v
+            first_slot = -1 if cache.span is None else cache.span.start
             for i, weights in enumerate(native.weights):
                 x = native.llama_decode_block(x, *weights, cos, sin, keys[i], values[i], cache.slots,
-                                              native.positions, cache.end, mask)
+                                              native.positions, first_slot, cache.end, mask)
         for i, block in enumerate(self.model.layers if native is None else ()):
             share_cores(x)  # per layer, forward and backward: threads for the busy llamaherd processes
             x = block(x, cos, sin, mask, cache, i)
@@ -550,9 +550,7 @@ class GPT(nn.Module):
         position per sequence) that every block can run as one `llama_decode_block` call: LLaMA blocks (RMSNorm,
         sequential residual, SwiGLU, no biases) whose q/k/v and gate/up are fused (the engine fuses them), plain
         or int8. Anything else (Falcon, LoRA, training, prefill) runs the modules."""
-        if not isinstance(cache, CacheRows) or not kernels.decode_step(x):
-            return None
-        ops = kernels.native_ops_for(x)
+        ops = kernels.native_ops_for(x) if isinstance(cache, CacheRows) else None  # None unless a decode step
         config = self.config
         if ops is None or config.norm_class != "rmsnorm" or config.parallel_residual or config.mlp_class != "swiglu":
             return None

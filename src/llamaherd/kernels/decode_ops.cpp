@@ -274,8 +274,9 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
 // of a small model is bound by per-op dispatch from Python otherwise (issue 12). The steps are the ops above
 // and ATen's attention, in the order and precision llamaherd.model.Block runs them.
 // x (B, 1, D); weights as FusedProjections / the modules hold them (int8 with its scales); cos, sin (B, 1, 1, d);
-// k_cache, v_cache: this layer's (max_batch, n_kv, max_len, hd); slots, positions (B,) int64; `end` keys are read;
-// `mask` (B, 1, 1, end) bool or none (every row sees all `end` keys). Returns the block's output (B, 1, D).
+// k_cache, v_cache: this layer's (max_batch, n_kv, max_len, hd); slots, positions (B,) int64; `first_slot` the
+// first of B neighbouring slots, read as a view, or -1 (gathered); `end` keys are read; `mask` (B, 1, 1, end) bool
+// or none (every row sees all `end` keys). Both come from llamaherd.model.SlotCache.rows. Returns (B, 1, D).
 at::Tensor llama_decode_block(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& qkv_w,
                               const std::optional<at::Tensor>& qkv_s, const at::Tensor& o_w,
                               const std::optional<at::Tensor>& o_s, const at::Tensor& norm2, const at::Tensor& gu_w,
@@ -283,7 +284,7 @@ at::Tensor llama_decode_block(const at::Tensor& x, const at::Tensor& norm1, cons
                               const std::optional<at::Tensor>& down_s, double eps, int64_t n_head, int64_t n_kv,
                               const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                               const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& positions,
-                              int64_t end, const std::optional<at::Tensor>& mask) {
+                              int64_t first_slot, int64_t end, const std::optional<at::Tensor>& mask) {
   const int64_t B = x.size(0), hd = k_cache.size(3), nq = n_head * hd, nk = n_kv * hd;
   const at::Tensor qkv = matvec(rms_norm(x, norm1, eps), qkv_w, qkv_s, std::nullopt);  // (B, 1, nq + 2 nk)
   auto [q, k] = rope_qk(qkv.narrow(2, 0, nq), qkv.narrow(2, nq, nk), cos, sin, n_head, n_kv);
@@ -294,10 +295,9 @@ at::Tensor llama_decode_block(const at::Tensor& x, const at::Tensor& norm1, cons
     k_cache.select(0, slot[b]).select(1, pos[b]).copy_(k.select(0, b).select(1, 0));
     v_cache.select(0, slot[b]).select(1, pos[b]).copy_(v.select(0, b).select(1, 0));
   }
-  bool span = true;  // neighbouring slots: the cache rows are read as a view
-  for (int64_t b = 1; b < B; ++b) span = span && slot[b] == slot[0] + b;
-  at::Tensor keys = span ? k_cache.narrow(0, slot[0], B) : k_cache.index_select(0, slots);
-  at::Tensor values = span ? v_cache.narrow(0, slot[0], B) : v_cache.index_select(0, slots);
+  const bool span = first_slot >= 0;
+  at::Tensor keys = span ? k_cache.narrow(0, first_slot, B) : k_cache.index_select(0, slots);
+  at::Tensor values = span ? v_cache.narrow(0, first_slot, B) : v_cache.index_select(0, slots);
   keys = keys.narrow(2, 0, end);
   values = values.narrow(2, 0, end);
   const at::Tensor y = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, std::nullopt,
@@ -317,7 +317,8 @@ TORCH_LIBRARY(llamaherd, m) {
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("llama_decode_block(Tensor x, Tensor norm1, Tensor qkv_w, Tensor? qkv_s, Tensor o_w, Tensor? o_s, "
         "Tensor norm2, Tensor gu_w, Tensor? gu_s, Tensor down_w, Tensor? down_s, float eps, int n_head, int n_kv, "
-        "Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions, int end, "
+        "Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions, int first_slot, "
+        "int end, "
         "Tensor? mask) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llamaherd, CPU, m) {
