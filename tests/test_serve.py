@@ -39,12 +39,16 @@ def tiny(tmp_path_factory):
     return save_tiny_chat_model(tmp_path_factory.mktemp("serve-tiny"))
 
 
-@pytest.fixture(scope="module")
-def ref(tiny):
+def hf_reference(path):
     """transformers' model and tokenizer on the same files: the independent reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(tiny)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny):
+    return hf_reference(tiny)
 
 
 @pytest.fixture(scope="module")

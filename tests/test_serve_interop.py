@@ -22,6 +22,7 @@ from test_serve import (
     PROMPT,
     hf_greedy,
     hf_logprobs,
+    hf_reference,
     on_sampling,
     save_tiny_chat_model,
     text_of,
@@ -74,9 +75,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref(tiny):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(tiny)
+    return hf_reference(tiny)
 
 
 @pytest.fixture(scope="module")
