@@ -4,14 +4,20 @@
      "child":  {"name", "path", "fingerprint" | null},
      "parent": {"name", "path", "fingerprint"},
      "method": "full-sft" | "lora-sft" | "qlora-sft",
-     "data_files": [{"path", "sha256"}],
+     "data_files": [{"path", "sha256", "synthetic"?}],
      "hyperparameters": {...}, "final_metrics": {...}, "date": ISO 8601 (UTC)}
+
+A data file that `herd synth` wrote (a `manifest.json` of kind "llamaherd-synth" beside it whose "output" names
+the file) carries "synthetic": {"recipe", "teacher": {"name", "teacher_id", "kind", "fingerprint" | "base_url"},
+"manifest": absolute path, "matches_manifest": whether the sha256 trained on is the manifest's "output_sha256"},
+so the leaderboard can say which teacher wrote what a model learnt from. Files without one have no "synthetic".
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,12 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from llamaherd.errors import CheckpointError
 from llamaherd.fingerprint import model_fingerprint
+from llamaherd.terminal import printable
 
 if TYPE_CHECKING:
     from llamaherd.load import Source
 
 SCHEMA = 1
 LINEAGE_FILE = "lineage.json"
+SYNTH_MANIFEST = "manifest.json"
+SYNTH_KIND = "llamaherd-synth"
 METHODS = {"full": "full-sft", "lora": "lora-sft", "qlora": "qlora-sft"}
 
 
@@ -35,6 +44,54 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def synthetic_provenance(data_path: str | Path, sha256: str) -> dict[str, Any] | None:
+    """The "synthetic" record of a data file `herd synth` wrote (see the module docstring), or None when no
+    llamaherd-synth manifest beside it names it.
+
+    sha256: the file's hash as trained on. A malformed manifest warns (naming the file and the field) and gives
+    None: provenance is a record, so it never stops a training run.
+    """
+    data_path = Path(data_path).resolve()
+    manifest = data_path.parent / SYNTH_MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+    except OSError as e:
+        return _no_provenance(manifest, f"cannot be read ({e.strerror})")
+    except ValueError as e:  # bad JSON or bad UTF-8
+        return _no_provenance(manifest, f"not valid JSON ({e})")
+    if not isinstance(doc, dict) or doc.get("kind") != SYNTH_KIND:
+        return None  # another tool's manifest.json
+    output = doc.get("output")
+    if not isinstance(output, str):
+        return _no_provenance(manifest, f"field 'output' is {output!r}; expected the data file's name")
+    if (manifest.parent / output).resolve() != data_path:
+        return None  # it describes another file of the folder
+    teacher = doc.get("teacher")
+    if not isinstance(teacher, dict):
+        return _no_provenance(manifest, f"field 'teacher' is {teacher!r}; expected an object")
+    fields = {"recipe": doc.get("recipe"), "output_sha256": doc.get("output_sha256"),
+              **{f"teacher.{k}": teacher.get(k) for k in ("name", "teacher_id", "kind")}}
+    if teacher.get("kind") in ("local", "http"):
+        key = "fingerprint" if teacher["kind"] == "local" else "base_url"
+        fields[f"teacher.{key}"] = teacher.get(key)
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            return _no_provenance(manifest, f"field '{name}' is {value!r}; expected a string")
+    return {
+        "recipe": fields["recipe"],
+        "teacher": {k.removeprefix("teacher."): v for k, v in fields.items() if k.startswith("teacher.")},
+        "manifest": str(manifest),
+        "matches_manifest": sha256 == fields["output_sha256"],
+    }
+
+
+def _no_provenance(manifest: Path, problem: str) -> None:
+    warnings.warn(printable(f"{manifest}: {problem}; the data file is recorded in lineage.json without its "
+                            "synthetic provenance"), stacklevel=3)
 
 
 def build_lineage(
@@ -50,7 +107,8 @@ def build_lineage(
 ) -> dict[str, Any]:
     """The lineage record; the child's fingerprint is null when it has no weight files to hash.
 
-    data_files: (path, sha256) of each file trained on, hashed once by the Trainer when training began.
+    data_files: (path, sha256) of each file trained on, hashed once by the Trainer when training began; a file
+    `herd synth` wrote also gets its `synthetic_provenance`.
     """
     try:
         child_fp: str | None = model_fingerprint(child_path)
@@ -62,11 +120,18 @@ def build_lineage(
         "parent": {"name": parent_name, "path": str(Path(parent_path).resolve()),
                    "fingerprint": parent_fingerprint or model_fingerprint(parent_path)},
         "method": METHODS.get(method, method),
-        "data_files": [{"path": str(Path(p).resolve()), "sha256": sha256} for p, sha256 in data_files],
+        "data_files": [_data_file(p, sha256) for p, sha256 in data_files],
         "hyperparameters": hyperparameters,
         "final_metrics": final_metrics,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _data_file(path: str | Path, sha256: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": str(Path(path).resolve()), "sha256": sha256}
+    if (synthetic := synthetic_provenance(path, sha256)) is not None:
+        entry["synthetic"] = synthetic
+    return entry
 
 
 def read_lineage(path: str | Path) -> dict[str, Any]:
