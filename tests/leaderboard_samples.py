@@ -40,15 +40,15 @@ def write_results(out_dir: Path, name: str, scores: dict[str, float], *, fingerp
 
 def write_lineage(out_dir: Path, child: str, parent: str, *, method: str = "lora-sft",
                   parent_fingerprint: str = "sha256:" + "ab" * 32, child_fingerprint: str | None = None,
-                  child_path: str | None = None) -> Path:
-    """A lineage.json in the fine-tuning schema 1."""
+                  child_path: str | None = None, data_files: list[dict] | None = None) -> Path:
+    """A lineage.json in the fine-tuning schema 1 (data_files: default one plain Alpaca file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {
         "schema": 1,
         "child": {"name": child, "path": child_path or str(out_dir), "fingerprint": child_fingerprint},
         "parent": {"name": parent, "path": f"/models/{parent}", "fingerprint": parent_fingerprint},
         "method": method,
-        "data_files": [{"path": "data/alpaca.jsonl", "sha256": "cd" * 32}],
+        "data_files": data_files or [{"path": "data/alpaca.jsonl", "sha256": "cd" * 32}],
         "hyperparameters": {"lr": 2e-4, "lora_r": 8}, "final_metrics": {"val_loss": 1.23},
         "date": "2024-01-02T00:00:00+00:00",
     }

@@ -41,7 +41,11 @@ def db(tmp_path_factory) -> Path:
         load_reference(reg)
         base = {"arc": 29.44, "hellaswag": 42.05, "mmlu": 25.51, "truthfulqa": 39.52}
         record_results(reg, write_results(tmp / "base", "SmolLM2-135M", base, fingerprint="sha256:" + "ab" * 32))
-        write_lineage(tmp / "ft", "smollm2-alpaca-lora", "SmolLM2-135M")
+        synthetic = {"recipe": "self-chat", "teacher": {"name": XSS[1], "teacher_id": "t", "kind": "http",
+                                                        "base_url": "http://127.0.0.1:8000/v1"},
+                     "manifest": "/synth/manifest.json", "matches_manifest": True}
+        write_lineage(tmp / "ft", "smollm2-alpaca-lora", "SmolLM2-135M",
+                      data_files=[{"path": "/synth/data.jsonl", "sha256": "cd" * 32, "synthetic": synthetic}])
         tuned = {"arc": 30.00, "hellaswag": 41.00, "mmlu": 26.00, "truthfulqa": 42.00}
         record_results(reg, write_results(tmp / "ft-eval", "smollm2-alpaca-lora", tuned, path=str(tmp / "ft"),
                                           limit=50))
@@ -157,6 +161,9 @@ def test_page_end_to_end(server, driver, tmp_path):
     assert d.find_element(By.ID, "model-name").text == "smollm2-alpaca-lora"
     view = d.find_element(By.ID, "view-model")
     assert "Made from" in view.text and "SmolLM2-135M by lora-sft" in view.text
+    assert view.find_element(By.CSS_SELECTOR, ".parent p.synthetic").text == (
+        f"trained on synthetic data from {XSS[1]} (self-chat)")  # the teacher's name as text: nothing ran
+    _assert_nothing_ran(d)
     tasks = [tr.find_elements(By.TAG_NAME, "td")[0].text for tr in view.find_elements(
         By.XPATH, ".//h3[starts-with(., 'Per-task')]/following-sibling::table[1]/tbody/tr")]
     assert sorted(tasks) == ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"]

@@ -271,6 +271,7 @@
       view.append(el("h3", { text: "Made from" }));
       for (const p of detail.parents) {
         const block = el("div", { class: "parent" }, el("p", {}, modelLink(p.name), " by " + p.method + (p.date ? ", " + p.date : "")));
+        if (p.synthetic) block.append(el("p", { class: "synthetic", text: p.synthetic }));
         if (p.data_files.length) block.append(simpleTable(["data file", "sha256"], p.data_files.map((f) => [f.path, f.sha256 || ""])));
         if (Object.keys(p.hyperparameters).length) block.append(el("pre", { text: JSON.stringify(p.hyperparameters, null, 2) }));
         view.append(block);

@@ -149,6 +149,8 @@ def _show(reg: Registry, name: str, as_json: bool) -> None:
     for e in detail["parents"]:
         date = f" ({e['date']})" if e["date"] else ""
         console.print(printable_text(f"  made from {e['name']} by {e['method']}{date}"))
+        if e["synthetic"]:
+            console.print(printable_text(f"    {e['synthetic']}"))
     for e in detail["children"]:
         console.print(printable_text(f"  parent of {e['name']} ({e['method']})"))
     if detail["latest"]:

@@ -194,6 +194,10 @@ def _import_lineage(reg: Registry, doc: _Doc) -> RecordedLineage:
         if not isinstance(f, dict) or not isinstance(f.get("path"), str):
             raise LeaderboardError(f"{doc.path}: field '{doc.prefix}data_files[{i}]' is {f!r}; expected "
                                    '{"path": str, "sha256": str}')
+        if "synthetic" in f and not _is_synthetic(f["synthetic"]):
+            raise LeaderboardError(f"{doc.path}: field '{doc.prefix}data_files[{i}].synthetic' is {f['synthetic']!r}; "
+                                   'expected {"recipe": str, "teacher": {"name": str, ...}, "matches_manifest": bool, '
+                                   "...} as herd finetune writes it")
     with reg.transaction():
         parent = reg.upsert_model(doc.get("parent.name", str), path=doc.get("parent.path", str, required=False),
                                   fingerprint=doc.get("parent.fingerprint", str, required=False))
@@ -208,6 +212,13 @@ def _import_lineage(reg: Registry, doc: _Doc) -> RecordedLineage:
                         final_metrics=doc.get("final_metrics", dict, required=False),
                         date=doc.get("date", str, required=False), source=str(doc.path.resolve()))
     return RecordedLineage(parent.name, child.name, method)
+
+
+def _is_synthetic(value: Any) -> bool:
+    """Whether a data file's "synthetic" record has the fields the displays read (`train.lineage`'s schema)."""
+    return (isinstance(value, dict) and isinstance(value.get("recipe"), str)
+            and isinstance(value.get("matches_manifest"), bool)
+            and isinstance(value.get("teacher"), dict) and isinstance(value["teacher"].get("name"), str))
 
 
 def import_lineage_near(db: Registry | str | Path | None, model_path: str | Path) -> RecordedLineage | None:

@@ -37,6 +37,7 @@ class BoardRow:
     estimate: bool
     parent: str | None = None
     method: str | None = None
+    synthetic: str | None = None  # `synthetic_note` of the edge from the parent
     parent_average: float | None = None
     delta: float | None = None
     delta_estimate: bool = False
@@ -94,14 +95,15 @@ def board_rows(reg: Registry, *, family: str | None = None, protocol: str | None
                kind: str | None = None) -> list[BoardRow]:
     """The ranking, best average first (rows without a full average last), optionally filtered."""
     models = {m.id: m for m in reg.models()}
-    parents: dict[int, tuple[int, str]] = {}
+    parents: dict[int, dict[str, Any]] = {}
     for edge in reg.edges():  # oldest edge first: a merge's first parent is its primary one
-        parents.setdefault(edge["child_id"], (edge["parent_id"], edge["method"]))
+        parents.setdefault(edge["child_id"], edge)
     rows = _measured_rows(reg, models) | _reported_rows(reg, models)
     for (model_id, row_kind, row_protocol), row in rows.items():
         if model_id not in parents:
             continue
-        parent_id, row.method = parents[model_id]
+        edge = parents[model_id]
+        parent_id, row.method, row.synthetic = edge["parent_id"], edge["method"], synthetic_note(edge["data_files"])
         row.parent = models[parent_id].name
         parent_row = rows.get((parent_id, row_kind, row_protocol))
         if parent_row is not None:
@@ -134,7 +136,18 @@ def model_detail(reg: Registry, name: str) -> dict[str, Any]:
 
 def _edge(edge: dict[str, Any], side: str) -> dict[str, Any]:
     keep = ("method", "data_files", "hyperparameters", "final_metrics", "date", "source")
-    return {"name": edge[side], **{k: edge[k] for k in keep}}
+    return {"name": edge[side], **{k: edge[k] for k in keep}, "synthetic": synthetic_note(edge["data_files"])}
+
+
+def synthetic_note(data_files: list[dict[str, Any]]) -> str | None:
+    """The line "trained on synthetic data from TEACHER (recipe)" for an edge whose data files `herd synth` wrote
+    (their "synthetic" record, see `train.lineage`), or None; a file changed since its run finished says so."""
+    sources = []
+    for f in data_files:
+        if (s := f.get("synthetic")) is not None:
+            edited = "" if s["matches_manifest"] else ", edited after generation"
+            sources.append(f"{s['teacher']['name']} ({s['recipe']}{edited})")
+    return f"trained on synthetic data from {', '.join(dict.fromkeys(sources))}" if sources else None
 
 
 def board_data(reg: Registry) -> dict[str, Any]:

@@ -62,6 +62,8 @@ def build_table(rows: list[BoardRow], title: str = "llamaherd leaderboard") -> T
         model = printable_text(r.name)
         if r.parent:
             model.append(f"\n  from {printable(r.parent)} ({printable(r.method)})", style="dim")
+        if r.synthetic:
+            model.append(f"\n  {printable(r.synthetic)}", style="dim")
         cells: list[str | Text] = [str(r.rank), model, printable_text(r.family or ""),
                                    printable_text(r.kind, style="cyan" if r.kind == "measured" else "")]
         if show_protocol:
