@@ -307,14 +307,14 @@ def load_model(
 
     src = resolve(source, base)
     model = load_gpt(src, dtype, device, quantize)
-    tokenizer = Tokenizer.from_path(_tokenizer_path(src))
+    tokenizer = Tokenizer.from_path(tokenizer_path(src))
     config = model.config
     trained = src.chat_format if src.format == "peft" else None  # what the adapter learned wins over the base's
     chat_format = trained or tokenizer.chat_template or config.chat_format
     return Loaded(model, tokenizer, src, chat_format)
 
 
-def _tokenizer_path(src: Source) -> Path:
+def tokenizer_path(src: Source) -> Path:
     """An adapter's own tokenizer files (PEFT trainers often save them beside the adapter), else its base's."""
     while src.base is not None and not any((src.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         src = src.base
