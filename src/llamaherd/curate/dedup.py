@@ -89,8 +89,8 @@ def dedup_map(dedup_dir: str | Path, shard: int, docs: Sequence[Document], *, me
     records = records[np.lexsort((records["doc"], records["key"]))]
     bucket_of = records["key"] % np.uint64(n_buckets)
     for bucket in range(n_buckets):
-        _write_npy(root / "map" / f"s{shard:05d}-b{bucket:04d}.npy", records[bucket_of == bucket])
-    _write_json(marker, {**settings, "shard": shard, "ids": [d.id for d in docs]})
+        write_npy(root / "map" / f"s{shard:05d}-b{bucket:04d}.npy", records[bucket_of == bucket])
+    write_json(marker, {**settings, "shard": shard, "ids": [d.id for d in docs]})
 
 
 def dedup_reduce(dedup_dir: str | Path, bucket: int, n_shards: int) -> None:
@@ -108,7 +108,7 @@ def dedup_reduce(dedup_dir: str | Path, bucket: int, n_shards: int) -> None:
         records = np.load(root / "map" / f"s{shard:05d}-b{bucket:04d}.npy")
         keys.append(records["key"])
         refs.append((np.uint64(shard) << np.uint64(32)) | records["doc"].astype(np.uint64))
-    _write_npy(out, _edges(np.concatenate(keys), np.concatenate(refs)))
+    write_npy(out, _edges(np.concatenate(keys), np.concatenate(refs)))
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,10 @@ def dedup_resolve(dedup_dir: str | Path, n_shards: int, n_buckets: int) -> Dedup
         for doc_id, shard, pos in named[1:]:
             removals[shard].append([pos, doc_id, kept_id, kept_shard])
     for shard in range(n_shards):
-        _write_json(root / "resolve" / f"s{shard:05d}.json", sorted(removals[shard]))
+        write_json(root / "resolve" / f"s{shard:05d}.json", sorted(removals[shard]))
     summary = DedupSummary(method=settings["method"], documents=sum(len(i) for i in ids), clusters=clusters,
                            removed=sum(len(r) for r in removals))
-    _write_json(summary_path, asdict(summary))
+    write_json(summary_path, asdict(summary))
     return summary
 
 
@@ -266,11 +266,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, obj: object) -> None:
+def write_json(path: Path, obj: object) -> None:
+    """`obj` as compact JSON with sorted keys, written atomically."""
     atomic_write_bytes(path, json.dumps(obj, ensure_ascii=False, sort_keys=True).encode())
 
 
-def _write_npy(path: Path, array: np.ndarray) -> None:
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """`array` in NumPy's .npy format (no pickles), written atomically."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
