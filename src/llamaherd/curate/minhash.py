@@ -2,7 +2,7 @@
 
 RefinedWeb (Penedo et al. 2023, §3.3 and appendix G) computes 9,000 MinHash values per document over word
 5-grams. Its main text says they are "divided into 20 buckets of 450 hashes"; read literally (20 bands of 450
-rows) a pair is only caught when nearly identical: P(Jaccard 0.8) = 1-(1-0.8^450)^20 ~ 2e-43. The appendix's
+rows) a pair is only caught when nearly identical: P(Jaccard 0.8) = 1-(1-0.8^450)^20 ~ 5e-43. The appendix's
 setting and the maths for its stated goal (catching Jaccard >= 0.8) give the other reading, 450 bands of 20 rows:
 P(0.8) = 1-(1-0.8^20)^450 ~ 0.996. That is the default here; `s_curve_table` prints any setting's curve.
 FineWeb (Penedo et al. 2024) uses 14 bands of 8 rows (`PRESETS["fineweb"]`).
