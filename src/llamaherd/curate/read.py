@@ -39,6 +39,7 @@ WHATWG_LABELS = {"iso-8859-1": "cp1252", "latin1": "cp1252", "latin-1": "cp1252"
 META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.I)
 CANONICAL = re.compile(rb"""<link[^>]+rel\s*=\s*["']?canonical["']?[^>]*>""", re.I)
 OG_URL = re.compile(rb"""<meta[^>]+property\s*=\s*["']og:url["'][^>]*>""", re.I)
+SURROGATE = re.compile("[\ud800-\udfff]")
 ATTR = re.compile(rb"""(?:href|content)\s*=\s*["']([^"']+)["']""", re.I)
 
 
@@ -298,8 +299,13 @@ def read_jsonl(path: str, name: str, bad: Counter[str]) -> Iterator[Document]:
             continue
         url = record.get("url")
         doc_id = record.get("id")
-        yield Document(id=f"{name}:{number}" if doc_id is None else str(doc_id), text=text,
-                       url=url if isinstance(url, str) else None, source=f"{name}:{number}")
+        yield Document(id=f"{name}:{number}" if doc_id is None else _utf8(str(doc_id)), text=_utf8(text),
+                       url=_utf8(url) if isinstance(url, str) else None, source=f"{name}:{number}")
+
+
+def _utf8(text: str) -> str:
+    """`text` with lone surrogates (JSON's "\\ud800" escapes, which UTF-8 cannot hold) replaced by U+FFFD."""
+    return SURROGATE.sub("\ufffd", text)
 
 
 def page_url(data: bytes) -> str | None:
