@@ -15,7 +15,7 @@ under a work directory `dedup_dir` that belongs to one deduplication:
 Every output is written atomically (temp file + rename), skipped when already there (a killed run redoes only the
 unfinished pieces), sorted, and a function of the inputs alone, so it is byte-identical whatever order or process
 the tasks ran in. `dedup_shard(docs, ...)` does the same within one shard (`--per-shard`, as RefinedWeb
-deduplicated each CommonCrawl part separately).
+deduplicated each CommonCrawl part separately), through `find_duplicates`, the in-memory form.
 
 Exact key: xxHash3-64 of `minhash.normalize_text(text)` (lowercased, punctuation and symbols removed, whitespace
 collapsed), so texts that differ only in case, punctuation or layout are exact duplicates. Fuzzy keys:
@@ -166,14 +166,21 @@ def dedup_decisions(dedup_dir: str | Path, shard: int, docs: Sequence[Document])
 def dedup_shard(docs: Sequence[Document], *, method: Method,
                 params: MinHashParams = REFINEDWEB) -> list[str | None]:
     """The per-shard variant: deduplicate `docs` among themselves only; decisions as `dedup_decisions` gives them."""
-    keys = [document_keys(d.text, method, params) for d in docs]
-    refs = np.concatenate([np.full(len(k), i, dtype=np.uint64) for i, k in enumerate(keys)]) if docs else []
-    edges = _edges(np.concatenate(keys) if keys else np.empty(0, np.uint64), np.asarray(refs, dtype=np.uint64))
-    removals = {}
+    removed = find_duplicates([d.id for d in docs], [document_keys(d.text, method, params) for d in docs])
+    return _decide(docs, method, {pos: (docs[pos].id, docs[kept].id, None) for pos, kept in removed.items()})
+
+
+def find_duplicates(ids: Sequence[str], keys: Sequence[np.ndarray]) -> dict[int, int]:
+    """In memory: documents linked by a shared key (`keys[i]`: document i's `document_keys`) form clusters; returns
+    {position removed: position kept} with the smallest id kept in each cluster (ties: the smaller position)."""
+    refs = [np.full(len(k), i, dtype=np.uint64) for i, k in enumerate(keys)]
+    flat_keys = np.concatenate(keys) if len(keys) else np.empty(0, np.uint64)
+    edges = _edges(flat_keys.astype(np.uint64), np.concatenate(refs) if refs else np.empty(0, np.uint64))
+    removed = {}
     for members in _clusters(edges["a"], edges["b"]):
-        kept = min(members, key=lambda m: (docs[m].id, m))
-        removals.update({m: (docs[m].id, docs[kept].id, None) for m in members if m != kept})
-    return _decide(docs, method, removals)
+        kept = min(members, key=lambda m: (ids[m], m))
+        removed.update({m: kept for m in members if m != kept})
+    return removed
 
 
 # ---- the shared core ---------------------------------------------------------------------------------------------
