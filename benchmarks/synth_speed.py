@@ -82,7 +82,7 @@ def main() -> None:
         deadline = time.time() + 300
         while True:
             try:
-                HTTPTeacher(base, timeout=5)
+                HTTPTeacher(base, timeout=5, max_retries=0)
                 break
             except Exception:
                 if time.time() > deadline or server.poll() is not None:

@@ -139,8 +139,9 @@ def _instance_steps(i: int, task: dict, sampling: Sampling, variant: str, comple
         if not clf.ok:
             return Outcome("failed", clf.error)
         classification = templates.parse_is_classification(clf.text)
-        (inst,) = yield [request(1, templates.instance_prompt(instruction, classification), sampling.max_tokens,
-                                 ("Example 6", "Task:"))]
+        # generate_instances.py: 300 tokens for classification tasks, 350 otherwise
+        (inst,) = yield [request(1, templates.instance_prompt(instruction, classification),
+                                 300 if classification else 350, ("Example 6", "Task:"))]
         if not inst.ok:
             return Outcome("failed", inst.error)
         instances = templates.parse_instances(inst.text, classification, inst.finish_reason)
