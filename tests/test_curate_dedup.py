@@ -272,3 +272,29 @@ def test_substring_spans_never_cross_documents(tmp_path: Path) -> None:
     assert [[d.text for d in shard] for shard in docs][0] == texts[0]
     assert [d.text for d in docs[1][:2]] == texts[1][:2]
     assert decisions[1][2:] == ["substring_dedup:all_removed", None] and docs[1][3].text == "six "
+
+
+def _brute_force_kept(docs: list[list[str]], window: int, keep_first: bool) -> list[list[str]]:
+    """The reference: every window of `window` tokens that occurs twice is cut (all copies, or all but the first)."""
+    where: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+    for d, tokens in enumerate(docs):
+        for i in range(len(tokens) - window + 1):
+            where.setdefault(tuple(tokens[i : i + window]), []).append((d, i))
+    cut = [[False] * len(tokens) for tokens in docs]
+    for places in where.values():
+        for d, i in places[1:] if keep_first else places if len(places) > 1 else []:
+            cut[d][i : i + window] = [True] * window
+    return [[t for t, c in zip(tokens, flags) if not c] for tokens, flags in zip(docs, cut)]
+
+
+@pytest.mark.parametrize("keep_first", [False, True])
+def test_substring_dedup_matches_a_brute_force_reference(tmp_path: Path, keep_first: bool) -> None:
+    """Random documents over a 3-word vocabulary (many overlapping repeats), in 3 shards, with 4-token windows."""
+    rng = random.Random(11)
+    tokens = [[rng.choice("abc") for _ in range(rng.randrange(0, 25))] for _ in range(40)]
+    shards = [[Document(f"{i:02d}", " ".join(t)) for i, t in enumerate(tokens[s::3], start=s * 100)]
+              for s in range(3)]
+    _substring_run(tmp_path, shards, min_tokens=4, keep_first=keep_first)
+    ordered = [t for s in range(3) for t in tokens[s::3]]  # shard order, then document order
+    expected = _brute_force_kept(ordered, 4, keep_first)
+    assert [d.text.split() for shard in shards for d in shard] == expected

@@ -9,8 +9,9 @@ only the later ones.
 Tokens: words and punctuation runs, the regex `\\w+|[^\\w\\s]+` (Python's Unicode `\\w`), compared exactly (case
 kept). This is GPT-2's pre-tokenization without its subword split, so a token is a word or a punctuation run: no
 model or vocabulary is needed (the hub is offline, and a data engine's workers should not load a model), and
-every token maps back to exact character offsets for the cut. A word is about 1.3 byte-level BPE tokens, so 50 such
-tokens are roughly 65 of the paper's GPT-2 tokens: the default cuts somewhat less than Lee et al.'s 50.
+every token maps back to exact character offsets for the cut. Measured on the 147 English pages of
+../shared/benchmarks/web: one such token is 1.16 tokens of a GPT-2-style byte-level BPE (SmolLM2's) and 4.9 bytes,
+so 50 of them are about 58 BPE tokens: the default cuts slightly less than Lee et al.'s 50 GPT-2 tokens.
 
 Method: all shards' documents concatenated, each followed by a separator token of its own (so no span crosses a
 document), as integer ids; a suffix array (libdivsufsort through `pydivsufsort`) and its LCP array (Kasai et al.)
@@ -19,9 +20,11 @@ but the earliest, with keep_first) starts a `min_tokens` window to cut; the unio
 runs from its first token to the start of the next kept token (so it takes the whitespace after it).
 
 Phases, each atomic and skipped when done (see dedup.py): `substring_map` per shard (token hashes), `substring_find`
-once (suffix array, in one process), `substring_apply` per shard (the cut). Memory of `substring_find`: about 40
-bytes per token at its peak (measured: see `docs/curation.md`), so one machine of M GB handles about M/40 billion
-tokens (~ M/10 GB of English text); beyond that, run it on groups of shards, or use Lee et al.'s disk-based tool.
+once (suffix array, in one process), `substring_apply` per shard (the cut). Memory of `substring_find` at its peak,
+measured on 10M tokens in 20,000 documents: 32 bytes per token (int32 suffix array, up to ~500M tokens; about 50
+beyond, where libdivsufsort needs 64-bit offsets). At 4.9 bytes of English text per token, a machine of M GB handles
+about M/6.5 GB of text (~20 GB on 128 GB); beyond that, run it on groups of shards or use Lee et al.'s disk-based
+tool. Time: 6 s for those 10M tokens on one core.
 """
 
 from __future__ import annotations
@@ -92,14 +95,12 @@ def substring_find(work_dir: str | Path, n_shards: int, *, min_tokens: int = MIN
         raise ValueError(f"{root}: substring_map has not finished for shards {missing}; run it first")
     lengths = [json.loads((root / "map" / f"s{s:05d}.json").read_text())["tokens"] for s in range(n_shards)]
     doc_tokens = np.array([n for shard in lengths for n in shard], dtype=np.int64)
-    seq, doc_starts = _sequence([np.load(root / "map" / f"s{s:05d}.npy") for s in range(n_shards)], doc_tokens)
-    cut = _covered(seq, min_tokens, keep_first)
+    seq, doc_starts = _sequence([root / "map" / f"s{s:05d}.npy" for s in range(n_shards)], lengths)
+    runs = _runs(_covered(seq, min_tokens, keep_first))  # (start, end) in the sequence, never across a separator
     del seq
-    doc_of = np.searchsorted(doc_starts, np.arange(len(cut)), side="right") - 1
-    runs = _runs(cut)  # (start, end) in the sequence, never across a separator
     ranges: dict[int, list[list[int]]] = {}
-    for start, end in runs.tolist():
-        doc = int(doc_of[start])
+    for doc, start, end in zip((np.searchsorted(doc_starts, runs[:, 0], side="right") - 1).tolist(),
+                               runs[:, 0].tolist(), runs[:, 1].tolist()):
         ranges.setdefault(doc, []).append([start - int(doc_starts[doc]), end - int(doc_starts[doc])])
     first_doc = 0
     for shard, shard_lengths in enumerate(lengths):
@@ -144,43 +145,74 @@ def substring_apply(work_dir: str | Path, shard: int, docs: Sequence[Document]) 
     return decisions
 
 
-def _sequence(hashes: list[np.ndarray], doc_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All documents' tokens as dense ids, each document followed by its own separator id; and each doc's start."""
-    flat = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
-    vocab, ids = np.unique(flat, return_inverse=True)
-    del flat
+def _sequence(paths: list[Path], lengths: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """All documents' tokens as dense ids, each document followed by its own separator id; and each doc's start.
+
+    Built one shard at a time (the vocabulary first, then each shard's ids), so memory stays at the 4-byte sequence
+    plus one shard's hashes.
+    """
+    vocab = np.unique(np.concatenate([np.unique(np.load(p)) for p in paths] or [np.empty(0, np.uint64)]))
+    doc_tokens = np.array([n for shard in lengths for n in shard], dtype=np.int64)
     n_docs = len(doc_tokens)
     doc_starts = np.zeros(n_docs, dtype=np.int64)
     doc_starts[1:] = np.cumsum(doc_tokens + 1)[:-1]
     dtype = np.uint32 if len(vocab) + n_docs < 2**32 else np.uint64
     seq = np.empty(int(doc_tokens.sum()) + n_docs, dtype=dtype)
-    is_token = np.ones(len(seq), dtype=bool)
-    is_token[doc_starts + doc_tokens] = False
-    seq[is_token] = ids
-    seq[~is_token] = len(vocab) + np.arange(n_docs, dtype=dtype)
+    first_doc = 0
+    for path, shard_lengths in zip(paths, lengths):
+        docs = slice(first_doc, first_doc + len(shard_lengths))
+        first_doc += len(shard_lengths)
+        if not shard_lengths:
+            continue
+        begin = int(doc_starts[docs][0])
+        region = seq[begin : begin + sum(shard_lengths) + len(shard_lengths)]
+        is_token = np.ones(len(region), dtype=bool)
+        is_token[doc_starts[docs] + doc_tokens[docs] - begin] = False
+        region[is_token] = np.searchsorted(vocab, np.load(path))
+        region[~is_token] = len(vocab) + np.arange(docs.start, docs.stop, dtype=dtype)
     return seq, doc_starts
 
 
 def _covered(seq: np.ndarray, min_tokens: int, keep_first: bool) -> np.ndarray:
     """Boolean mask over `seq`: the tokens inside a window of `min_tokens` that occurs more than once."""
-    from pydivsufsort import divsufsort, kasai
+    from pydivsufsort import kasai
 
     n = len(seq)
     if n == 0:
         return np.zeros(0, dtype=bool)
-    sa = divsufsort(seq)
+    sa = _suffix_array(seq)
     lcp = kasai(seq, sa)  # lcp[i] = common prefix length of suffixes sa[i] and sa[i+1]
-    group_start = np.ones(n, dtype=bool)
-    group_start[1:] = lcp[:-1] < min_tokens  # suffixes sharing their first min_tokens tokens are adjacent in sa
+    linked = lcp[:-1] >= min_tokens  # suffixes sa[i] and sa[i+1] share their first min_tokens tokens
     del lcp
-    group = np.cumsum(group_start) - 1
-    repeated = np.bincount(group)[group] >= 2
-    if keep_first:
-        earliest = np.minimum.reduceat(sa, np.flatnonzero(group_start))
-        repeated &= sa != earliest[group]
-    starts = sa[repeated]
-    edges = np.bincount(starts, minlength=n + 1)[: n + 1] - np.bincount(starts + min_tokens, minlength=n + 1)[: n + 1]
-    return np.cumsum(edges[:n]) > 0
+    repeated = np.zeros(n, dtype=bool)  # in suffix-array order: the suffix's first min_tokens tokens occur twice
+    repeated[:-1] |= linked
+    repeated[1:] |= linked
+    if keep_first:  # a group is a run of linked neighbours (one repeated window); its earliest position stays
+        members = np.flatnonzero(repeated)
+        new_group = np.ones(len(members), dtype=bool)
+        new_group[1:] = ~linked[members[1:] - 1]
+        first = np.flatnonzero(new_group)
+        earliest = np.minimum.reduceat(sa[members], first)
+        repeated[members] = sa[members] != np.repeat(earliest, np.diff(np.append(first, len(members))))
+    is_start = np.zeros(n, dtype=bool)
+    is_start[sa[repeated]] = True  # a window of min_tokens to cut starts here
+    started = np.cumsum(is_start, dtype=np.int64 if n >= 2**31 else np.int32)
+    started[min_tokens:] -= started[:-min_tokens].copy()  # windows started in (i - min_tokens, i]
+    return started > 0
+
+
+def _suffix_array(seq: np.ndarray) -> np.ndarray:
+    """Suffix array of an integer sequence: libdivsufsort on its big-endian bytes (byte order = token order), kept
+    at the token boundaries. pydivsufsort's `divsufsort(int array)` does the same with full-size temporaries; the
+    filter here goes by chunks (peak measured on 10M tokens: 45 -> 29 bytes per token)."""
+    from pydivsufsort import divsufsort
+
+    width = 2 if int(seq.max()) < 2**16 else seq.dtype.itemsize
+    big_endian = seq.astype(f">u{width}")
+    byte_sa = divsufsort(big_endian.view(np.uint8))
+    del big_endian
+    chunks = np.array_split(byte_sa, max(1, len(byte_sa) // 2**22))
+    return np.concatenate([c[c % width == 0] // width for c in chunks])
 
 
 def _runs(mask: np.ndarray) -> np.ndarray:
