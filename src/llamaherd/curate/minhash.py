@@ -159,6 +159,8 @@ class MinHashIndex:
     A text's candidates are the earlier texts sharing a band with it (LSH); the earliest candidate whose estimated
     Jaccard (share of equal signature values) is >= `threshold` is returned and the new text is not indexed (it is
     meant to be dropped). Memory: 4*bands*rows bytes of signature plus bands dict entries per indexed text.
+    Candidates come from LSH, so pairs left of the setting's S-curve are rarely seen whatever the threshold: choose
+    bands and rows whose 50% point ((1/b)^(1/r), 0.737 for 450x20) lies below `threshold`.
     """
 
     def __init__(self, params: MinHashParams = REFINEDWEB, threshold: float = 0.8) -> None:
