@@ -17,7 +17,8 @@ import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.scaling = r, scaling
+        self.disabled = False  # `adapters_disabled`: the base layer alone
 
     @property
     def weight(self) -> torch.Tensor:
@@ -147,6 +149,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.disabled:
+            return y
         lora_x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         return y + (self.lora_B(self.lora_A(lora_x)) * self.scaling).to(y.dtype)
 
@@ -208,6 +212,20 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every `LoRALinear` in the model by its module name (e.g. `model.layers.0.self_attn.q_proj`)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every LoRA layer of `model` computes its base layer alone: the frozen base model, e.g.
+    the reference policy of DPO or PPO, without a second copy of the weights (PEFT's `disable_adapter`)."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
