@@ -37,6 +37,9 @@ def add_synth_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         if recipe == "self-chat":
             r.add_argument("--max-turns", type=int, default=None,
                            help="turn by turn, up to this many exchanges (default: one transcript request)")
+            r.add_argument("--api", choices=["chat", "completion"], default="chat",
+                           help="send Baize's transcript prompt as a chat message (Baize's ChatGPT usage, default) or "
+                                "as a raw completion, which small local models continue more faithfully")
         if recipe == "self-instruct":
             r.add_argument("--variant", choices=["self-instruct", "alpaca"], default="self-instruct",
                            help="self-instruct: 8 example tasks per prompt (6 seed + 2 machine); alpaca: 3 seed "
@@ -89,7 +92,7 @@ def job_from_args(args: argparse.Namespace) -> SynthJob:
         max_retries=args.max_retries, timeout=args.timeout, max_turns=getattr(args, "max_turns", None),
         system_map=getattr(args, "system_map", None), variant=getattr(args, "variant", "self-instruct"),
         requests_per_round=getattr(args, "requests_per_round", 5),
-        completion_api=getattr(args, "api", "completion") == "completion",
+        completion_api=None if getattr(args, "api", None) is None else args.api == "completion",
         near_dup=args.near_dup or None, keep_refusals=args.keep_refusals,
         price_in=args.price_in, price_out=args.price_out)
 

@@ -55,13 +55,15 @@ class SynthJob:
     system_map: str | None = None
     variant: str = "self-instruct"
     requests_per_round: int = 5
-    completion_api: bool = True
+    completion_api: bool | None = None  # None: the recipe's default (self-instruct: completion; self-chat: chat)
     near_dup: float | None = 0.8
     keep_refusals: bool = False
     price_in: float | None = None
     price_out: float | None = None
 
     def check(self) -> None:
+        if self.completion_api is None:
+            self.completion_api = self.recipe == "self-instruct"
         if self.recipe not in RECIPES:
             raise InputError(f"unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.n is not None and self.n < 1:
@@ -94,7 +96,7 @@ def _items(job: SynthJob, seeds: list[Seed]) -> list[Item]:
     """The recipe's items (self-instruct: its instance items need the instruction rounds first; see run_job)."""
     if job.recipe == "self-chat":
         from llamaherd.synth.self_chat import self_chat_items
-        return self_chat_items(seeds, job.n, job.sampling, job.max_turns)
+        return self_chat_items(seeds, job.n, job.sampling, job.max_turns, job.completion_api)
     from llamaherd.synth.explain import explain_items, read_system_map
     system_map = read_system_map(job.system_map) if job.system_map else None
     return explain_items(seeds, job.n, job.sampling, system_map)

@@ -3,8 +3,10 @@
 Two modes. Transcript (default): one request with Baize's prompt; the teacher continues the [Human]/[AI]
 transcript and the reply is parsed into turns. Turn by turn (`max_turns`): a user-simulator call on the
 transcript so far, stopped at the AI marker, then an assistant call on the dialogue as chat messages, until
-the simulated human has nothing to ask (an empty turn) or max_turns exchanges. Dialogues with fewer than two
-exchanges, broken markers or a role switch are dropped and counted (templates.parse_baize_transcript).
+the simulated human has nothing to ask (an empty turn) or max_turns exchanges. The transcript prompts go as a
+chat user message (Baize asked ChatGPT so) or, with `completion`, as a raw completion that a local model simply
+continues. Dialogues with fewer than two exchanges, broken markers or a role switch are dropped and counted
+(templates.parse_baize_transcript).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from llamaherd.synth.templates import BAIZE_AI_MARKER, baize_prompt, baize_turn_
 RECIPE = "self-chat"
 
 
-def self_chat_items(seeds: list[Seed], n: int, sampling: Sampling, max_turns: int | None = None) -> list[Item]:
-    """n dialogues; dialogue i starts from seeds[i % len(seeds)]."""
-    return [Item(f"{RECIPE}-{i:06d}", _steps(i, seeds[i % len(seeds)], sampling, max_turns)) for i in range(n)]
+def self_chat_items(seeds: list[Seed], n: int, sampling: Sampling, max_turns: int | None = None,
+                    completion: bool = False) -> list[Item]:
+    """n dialogues; dialogue i starts from seeds[i % len(seeds)]. completion: send Baize's transcript prompts as raw
+    completions (a model continues the transcript) instead of a chat user message (Baize's ChatGPT usage)."""
+    return [Item(f"{RECIPE}-{i:06d}", _steps(i, seeds[i % len(seeds)], sampling, max_turns, completion))
+            for i in range(n)]
 
 
 def _request(key: str, messages: list[tuple[str, str]], sampling: Sampling, seed: int,
@@ -29,11 +34,17 @@ def _request(key: str, messages: list[tuple[str, str]], sampling: Sampling, seed
                           temperature=sampling.temperature, top_p=sampling.top_p, stop=stop, seed=seed)
 
 
-def _steps(i: int, seed: Seed, sampling: Sampling, max_turns: int | None):
+def _steps(i: int, seed: Seed, sampling: Sampling, max_turns: int | None, completion: bool):
     item_id = f"{RECIPE}-{i:06d}"
 
+    def transcript_request(key: str, prompt: str, seed: int, stop: tuple[str, ...] = ()) -> TeacherRequest:
+        if completion:
+            return TeacherRequest(key, prompt=prompt, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                  top_p=sampling.top_p, stop=stop, seed=seed)
+        return _request(key, [("user", prompt)], sampling, seed, stop)
+
     def transcript() -> Steps:
-        request = _request(f"{item_id}/0", [("user", baize_prompt(seed.text))], sampling, sampling.request_seed(i))
+        request = transcript_request(f"{item_id}/0", baize_prompt(seed.text), sampling.request_seed(i))
         (reply,) = yield [request]
         if not reply.ok:
             return Outcome("failed", reply.error)
@@ -46,8 +57,8 @@ def _steps(i: int, seed: Seed, sampling: Sampling, max_turns: int | None):
         turns: list[dict] = []
         for t in range(max_turns):
             prompt = baize_turn_prompt(seed.text, turns, "user")
-            (human,) = yield [_request(f"{item_id}/{2 * t}", [("user", prompt)], sampling,
-                                       sampling.request_seed(i, 2 * t), stop=(BAIZE_AI_MARKER,))]
+            (human,) = yield [transcript_request(f"{item_id}/{2 * t}", prompt, sampling.request_seed(i, 2 * t),
+                                                 stop=(BAIZE_AI_MARKER,))]
             if not human.ok:
                 return Outcome("failed", human.error)
             if not human.text.strip():
