@@ -7,11 +7,11 @@ import os
 import socket
 import sys
 
+from llamaherd.engine.engine import DEFAULT_MAX_LEN
 from llamaherd.errors import InputError
 from llamaherd.terminal import printable
 
 API_KEY_ENV = "LLAMAHERD_API_KEY"
-DEFAULT_MAX_LEN = 2048  # KV positions per row unless the model's context is shorter
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

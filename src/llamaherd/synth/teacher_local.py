@@ -12,6 +12,7 @@ from typing import Any
 
 from llamaherd.chat import get_chat_format
 from llamaherd.engine import Engine, SamplingParams
+from llamaherd.engine.engine import DEFAULT_MAX_LEN
 from llamaherd.errors import InputError
 from llamaherd.synth.teacher import TeacherReply, TeacherRequest
 
@@ -19,15 +20,19 @@ from llamaherd.synth.teacher import TeacherReply, TeacherRequest
 class LocalTeacher:
     """Answers TeacherRequests with a loaded model (`llamaherd.load.load_model`).
 
-    max_batch: sequences decoded together (rows of the engine's KV cache). chat_format: a format name that
-    overrides the model's own (needed for chat requests when the model has none).
+    max_batch: sequences decoded together (rows of the engine's KV cache). max_len: positions per row, prompt +
+    reply (default: the model's context, at most DEFAULT_MAX_LEN, as herd serve: the cache is max_batch x max_len).
+    chat_format: a format name that overrides the model's own (needed for chat requests when the model has none).
     """
 
-    def __init__(self, loaded, max_batch: int = 16, chat_format: str | None = None) -> None:
+    def __init__(self, loaded, max_batch: int = 16, chat_format: str | None = None,
+                 max_len: int | None = None) -> None:
         from llamaherd.train.lineage import model_identity
 
         self.tokenizer = loaded.tokenizer
-        self.engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, isolate_faults=True)
+        max_len = max_len or min(loaded.model.config.block_size, DEFAULT_MAX_LEN)
+        self.engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_len=max_len,
+                             isolate_faults=True)
         self.max_batch = max_batch
         name = chat_format or loaded.chat_format
         self.chat_format = None if name is None else get_chat_format(
