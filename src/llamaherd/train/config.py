@@ -11,6 +11,7 @@ import yaml
 from llamaherd.errors import InputError
 
 METHODS = ("full", "lora", "qlora")
+TASKS = ("sft", "reward", "dpo")  # what a run trains; each is a command: herd finetune, herd reward, herd dpo
 SCHEDULES = ("cosine", "linear", "constant")
 # Fields that may change between a run and its resumption without changing the loss sequence. out_dir is where
 # the run lives, so a run directory that was moved or renamed resumes. model, data and val_data are locations
@@ -21,9 +22,10 @@ RESUME_MUTABLE = frozenset({"resume", "eval_every", "save_every", "keep_checkpoi
 
 @dataclass
 class TrainConfig:
-    """Every knob of a fine-tuning run; saved as `run_config.yaml` beside its checkpoints."""
+    """Every knob of a training run; saved as `run_config.yaml` beside its checkpoints."""
 
     # what to train
+    task: str = "sft"  # sft | reward | dpo: set by the command, so a run resumes only as what it was
     model: str | None = None  # preset/alias, local checkpoint or hub id (None: embedded SmolLM2)
     data: list[str] = field(default_factory=list)
     val_data: list[str] = field(default_factory=list)  # empty: split `val_fraction` off `data`
@@ -36,6 +38,12 @@ class TrainConfig:
     train_on_prompt: bool = False  # False: loss on assistant tokens (and EOS) only
     method: str = "lora"
     out_dir: str = "out/finetune"
+    # preference data (reward, dpo): a pair's rating -> margin, for files that give ratings instead of margins
+    # (empty: the data module's default table, Llama 2's four levels)
+    margin_table: dict[str, float] = field(default_factory=dict)
+    # reward model: + coefficient * mean((r_chosen + r_rejected)^2), TRL's center_rewards_coefficient
+    # (Eisenstein et al. 2023); keeps rewards centred on 0. None: off
+    center_rewards_coefficient: float | None = None
     # LoRA
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -83,7 +91,9 @@ class TrainConfig:
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
         self.lora_rank_pattern = _patterns(self.lora_rank_pattern, "lora_rank_pattern", int)
         self.lora_alpha_pattern = _patterns(self.lora_alpha_pattern, "lora_alpha_pattern", float)
+        self.margin_table = _margin_table(self.margin_table)
         checks = [
+            (self.task in TASKS, "task", f"choose one of {', '.join(TASKS)}"),
             (self.method in METHODS, "method", f"choose one of {', '.join(METHODS)}"),
             (self.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}"),
             (self.distributed in ("auto", "ddp", "fsdp"), "distributed", "choose auto, ddp or fsdp"),
@@ -94,6 +104,8 @@ class TrainConfig:
             (0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)"),
             (self.lr > 0, "lr", "must be > 0"),
             (self.max_seq_len >= 2, "max_seq_len", "must be >= 2"),
+            (self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
+             "center_rewards_coefficient", "must be >= 0"),
         ]
         for ok, name, fix in checks:
             if not ok:
@@ -127,16 +139,37 @@ def _patterns(value: Any, name: str, kind: type) -> dict[str, Any]:
     from llamaherd.lora import checked_patterns
 
     if isinstance(value, list | tuple):
-        pairs = [str(item).rpartition("=") for item in value]
-        bad = next((item for item, (key, eq, _) in zip(value, pairs) if not (key and eq)), None)
-        if bad is not None:
-            raise InputError(f"config field {name!r}: {bad!r} is not REGEX=VALUE")
         try:
-            value = {key: kind(v) for key, _, v in pairs}
+            value = {key: kind(v) for key, v in _key_values(value, name, "REGEX=VALUE").items()}
         except ValueError as e:
             want = "an integer" if kind is int else "a number"
             raise InputError(f"config field {name!r}: {e}; give {want} after '='") from None
     return checked_patterns(value, name, "config", InputError)
+
+
+def _key_values(items: list | tuple, name: str, form: str) -> dict[str, str]:
+    """KEY=VALUE strings (a mapping given on the command line) as {key: value string}; split at the last '='."""
+    pairs = [str(item).rpartition("=") for item in items]
+    bad = next((item for item, (key, eq, _) in zip(items, pairs) if not (key and eq)), None)
+    if bad is not None:
+        raise InputError(f"config field {name!r}: {bad!r} is not {form}")
+    return {key: v for key, _, v in pairs}
+
+
+def _margin_table(value: Any) -> dict[str, float]:
+    """The margin table as {rating: margin}, from a mapping or from RATING=MARGIN strings (the command line)."""
+    if isinstance(value, list | tuple):
+        value = _key_values(value, "margin_table", "RATING=MARGIN")
+    if not isinstance(value, dict):
+        raise InputError(f"config field 'margin_table' = {value!r}: give a mapping of rating: margin")
+    table = {}
+    for key, margin in value.items():
+        try:
+            table[str(key)] = float(margin)
+        except (TypeError, ValueError):
+            raise InputError(f"config field 'margin_table': rating {key!r} has margin {margin!r}; "
+                             "give a number") from None
+    return table
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
