@@ -1,4 +1,4 @@
-"""The shared training loop: SFT, reward modelling and DPO differ only in their `Objective`.
+"""The shared training loop: SFT, reward modelling and DPO differ only in their `Objective` (see train/run.py).
 
 One optimizer step consumes `batch_size` samples (across all processes) split into micro-batches of
 `micro_batch_size`; the loss is the sum over the step's items (tokens for SFT) divided by the global item
@@ -44,7 +44,13 @@ class LossOutput(NamedTuple):
 
 
 class Objective(nn.Module):
-    """The trainable model plus its loss; DDP/FSDP wrap this module so the whole loss runs inside forward."""
+    """The trainable model plus its loss; DDP/FSDP wrap this module so the whole loss runs inside forward.
+
+    `forward`'s metrics are sums over the items, logged per step (and on the validation set, as val_NAME)
+    divided by the item count: a per-item mean whatever the accumulation and the number of processes.
+    """
+
+    loss_label = "cross-entropy (nats/token)"  # the loss plot's y axis
 
     def __init__(self, model: GPT) -> None:
         super().__init__()
@@ -216,16 +222,17 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean validation loss per item over (up to `eval_max_batches` micro-batches of) the validation set."""
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss per item, as `val_loss`, and the objective's metrics as `val_NAME`, over (up to
+        `eval_max_batches` micro-batches of) the validation set; {} without one."""
         if not self.val_set:
-            return None
+            return {}
         world, rank, mb = self.info.world_size, self.info.rank, self.cfg.micro_batch_size
         mine = list(range(rank, len(self.val_set), world))
         n_batches = math.ceil(math.ceil(len(self.val_set) / world) / mb)  # equal on every rank (FSDP collectives)
         if self.cfg.eval_max_batches is not None:
             n_batches = min(n_batches, self.cfg.eval_max_batches)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.info.device)
+        sums: dict[str, torch.Tensor] = {}
         self.module.eval()
         for j in range(n_batches):
             chunk = mine[j * mb : (j + 1) * mb]
@@ -233,11 +240,14 @@ class Trainer:
             batch = self._to_device(self.collate([self.val_set[i] for i in chunk or [0]]))
             with self._autocast():
                 out = self.module(batch)
-            sums += weight * torch.stack([out.loss_sum.double(),
-                                          torch.as_tensor(self.objective.count(batch)).double().to(sums.device)])
+            values = {"count": torch.as_tensor(self.objective.count(batch)), "loss": out.loss_sum} | (out.metrics or {})
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0) + weight * v.detach().double().to(self.info.device)
         self.module.train()
-        sums = D.all_reduce_sum(sums, self.info)
-        return (sums[0] / sums[1].clamp(min=1)).item()
+        names = sorted(sums)  # the same order on every rank
+        totals = D.all_reduce_sum(torch.stack([sums[k] for k in names]), self.info)
+        count = totals[names.index("count")].clamp(min=1)
+        return {f"val_{k}": (v / count).item() for k, v in zip(names, totals, strict=True) if k != "count"}
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
@@ -322,7 +332,7 @@ class Trainer:
         if self.step == 0 and self.val_set:
             self._log_val(log)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (main and cfg.progress),
-                   desc="finetune", unit="step", dynamic_ncols=True)
+                   desc=cfg.task, unit="step", dynamic_ncols=True)
         t_last, tok_last = time.perf_counter(), 0
         while self.step < self.total_steps:
             record = self.train_step()
@@ -347,15 +357,15 @@ class Trainer:
         if log:
             log.close()
             if cfg.plot:
-                plot_loss(self.out / "metrics.jsonl", self.out / "loss.png")
+                plot_loss(self.out / "metrics.jsonl", self.out / "loss.png", self.objective.loss_label)
         return {"steps": self.step, "tokens": self.tokens_seen, **self.history}
 
     def _log_val(self, log: MetricsLog | None) -> None:
         val = self.evaluate()
-        self.history["val_loss"] = val
-        self.history.setdefault("initial_val_loss", val)
+        self.history |= val
+        self.history.setdefault("initial_val_loss", val["val_loss"])
         if log:
-            log.write({"step": self.step, "val_loss": val})
+            log.write({"step": self.step, **val})
 
 
 def _read_saved_config(path: Path) -> dict[str, Any]:

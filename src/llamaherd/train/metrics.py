@@ -55,8 +55,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_loss(metrics_path: Path, out: Path) -> Path:
-    """Training loss per step (and validation loss where measured) as a PNG."""
+def plot_loss(metrics_path: Path, out: Path, ylabel: str = "cross-entropy (nats/token)") -> Path:
+    """Training loss per step (and validation loss where measured) as a PNG; `ylabel` names the loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +77,7 @@ def plot_loss(metrics_path: Path, out: Path) -> Path:
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
