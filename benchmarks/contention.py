@@ -42,7 +42,8 @@ def finetune_step_fn(args: argparse.Namespace):
     from llamaherd.train.config import TrainConfig
     from llamaherd.train.core import Trainer
     from llamaherd.train.distributed import DistInfo
-    from llamaherd.train.sft import SFTObjective, prepare_model
+    from llamaherd.train.run import prepare_model
+    from llamaherd.train.sft import SFTObjective
 
     cfg = TrainConfig(method="lora", batch_size=8, micro_batch_size=8, max_seq_len=256, max_steps=10**6,
                       lora_r=8, lora_alpha=16, lora_dropout=0.0,

@@ -74,7 +74,8 @@ def worker_llamaherd(args: argparse.Namespace, rows: list[dict]) -> dict:
     from llamaherd.train.config import TrainConfig
     from llamaherd.train.core import Trainer, seed_everything
     from llamaherd.train.distributed import DistInfo
-    from llamaherd.train.sft import SFTObjective, prepare_model
+    from llamaherd.train.run import prepare_model
+    from llamaherd.train.sft import SFTObjective
 
     class Sequential(Trainer):
         def _epoch_order(self, epoch: int) -> list[int]:  # the peers' order: no shuffling
