@@ -1,4 +1,7 @@
-"""`herd finetune`, `herd merge` and `herd estimate`: thin layers over llamaherd.train, .lora and .estimate."""
+"""`herd finetune`, `herd merge` and `herd estimate`: thin layers over llamaherd.train, .lora and .estimate.
+
+`add_run_options` and `run_config` give every training command (finetune, reward, dpo) the same flags and YAML.
+"""
 
 from __future__ import annotations
 
@@ -45,36 +48,44 @@ def _flag_type(hint: object) -> tuple[type, bool]:
 def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="instruction/chat fine-tuning: full, LoRA or QLoRA (resumable, torchrun-ready)",
                        argument_default=argparse.SUPPRESS)
+    add_run_options(p, HELP)
+    p.set_defaults(func=cmd_finetune)
+
+
+def add_run_options(p: argparse.ArgumentParser, helps: dict[str, str]) -> None:
+    """MODEL, --config and a flag per TrainConfig field (but `task`, which the command sets): the options of every
+    training command (herd finetune, reward, dpo). `p` must have argument_default=SUPPRESS, so that only the flags
+    given override the YAML file."""
     p.add_argument("model", nargs="?", help="base model: preset/alias, checkpoint path or hub id "
                                             "(default: embedded smollm2-135m-instruct)")
     p.add_argument("--config", help="YAML file of run settings; flags given here override it")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        if f.name == "model":
+        if f.name in ("model", "task"):
             continue
         kind, many = _flag_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP.get(f.name))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=helps.get(f.name))
         elif many:
-            p.add_argument(flag, type=kind, nargs="+", action="extend", help=HELP.get(f.name))
+            p.add_argument(flag, type=kind, nargs="+", action="extend", help=helps.get(f.name))
         else:
-            p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=HELP.get(f.name))
-    p.set_defaults(func=cmd_finetune)
+            p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=helps.get(f.name))
 
 
-def finetune_config(args: argparse.Namespace) -> TrainConfig:
-    """YAML settings (if any), overridden by the flags actually given."""
+def run_config(args: argparse.Namespace, task: str = "sft") -> TrainConfig:
+    """YAML settings (if any), overridden by the flags actually given, for the command that trains `task`
+    (a YAML `task:` naming another one is refused by run_training)."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
     origin = args.config if getattr(args, "config", None) else "command line"
-    return TrainConfig.from_dict(values | given, origin=origin)
+    return TrainConfig.from_dict({"task": task} | values | given, origin=origin)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from llamaherd.train.sft import run_sft
 
-    run_sft(finetune_config(args))
+    run_sft(run_config(args))
 
 
 def add_merge_parser(sub: argparse._SubParsersAction) -> None:
