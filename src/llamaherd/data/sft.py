@@ -14,14 +14,16 @@ samples never predict across a boundary.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -39,6 +41,7 @@ SHAREGPT_ROLES = {
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
     "system": "system",
 }
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -98,18 +101,31 @@ class SFTData:
 
 # ---- reading ---------------------------------------------------------------------------------------------
 def read_records(path: str | Path) -> Iterator[Record]:
-    """Records of a JSON array, JSON Lines or plain text file, each with its line number."""
+    """Records of a JSON array, JSON Lines or plain text file, each with its line number.
+
+    A name ending in `.gz` is gzip-compressed; the name before it says the layout (`pairs.jsonl.gz`).
+    """
     path = Path(path)
+    gz = path.suffix == ".gz"
     try:
-        text = path.read_text(encoding="utf-8")
+        if gz:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: data file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory; pass a data file") from None
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
-    if path.suffix in TEXT_SUFFIXES:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: not a readable gzip file ({e}); recompress it or pass it uncompressed") from None
+    suffix = Path(path.stem).suffix if gz else path.suffix
+    if suffix in TEXT_SUFFIXES:
         yield Record(str(path), 1, {"text": text})
         return
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if suffix == ".json" and text.lstrip().startswith("["):
         yield from _json_array(path, text)
         return
     for n, line in enumerate(text.splitlines(), 1):
@@ -192,7 +208,7 @@ def record_to_messages(rec: Record, data_format: str = "auto", accepts_input: bo
         return _alpaca_messages(rec, d, accepts_input)
     if fmt == "sharegpt":
         return _sharegpt_messages(rec, d)
-    return _openai_messages(rec, d)
+    return _openai_messages(rec, d, "messages")
 
 
 def _alpaca_messages(rec: Record, d: Mapping[str, Any], accepts_input: bool) -> list[dict]:
@@ -237,13 +253,14 @@ def _sharegpt_messages(rec: Record, d: Mapping[str, Any]) -> list[dict]:
     return messages
 
 
-def _openai_messages(rec: Record, d: Mapping[str, Any]) -> list[dict]:
-    turns = d["messages"]
+def _openai_messages(rec: Record, d: Mapping[str, Any], key: str) -> list[dict]:
+    """The {role, content} messages of field `key` (OpenAI's layout), validated, errors naming `key[i]`."""
+    turns = d[key]
     if not isinstance(turns, list) or not turns:
-        raise InputError(f"{rec.where}: field 'messages' must be a non-empty list of {{role, content}} messages")
+        raise InputError(f"{rec.where}: field {key!r} must be a non-empty list of {{role, content}} messages")
     messages = []
     for i, m in enumerate(turns):
-        name = f"messages[{i}]"
+        name = f"{key}[{i}]"
         if not isinstance(m, Mapping):
             raise InputError(f"{rec.where}: field {name!r} must be an object with 'role' and 'content'")
         role = _str_field(rec, m, "role", f"{name}.role")
@@ -308,13 +325,15 @@ def encode_conversation(
     tokenizer: Tokenizer,
     fmt: ChatFormat,
     train_on_prompt: bool = False,
+    last_response_only: bool = False,
 ) -> tuple[list[int], list[bool]]:
     """Token ids of a finished conversation and, per token, whether the loss covers it.
 
     Trained: the tokens of each assistant response and its end-of-turn text (a token that straddles a span
-    boundary counts as response). The conversation is cut after the last response; EOS is appended (and
-    trained) unless the last token already is a stop token (EOS or an end-of-turn token such as
-    <|im_end|>). BOS is added only when the tokenizer expects one and the format did not render it.
+    boundary counts as response), or of the last response only with `last_response_only` (a preference
+    pair, whose earlier answers are prompt). The conversation is cut after the last response; EOS is
+    appended (and trained) unless the last token already is a stop token (EOS or an end-of-turn token such
+    as <|im_end|>). BOS is added only when the tokenizer expects one and the format did not render it.
     """
     messages = list(messages)
     while messages and messages[-1]["role"] != "assistant":
@@ -325,7 +344,8 @@ def encode_conversation(
     text = text[: spans[-1][1]]
     enc = tokenizer.backend.encode(text, add_special_tokens=False)
     ids = list(enc.ids)
-    trained = [train_on_prompt or any(s < b and e > a for a, b in spans) for s, e in enc.offsets]
+    learnt = spans[-1:] if last_response_only else spans
+    trained = [train_on_prompt or any(s < b and e > a for a, b in learnt) for s, e in enc.offsets]
     bos = tokenizer.bos_id
     if tokenizer.add_bos_default and not fmt.includes_bos and (not ids or ids[0] != bos):
         ids.insert(0, bos)
@@ -419,8 +439,8 @@ def _document_windows(ids: list[int], max_seq_len: int, where: str) -> list[Samp
 
 # ---- splitting, packing, batching ---------------------------------------------------------------------------
 def split_validation(
-    samples: Sequence[Sample], val_fraction: float = 0.05, seed: int = 0, val_size: int | None = None
-) -> tuple[list[Sample], list[Sample]]:
+    samples: Sequence[T], val_fraction: float = 0.05, seed: int = 0, val_size: int | None = None
+) -> tuple[list[T], list[T]]:
     """(train, validation): a seeded random choice of `val_size` (or `val_fraction`, at least one) samples.
 
     Both keep the input order; split before packing so no validation sample shares a row with training.
