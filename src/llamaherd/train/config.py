@@ -38,9 +38,9 @@ class TrainConfig:
     train_on_prompt: bool = False  # False: loss on assistant tokens (and EOS) only
     method: str = "lora"
     out_dir: str = "out/finetune"
-    # preference data (reward, dpo): a pair's rating -> margin, for files that give ratings instead of margins
-    # (empty: the data module's default table, Llama 2's four levels)
-    margin_table: dict[str, float] = field(default_factory=dict)
+    # preference data (reward, dpo): a pair's rating -> margin, for files that give ratings instead of margins:
+    # {rating: margin}, or a table's name in data.preference.MARGIN_TABLES (empty: its default, llama2-small)
+    margin_table: dict[str, float] | str = field(default_factory=dict)
     # reward model: + coefficient * mean((r_chosen + r_rejected)^2), TRL's center_rewards_coefficient
     # (Eisenstein et al. 2023); keeps rewards centred on 0. None: off
     center_rewards_coefficient: float | None = None
@@ -156,10 +156,14 @@ def _key_values(items: list | tuple, name: str, form: str) -> dict[str, str]:
     return {key: v for key, _, v in pairs}
 
 
-def _margin_table(value: Any) -> dict[str, float]:
-    """The margin table as {rating: margin}, from a mapping or from RATING=MARGIN strings (the command line)."""
+def _margin_table(value: Any) -> dict[str, float] | str:
+    """The margin table as {rating: margin} or a table's name, from a mapping, a name, or RATING=MARGIN strings /
+    one name (the command line). A name is checked when the data is read."""
     if isinstance(value, list | tuple):
-        value = _key_values(value, "margin_table", "RATING=MARGIN")
+        one = len(value) == 1 and "=" not in str(value[0])
+        value = str(value[0]) if one else _key_values(value, "margin_table", "RATING=MARGIN")
+    if isinstance(value, str):
+        return value
     if not isinstance(value, dict):
         raise InputError(f"config field 'margin_table' = {value!r}: give a mapping of rating: margin")
     table = {}
