@@ -293,8 +293,9 @@ class Trainer:
 
         A location setting (`self.content`'s keys) is compared by what it holds when the checkpoint recorded
         that, and by its value otherwise; a process that does not know a content hash leaves it to the others.
+        A field the checkpoint's run_config.yaml lacks (one added to TrainConfig since) counts as its default.
         """
-        saved = _read_saved_config(path)
+        saved = TrainConfig().to_dict() | _read_saved_config(path)
         try:
             saved_content = json.loads((path / STATE).read_text()).get("content") or {}
         except FileNotFoundError:

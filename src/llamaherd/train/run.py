@@ -112,12 +112,19 @@ def full_state(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch
 
 
 def merged_state(model: GPT, state: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The weights to export as a plain model: `state` as trained (full), or the LoRA adapters folded in."""
+    """The weights to export as a plain model: `state` as trained (full), or the LoRA adapters folded in and an
+    int8 base (QLoRA) dequantized to fp32, the weights the adapters were trained on."""
     if cfg.method == "full":
         return state
     from llamaherd.lora import merge_lora
+    from llamaherd.quantize import Int8Linear
 
-    return merge_lora(model).state_dict()
+    merged = merge_lora(model).state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            del merged[f"{name}.weight_int8"], merged[f"{name}.scale"]
+            merged[f"{name}.weight"] = module.dequantized(torch.float32)
+    return merged
 
 
 def run_training(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
