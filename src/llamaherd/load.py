@@ -99,11 +99,11 @@ def _on_base(adapter: Source, base: str | Path | None, adapters: tuple[Path, ...
             raise CheckpointError(f"{cfg_path}: base model {declared!r} ({context}{e}); {fix}") from None
     else:
         base_src = _resolve(base, None, (*adapters, here))
-    name, chat_format = _trained_as(adapter.path)
+    name, chat_format = trained_as(adapter.path)
     return replace(adapter, name=name or adapter.name, chat_format=chat_format, base=base_src)
 
 
-def _trained_as(path: Path) -> tuple[str | None, str | None]:
+def trained_as(path: Path) -> tuple[str | None, str | None]:
     """(run name, chat format) of the fine-tuning run whose lineage.json describes this directory, if any."""
     from llamaherd.train.lineage import find_lineage, read_lineage
 
@@ -124,7 +124,7 @@ def model_name(source: str | Path | None) -> str:
 
     path = Path(str(source or DEFAULT_MODEL)).expanduser()
     if (path / ADAPTER_CONFIG).is_file():
-        return _trained_as(path)[0] or path.name
+        return trained_as(path)[0] or path.name
     return path.name
 
 
