@@ -355,8 +355,11 @@ def _internal_to_falcon(state: dict[str, torch.Tensor], config: Config) -> dict[
 
 
 def save_hf(state: dict[str, torch.Tensor], config: Config, out_dir: str | Path,
-            max_shard_bytes: int = 5 << 30) -> Path:
-    """Write `config.json` and safetensors (sharded with an index above `max_shard_bytes`)."""
+            max_shard_bytes: int = 5 << 30, config_overrides: dict | None = None) -> Path:
+    """Write `config.json` and safetensors (sharded with an index above `max_shard_bytes`).
+
+    config_overrides: config.json fields that replace `hf_config_dict`'s (e.g. a reward model's architectures
+    and labels)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.family == "falcon":
@@ -384,6 +387,6 @@ def save_hf(state: dict[str, torch.Tensor], config: Config, out_dir: str | Path,
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     dtype = next(iter(state.values())).dtype
-    cfg = hf_config_dict(config) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    cfg = hf_config_dict(config) | {"torch_dtype": str(dtype).removeprefix("torch.")} | (config_overrides or {})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
