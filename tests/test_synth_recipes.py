@@ -18,8 +18,10 @@ from test_serve_interop import ServerThread
 
 from llamaherd.load import load_model
 from llamaherd.serve.app import ServeConfig, create_app
+from llamaherd.synth.explain import explain_items
 from llamaherd.synth.job import SynthJob, run_job
 from llamaherd.synth.sampling import Sampling
+from llamaherd.synth.seeds import Seed
 from llamaherd.synth.teacher import TeacherRequest
 from llamaherd.synth.teacher_http import HTTPTeacher
 from llamaherd.synth.teacher_local import LocalTeacher
@@ -110,3 +112,25 @@ def test_a_sigkilled_run_resumes_to_the_file_of_an_uninterrupted_run(tiny, seeds
     assert len(entries) == len(set(entries)) == 24
     manifest = json.loads((killed / "manifest.json").read_text())
     assert manifest["totals"]["runs"] == 1 and manifest["this_run"]["requests"] == 24 - done_before
+
+
+def test_the_dry_run_counts_requests_and_prompt_tokens_as_the_teacher_encodes_them(tiny, seeds, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from llamaherd.cli import main
+
+    assert main(["synth", "explain", "--instructions", str(seeds), "--teacher", str(tiny), "--out",
+                 str(tmp_path / "dry"), "--dry-run", "--seed", "2", "--max-tokens", "50", "--price-in", "1",
+                 "--price-out", "2"]) == 0
+    estimate = json.loads(capsys.readouterr().out)
+    hf = AutoTokenizer.from_pretrained(tiny)  # the independent count: transformers renders the same template
+    expected = 0
+    for item in explain_items([Seed(s, "") for s in SEEDS], None, Sampling(max_tokens=50, seed=2)):
+        (request,) = next(item.steps())
+        messages = [{"role": r, "content": c} for r, c in request.messages]
+        text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        expected += len(hf(text, add_special_tokens=False)["input_ids"])  # the template writes the BOS itself
+    assert estimate["requests"] == 5 and estimate["prompt_tokens"] == expected
+    assert estimate["completion_tokens_at_most"] == 250
+    assert estimate["cost_usd_at_most"] == pytest.approx(round((expected + 500) / 1e6, 4))
+    assert not (tmp_path / "dry").exists()  # nothing written, nothing spent

@@ -162,3 +162,35 @@ def test_the_novelty_pool_keeps_exactly_what_a_brute_force_rouge_pass_keeps():
     probe = "Write a poem about the moon in one sentence."
     best, _ = pool.most_similar(probe)
     assert best == pytest.approx(max(scorer.score(p, probe)["rougeL"].fmeasure for p in pool.texts), abs=1e-12)
+
+
+def test_the_manifest_counts_tokens_and_cost_and_a_rerun_pays_nothing(tmp_path):
+    from llamaherd.synth.job import SynthJob, run_job
+    from llamaherd.synth.sampling import Sampling
+
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("Explain tides.\nName a colour.\nWhy do cats purr?\n")
+    job = SynthJob(recipe="explain", seeds=str(seeds), out=str(tmp_path / "out"), sampling=Sampling(max_tokens=8),
+                   price_in=2.0, price_out=10.0, near_dup=None)
+    first = run_job(job, StubTeacher())
+    assert first["teacher"] == {"name": "stub", "teacher_id": "stub", "kind": "stub"}
+    assert first["counts"]["kept"] == 3 and first["this_run"]["requests"] == 3
+    assert first["totals"]["cost_usd"] == pytest.approx((3 * 3 * 2.0 + 3 * 5 * 10.0) / 1e6)  # StubTeacher: 3 in, 5 out
+    again = StubTeacher()
+    second = run_job(job, again)
+    assert again.sent == [] and second["totals"]["runs"] == 2
+    assert second["totals"]["cost_usd"] == first["totals"]["cost_usd"]
+    assert second["output_sha256"] == first["output_sha256"]
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    from llamaherd.errors import InputError
+    from llamaherd.synth.job import SynthJob, run_job
+    from llamaherd.synth.sampling import Sampling
+
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("Explain tides.\n")
+    run_job(SynthJob(recipe="explain", seeds=str(seeds), out=str(tmp_path / "o")), StubTeacher())
+    with pytest.raises(InputError, match="sampling"):
+        run_job(SynthJob(recipe="explain", seeds=str(seeds), out=str(tmp_path / "o"),
+                         sampling=Sampling(temperature=0.1)), StubTeacher())

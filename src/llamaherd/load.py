@@ -308,10 +308,24 @@ def load_model(
     src = resolve(source, base)
     model = load_gpt(src, dtype, device, quantize)
     tokenizer = Tokenizer.from_path(tokenizer_path(src))
-    config = model.config
+    return Loaded(model, tokenizer, src, _chat_format(src, tokenizer, model.config.chat_format))
+
+
+def load_tokenizer(source: str | Path | None = None, base: str | Path | None = None) -> tuple[object, str | None]:
+    """A model's tokenizer and chat format (as load_model gives them) without reading its weights: dry runs and
+    data preparation."""
+    from llamaherd.tokenizer import Tokenizer
+
+    src = resolve(source, base)
+    tokenizer = Tokenizer.from_path(tokenizer_path(src))
+    weights = src.base if src.format == "peft" else src  # an adapter keeps its base's architecture and preset
+    return tokenizer, _chat_format(src, tokenizer, weights.chat_format or read_config(weights).chat_format)
+
+
+def _chat_format(src: Source, tokenizer, config_format: str | None) -> str | None:
+    """What an adapter was trained with, else the tokenizer's template, else the config's (preset) format."""
     trained = src.chat_format if src.format == "peft" else None  # what the adapter learned wins over the base's
-    chat_format = trained or tokenizer.chat_template or config.chat_format
-    return Loaded(model, tokenizer, src, chat_format)
+    return trained or tokenizer.chat_template or config_format
 
 
 def tokenizer_path(src: Source) -> Path:

@@ -209,30 +209,30 @@ def _manifest(job: SynthJob, teacher, counts: dict, generation: dict, asker: Ask
 
 
 def dry_run(job: SynthJob) -> dict[str, Any]:
-    """Requests and tokens a run would spend, before anything is: exact prompt tokens with a local teacher's
-    tokenizer, len/4 for an endpoint; completion tokens at most max_tokens per request."""
+    """Requests and tokens a run would spend, before anything is: prompt tokens exactly as a local teacher encodes
+    them (chat template included), len/4 for an endpoint; completion tokens at most max_tokens per request.
+    Self-Instruct's rounds are a lower bound (filters drop instructions); turn-by-turn self-chat an upper one."""
     job.check()
     seeds = read_seeds(job.seeds)
-    count_tokens = _token_counter(job)
+    count = _prompt_tokens(job)
     if job.recipe == "self-instruct":
         from llamaherd.synth.self_instruct import EXAMPLES_PER_PROMPT, InstructionRounds
+        rounds_ = InstructionRounds(seeds, job.sampling, job.variant, completion=job.completion_api)
         per_reply = {"self-instruct": 16 - EXAMPLES_PER_PROMPT["self-instruct"], "alpaca": 20 - 3}[job.variant]
         rounds = math.ceil(job.n / (job.requests_per_round * per_reply))
-        prompt = InstructionRounds(seeds, job.sampling, job.variant).prompt(random.Random(job.sampling.seed))
+        request = rounds_.request("dry-run", rounds_.prompt(random.Random(job.sampling.seed)), 0)
         first = rounds * job.requests_per_round
         instance_requests = 0 if job.variant == "alpaca" else 2 * job.n
         requests = first + instance_requests
-        # an instance prompt is the instance template plus the instruction: about the size of a round's prompt
-        prompt_tokens = count_tokens(prompt) * requests
+        prompt_tokens = count(request) * requests  # an instance prompt is about the size of a round's prompt
         note = (f"at least {rounds} instruction rounds of {job.requests_per_round} requests (more when the filters "
                 "drop instructions), then the instance requests")
     else:
-        items = _items(job, seeds)
-        first_requests = [next(item.steps()) for item in items]
-        texts = ["\n".join(c for _, c in r.messages) if r.messages else r.prompt for rs in first_requests for r in rs]
-        requests = len(texts) * (2 * job.max_turns if job.max_turns else 1)
-        prompt_tokens = sum(count_tokens(t) for t in texts) * (job.max_turns or 1)
-        note = "turn-by-turn: up to 2 requests per exchange" if job.max_turns else "one request per row"
+        first = [request for item in _items(job, seeds) for request in next(item.steps())]
+        turns = 2 * job.max_turns if job.max_turns else 1
+        requests = len(first) * turns
+        prompt_tokens = sum(count(r) for r in first) * turns
+        note = "turn by turn: at most 2 requests per exchange" if job.max_turns else "one request per row"
     estimate = {"requests": requests, "prompt_tokens": prompt_tokens,
                 "completion_tokens_at_most": requests * job.sampling.max_tokens, "note": note}
     if job.price_in is not None and job.price_out is not None:
@@ -241,10 +241,12 @@ def dry_run(job: SynthJob) -> dict[str, Any]:
     return estimate
 
 
-def _token_counter(job: SynthJob):
+def _prompt_tokens(job: SynthJob):
+    """A request's prompt token count: the local teacher's own encoding, or characters / 4 for an endpoint."""
     if job.base_url:
-        return lambda text: math.ceil(len(text) / CHARS_PER_TOKEN)
-    from llamaherd.load import resolve, tokenizer_path
-    from llamaherd.tokenizer import Tokenizer
-    tokenizer = Tokenizer.from_path(tokenizer_path(resolve(job.teacher)))
-    return lambda text: len(tokenizer.encode(text))
+        return lambda r: math.ceil(len(r.prompt or "".join(c for _, c in r.messages)) / CHARS_PER_TOKEN)
+    from llamaherd.load import load_tokenizer
+    from llamaherd.synth.teacher_local import encode_request, teacher_chat_format
+    tokenizer, name = load_tokenizer(job.teacher)
+    chat_format = teacher_chat_format(tokenizer, job.chat_format or name)
+    return lambda r: len(encode_request(r, tokenizer, chat_format)[0])

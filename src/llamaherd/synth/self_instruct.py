@@ -79,7 +79,8 @@ class InstructionRounds:
         rng.shuffle(chosen)
         return templates.self_instruct_prompt(chosen)
 
-    def _request(self, key: str, prompt: str, seed: int) -> TeacherRequest:
+    def request(self, key: str, prompt: str, seed: int) -> TeacherRequest:
+        """An instruction-generation request (a completion, or a chat message with completion False)."""
         s = self.sampling
         fields = {"prompt": prompt} if self.completion else {"messages": (("user", prompt),)}
         return TeacherRequest(key, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
@@ -87,7 +88,7 @@ class InstructionRounds:
 
     def _round(self, asker: Asker, number: int) -> list[dict]:
         rng = random.Random(f"{self.sampling.seed}:{number}")
-        requests = [self._request(f"{RECIPE}-round-{number:06d}/{j}", self.prompt(rng),
+        requests = [self.request(f"{RECIPE}-round-{number:06d}/{j}", self.prompt(rng),
                                   self.sampling.request_seed(number, j)) for j in range(self.requests_per_round)]
         decisions = []
         for reply in asker.ask(requests):

@@ -35,8 +35,7 @@ class LocalTeacher:
                              isolate_faults=True)
         self.max_batch = max_batch
         name = chat_format or loaded.chat_format
-        self.chat_format = None if name is None else get_chat_format(
-            name, bos_token=self.tokenizer.bos_token or "", eos_token=self.tokenizer.eos_token or "")
+        self.chat_format = teacher_chat_format(self.tokenizer, name)
         identity = model_identity(loaded.source)
         self.identity: dict[str, Any] = {"kind": "local", "name": identity["name"], "path": identity["path"],
                                          "fingerprint": identity["fingerprint"], "chat_format": name}
@@ -44,18 +43,7 @@ class LocalTeacher:
 
     def encode(self, request: TeacherRequest) -> tuple[list[int], SamplingParams]:
         """The prompt ids and engine settings of a request; InputError when it cannot run on this model."""
-        tok, stops = self.tokenizer, list(request.stop)
-        if request.messages is not None:
-            if self.chat_format is None:
-                raise InputError("the teacher model has no chat template; pass --chat-format NAME")
-            ids = self.chat_format.encode([{"role": r, "content": c} for r, c in request.messages], tok)
-            stops = list(dict.fromkeys([*self.chat_format.stop_strings, *stops]))
-        else:
-            ids = tok.encode(request.prompt, add_bos=tok.add_bos_default)
-        params = SamplingParams(max_new_tokens=request.max_tokens,
-                                temperature=request.temperature if request.temperature >= 1e-5 else 0.0,
-                                top_p=None if request.top_p in (None, 1.0) else request.top_p,
-                                stop_strings=stops, seed=request.seed, skip_special_tokens=True)
+        ids, params = encode_request(request, self.tokenizer, self.chat_format)
         self.engine.check_request(ids, params)
         return ids, params
 
@@ -86,3 +74,28 @@ class LocalTeacher:
             return TeacherReply(request, None, error=f"engine error: {completion.error}")
         return TeacherReply(request, completion.text, finish_reason=completion.finish_reason,
                             prompt_tokens=len(handle.prompt_ids), completion_tokens=len(completion.token_ids))
+
+
+def teacher_chat_format(tokenizer, name: str | None):
+    """The ChatFormat of a format name or template for this tokenizer's BOS/EOS, or None."""
+    return None if name is None else get_chat_format(name, bos_token=tokenizer.bos_token or "",
+                                                     eos_token=tokenizer.eos_token or "")
+
+
+def encode_request(request: TeacherRequest, tokenizer, chat_format) -> tuple[list[int], SamplingParams]:
+    """Prompt ids and engine settings as herd serve makes them: a chat through the chat format, its stop strings
+    added; a completion with the tokenizer's default BOS; a temperature below 1e-5 greedy; text without control
+    tokens. InputError for a chat request when there is no chat format."""
+    stops = list(request.stop)
+    if request.messages is not None:
+        if chat_format is None:
+            raise InputError("the teacher model has no chat template; pass --chat-format NAME")
+        ids = chat_format.encode([{"role": r, "content": c} for r, c in request.messages], tokenizer)
+        stops = list(dict.fromkeys([*chat_format.stop_strings, *stops]))
+    else:
+        ids = tokenizer.encode(request.prompt, add_bos=tokenizer.add_bos_default)
+    params = SamplingParams(max_new_tokens=request.max_tokens,
+                            temperature=request.temperature if request.temperature >= 1e-5 else 0.0,
+                            top_p=None if request.top_p in (None, 1.0) else request.top_p,
+                            stop_strings=stops, seed=request.seed, skip_special_tokens=True)
+    return ids, params
