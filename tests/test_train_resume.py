@@ -10,7 +10,16 @@ import time
 
 import pytest
 
-from train_tiny import herd_cmd, losses, make_tiny_run_inputs, run_in_process, subprocess_env, tiny_args
+from train_tiny import (
+    Crash,
+    crash_at,
+    herd_cmd,
+    losses,
+    make_tiny_run_inputs,
+    run_in_process,
+    subprocess_env,
+    tiny_args,
+)
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
@@ -47,23 +56,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert (out / "lineage.json").exists()
 
 
-class _Crash(Exception):
-    """Stands in for a run that dies part-way."""
-
-
-def _crash_at(monkeypatch, step: int) -> None:
-    from llamaherd.train.core import Trainer
-
-    train_step = Trainer.train_step
-
-    def crashing(self):
-        if self.step == step:
-            raise _Crash
-        return train_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", crashing)
-
-
 def test_moved_run_directory_model_and_data_resume_exactly(tmp_path, monkeypatch, capsys):
     """A run directory is a location, not a setting; so are the base model and data files (compared by content)."""
     model, data = make_tiny_run_inputs(tmp_path)
@@ -72,8 +64,8 @@ def test_moved_run_directory_model_and_data_resume_exactly(tmp_path, monkeypatch
     run_in_process(tiny_args(model, data, ref, **common))
 
     first = tmp_path / "first"
-    _crash_at(monkeypatch, 6)
-    with pytest.raises(_Crash):
+    crash_at(monkeypatch, 6)
+    with pytest.raises(Crash):
         run_in_process(tiny_args(model, data, first, **common))
     monkeypatch.undo()
     moved = tmp_path / "elsewhere"
@@ -99,8 +91,8 @@ def test_resume_refuses_other_content_at_a_location(tmp_path, monkeypatch):
     model, data = make_tiny_run_inputs(tmp_path)
     common = {"method": "lora", "max_steps": 6, "save_every": 2, "eval_every": 100}
     out = tmp_path / "run"
-    _crash_at(monkeypatch, 3)
-    with pytest.raises(_Crash):
+    crash_at(monkeypatch, 3)
+    with pytest.raises(Crash):
         run_in_process(tiny_args(model, data, out, **common))
     monkeypatch.undo()
 
@@ -118,3 +110,25 @@ def test_resume_refuses_other_content_at_a_location(tmp_path, monkeypatch):
     (other_model / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 1e-5}))
     with pytest.raises(CheckpointError, match=r"\(model: .*tiny.*other-base.* \(other content\)\)"):
         run_in_process(tiny_args(other_model, data, out, resume=True, **common))
+
+
+def test_checkpoint_written_before_a_new_setting_resumes(tmp_path, monkeypatch):
+    """A run_config.yaml from before a TrainConfig field existed (here `task`) resumes: the field counts as its
+    default, which is what that run did."""
+    import yaml
+
+    model, data = make_tiny_run_inputs(tmp_path)
+    common = {"method": "full", "max_steps": 4, "save_every": 2, "eval_every": 100}
+    ref = tmp_path / "ref"
+    run_in_process(tiny_args(model, data, ref, **common))
+    out = tmp_path / "old"
+    crash_at(monkeypatch, 3)
+    with pytest.raises(Crash):
+        run_in_process(tiny_args(model, data, out, **common))
+    monkeypatch.undo()
+    for saved in [out / "run_config.yaml", *(out / "checkpoints").glob("*/run_config.yaml")]:
+        settings = yaml.safe_load(saved.read_text())
+        del settings["task"]
+        saved.write_text(yaml.safe_dump(settings))
+    run_in_process(tiny_args(model, data, out, resume=True, **common))
+    assert losses(out) == losses(ref)

@@ -77,3 +77,21 @@ def run_in_process(args: list[str]) -> None:
         parsed.func(parsed)
     finally:
         torch.set_num_threads(threads)
+
+
+class Crash(Exception):
+    """Stands in for a run that dies part-way."""
+
+
+def crash_at(monkeypatch, step: int) -> None:
+    """Make the shared Trainer raise `Crash` when it is about to run optimizer step `step` + 1."""
+    from llamaherd.train.core import Trainer
+
+    train_step = Trainer.train_step
+
+    def crashing(self):
+        if self.step == step:
+            raise Crash
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
