@@ -13,11 +13,14 @@ from llamaherd.errors import InputError
 METHODS = ("full", "lora", "qlora")
 TASKS = ("sft", "reward", "dpo")  # what a run trains; each is a command: herd finetune, herd reward, herd dpo
 SCHEDULES = ("cosine", "linear", "constant")
+DPO_LOSSES = ("sigmoid", "ipo")
+REFERENCES = ("auto", "adapters", "precomputed")
 # Fields that may change between a run and its resumption without changing the loss sequence. out_dir is where
 # the run lives, so a run directory that was moved or renamed resumes. model, data and val_data are locations
 # too: the resume check compares what they hold (fingerprint, sha256), not their paths (Trainer._changed).
+# reference_dir holds files keyed by what they were computed from (llamaherd.train.dpo).
 RESUME_MUTABLE = frozenset({"resume", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
-                            "tensorboard", "plot", "out_dir"})
+                            "tensorboard", "plot", "out_dir", "reference_dir"})
 
 
 @dataclass
@@ -44,6 +47,15 @@ class TrainConfig:
     # reward model: + coefficient * mean((r_chosen + r_rejected)^2), TRL's center_rewards_coefficient
     # (Eisenstein et al. 2023); keeps rewards centred on 0. None: off
     center_rewards_coefficient: float | None = None
+    # DPO (herd dpo; llamaherd.train.dpo)
+    loss_type: str = "sigmoid"  # sigmoid: DPO (Rafailov et al. 2023, eq. 7) | ipo: IPO (Azar et al. 2023) as TRL's
+    beta: float = 0.1  # DPO's beta, IPO's tau: the larger, the closer the policy stays to its reference
+    label_smoothing: float = 0.0  # conservative DPO (cDPO): the chance a pair's label is flipped, in [0, 0.5)
+    # adapters: the reference is the policy with its LoRA adapters disabled (lora, qlora); precomputed: its
+    # log-probs are computed once before training and stored in reference_dir; auto: adapters unless method full
+    reference: str = "auto"
+    reference_dir: str | None = None  # None: reference_logps/ beside out_dir, shared by the runs there
+    shared_prompt: bool = True  # each pair as one row, prompt + chosen + rejected (the prompt runs once)
     # LoRA
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -106,6 +118,14 @@ class TrainConfig:
             (self.max_seq_len >= 2, "max_seq_len", "must be >= 2"),
             (self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
              "center_rewards_coefficient", "must be >= 0"),
+            (self.loss_type in DPO_LOSSES, "loss_type", f"choose one of {', '.join(DPO_LOSSES)}"),
+            (self.beta > 0, "beta", "must be > 0"),
+            (0.0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
+            (self.label_smoothing == 0 or self.loss_type == "sigmoid", "label_smoothing",
+             f"smooths the sigmoid loss only; set it to 0 for loss_type {self.loss_type!r}"),
+            (self.reference in REFERENCES, "reference", f"choose one of {', '.join(REFERENCES)}"),
+            (self.reference != "adapters" or self.method != "full", "reference",
+             "method 'full' has no adapters to disable; use precomputed (or auto)"),
         ]
         for ok, name, fix in checks:
             if not ok:
