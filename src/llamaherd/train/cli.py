@@ -1,4 +1,4 @@
-"""`herd finetune`, `herd merge` and `herd estimate`: thin layers over llamaherd.train, .lora and .estimate.
+"""`herd finetune`, `herd dpo`, `herd merge` and `herd estimate`: thin layers over llamaherd.train, .lora and .estimate.
 
 `add_run_options` and `run_config` give every training command (finetune, reward, dpo) the same flags and YAML.
 """
@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from llamaherd.terminal import printable
-from llamaherd.train.config import METHODS, SCHEDULES, TrainConfig, load_yaml
+from llamaherd.train.config import DPO_LOSSES, METHODS, REFERENCES, SCHEDULES, TrainConfig, load_yaml
 
 HELP = {
     "data": "training file: Alpaca JSON/JSONL, ShareGPT, OpenAI messages JSONL or .txt (repeatable)",
@@ -30,7 +30,21 @@ HELP = {
     "padding_free": "run a micro-batch as one unpadded row with a block-diagonal mask (default; same loss)",
 }
 CHOICES = {"method": METHODS, "schedule": SCHEDULES, "distributed": ("auto", "ddp", "fsdp"),
-           "data_format": ("auto", "alpaca", "sharegpt", "messages", "text")}
+           "data_format": ("auto", "alpaca", "sharegpt", "messages", "text"), "loss_type": DPO_LOSSES,
+           "reference": REFERENCES}
+DPO_HELP = {
+    "data": "preference pairs: {prompt, chosen, rejected}, HH-RLHF transcripts, {chosen, rejected} message lists "
+            "or LLaMA-Factory's {conversations, chosen, rejected}; JSON or JSONL (repeatable)",
+    "val_data": "held-out pairs (repeatable); default: split val_fraction off the training pairs",
+    "batch_size": "pairs per optimizer step across all processes",
+    "micro_batch_size": "pairs per forward pass on one process",
+    "loss_type": "sigmoid (DPO) or ipo",
+    "beta": "DPO's beta (IPO's tau): larger keeps the policy closer to the reference (default 0.1)",
+    "label_smoothing": "conservative DPO: the probability a pair's label is flipped, in [0, 0.5) (sigmoid only)",
+    "reference": "adapters (LoRA disabled), precomputed (computed once, stored) or auto (adapters unless full)",
+    "reference_dir": "where precomputed reference log-probs are kept (default: reference_logps/ beside out_dir)",
+    "shared_prompt": "run each pair as one row, prompt + chosen + rejected (default; same result, fewer tokens)",
+}
 
 
 def _flag_type(hint: object) -> tuple[type, bool]:
@@ -86,6 +100,19 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from llamaherd.train.sft import run_sft
 
     run_sft(run_config(args))
+
+
+def add_dpo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dpo", help="preference optimisation (DPO, cDPO, IPO): full, LoRA or QLoRA (resumable, "
+                                   "torchrun-ready)", argument_default=argparse.SUPPRESS)
+    add_run_options(p, HELP | DPO_HELP)
+    p.set_defaults(func=cmd_dpo)
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from llamaherd.train.dpo import run_dpo
+
+    run_dpo(run_config(args, task="dpo"))
 
 
 def add_merge_parser(sub: argparse._SubParsersAction) -> None:
