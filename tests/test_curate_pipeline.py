@@ -200,6 +200,28 @@ def test_ray_engine_gives_byte_identical_output_and_report(inputs, local_run, tm
     assert len(reference) > 4 and _outputs(tmp_path / "out") == reference
 
 
+@pytest.mark.slow
+def test_per_shard_dedup_keeps_copies_in_other_shards_and_metadata_is_kept(inputs, shared_dir, tmp_path):
+    from llamaherd.curate.executors import LocalExecutor
+    from llamaherd.curate.pipeline import run_curate
+    from llamaherd.curate.recipe import load_recipe
+
+    paths, root = inputs
+    executor = LocalExecutor(2)
+    try:
+        run_curate(paths, tmp_path / "out", load_recipe(str(root / "recipe.yaml")), executor, per_shard=True,
+                   keep_metadata=True, progress=False)
+    finally:
+        executor.close()
+    records = {r["id"]: r for r in _records(tmp_path / "out")}
+    name = _pages(shared_dir)[DUPLICATED_PAGE][1].name
+    assert {f"html/{name}", f"html/zz-copy-{name}"} <= set(records)  # in two shards: both kept
+    assert "lima-00" in records and not {"lima-90", "lima-91"} & set(records)  # one shard: removed
+    metadata = records["lima-00"]["metadata"]
+    assert list(records["lima-00"]) == ["text", "url", "id", "metadata"]
+    assert metadata["language"]["language"] == "en" and metadata["gopher_quality"]["words"] > 50
+
+
 def _curate_command(paths: list[str], out: Path, root: Path) -> list[str]:
     return [sys.executable, "-m", "llamaherd.cli", "curate", *paths, "--out", str(out), "--recipe",
             str(root / "recipe.yaml"), "--workers", "1"]
@@ -271,6 +293,21 @@ def test_bad_recipe_is_a_one_line_error_naming_file_and_key(tmp_path, capsys, te
     assert err.count("\n") == 0 and str(recipe) in err
     for piece in expected:
         assert piece in err
+
+
+def test_rerun_resumes_the_same_run_and_refuses_another_into_the_same_out(tmp_path, capsys):
+    text = " ".join(["the cat and the dog sat with a hat that they have"] * 8)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": text, "id": "a"}) + "\n")
+    recipe = tmp_path / "mine.yaml"  # integer keys come back from run.json as strings: still the same recipe
+    recipe.write_text("stages:\n  gopher_repetition: {max_top_ngram_chars: {2: 0.9, 3: 0.9, 4: 0.9}}\n")
+    command = ["curate", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--workers", "1"]
+    assert main([*command, "--recipe", str(recipe)]) == 0
+    first = _outputs(tmp_path / "out")
+    assert main([*command, "--recipe", str(recipe)]) == 0 and _outputs(tmp_path / "out") == first
+    capsys.readouterr()
+    assert main([*command, "--recipe", "fineweb"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds a run with other recipe" in err and "--out" in err
 
 
 def test_recipes_override_and_switch_off(tmp_path):

@@ -279,6 +279,7 @@ def write_shard(task: Task) -> None:
 def _check_run(out: Path, identity: dict[str, Any]) -> None:
     """Record what this run asks for in OUT/run.json; a rerun must ask the same (InputError naming the difference)."""
     path = out / "run.json"
+    identity = json.loads(json.dumps(identity))  # as JSON reads it back (integer keys of a parameter become strings)
     if path.exists():
         try:
             found = json.loads(path.read_text(encoding="utf-8"))
