@@ -268,6 +268,14 @@ def test_sigkill_then_rerun_redoes_only_unfinished_work_and_matches(inputs, loca
     assert _outputs(out) == _outputs(local_run)
 
 
+def test_ray_engine_without_ray_installed_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError, as when it is not installed
+    (tmp_path / "in.jsonl").write_text('{"text": "hello"}\n')
+    assert main(["curate", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'llamaherd[ray]'" in err
+
+
 def test_missing_input_is_a_one_line_error(tmp_path, capsys):
     missing = tmp_path / "nowhere.warc.gz"
     assert main(["curate", str(missing), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2

@@ -91,7 +91,7 @@ class RayExecutor:
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         ray = self._ray
-        remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+        remote = ray.remote(num_cpus=1)(fn)  # a task lost with its node is retried: tasks are idempotent
         pending = {remote.remote(item): i for i, item in enumerate(items)}
         try:
             while pending:
