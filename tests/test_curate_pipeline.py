@@ -336,6 +336,29 @@ def test_recipes_override_and_switch_off(tmp_path):
     assert recipe.with_languages(["de", "fr"]).build_stages()[1].languages == {"de", "fr"}
 
 
+def test_a_stage_that_raises_removes_that_document_only(tmp_path, monkeypatch):
+    from llamaherd.curate import pipeline
+    from llamaherd.curate.recipe import Recipe
+
+    class Picky:
+        name = "picky"
+
+        def __call__(self, doc):
+            if "boom" in doc.text:
+                raise ValueError("cannot parse")
+            return None
+
+    (tmp_path / "a.jsonl").write_text('{"text": "fine", "id": "a"}\n{"text": "boom", "id": "b"}\n')
+    shards, _ = plan_shards([str(tmp_path / "a.jsonl")])
+    recipe = Recipe("test", {"picky": {}}, {}).to_dict()
+    monkeypatch.setitem(pipeline._STAGE_CACHE, json.dumps(recipe["stages"], sort_keys=True), [Picky()])
+    pipeline.filter_shard(pipeline.Task(str(tmp_path / "work"), recipe, shard=shards[0]))
+    survivors, stats, done = pipeline._paths(str(tmp_path / "work"), shards[0])
+    assert [json.loads(line)["id"] for line in survivors.read_text().splitlines()] == ["a"] and done.exists()
+    tally = json.loads(stats.read_text())["stages"]["picky"]
+    assert tally["reasons"] == {"picky:error": 1} and tally["examples"][0]["note"] == "ValueError: cannot parse"
+
+
 def _probe(task) -> tuple[bool, str | None, bool]:
     """Runs in a pool worker: one shard's stages, then what the worker loaded."""
     from llamaherd.curate.pipeline import filter_shard

@@ -124,12 +124,13 @@ def filter_shard(task: Task) -> None:
         read += 1
         for stage in stages:
             tally.seen(stage.name)
+            note = None
             try:
                 reason = stage(doc)
-            except Exception as e:  # one page must not stop a shard; the report shows the count
-                reason, doc.metadata[f"{stage.name}_error"] = f"{stage.name}:error", f"{type(e).__name__}: {e}"
+            except Exception as e:  # one page must not stop a shard; the report shows the count and the error
+                reason, note = f"{stage.name}:error", f"{type(e).__name__}: {e}"[:200]
             if reason is not None:
-                tally.removed(stage.name, reason, doc)
+                tally.removed(stage.name, reason, doc, note)
                 break
             tally.kept(stage.name, doc)
         else:
