@@ -1,6 +1,7 @@
 """`herd finetune`, `herd dpo`, `herd merge` and `herd estimate`: thin layers over llamaherd.train, .lora and .estimate.
 
-`add_run_options` and `run_config` give every training command (finetune, reward, dpo) the same flags and YAML.
+`add_run_options` and `run_config` give every training command (finetune, reward, dpo) the same flags and YAML;
+`herd reward score` scores responses with a reward model.
 """
 
 from __future__ import annotations
@@ -113,6 +114,67 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     from llamaherd.train.dpo import run_dpo
 
     run_dpo(run_config(args, task="dpo"))
+
+
+REWARD_HELP = {
+    "data": "preference pairs: {prompt, chosen, rejected}, HH-RLHF transcripts, {chosen, rejected} message lists "
+            "or LLaMA-Factory's {conversations, chosen, rejected}; JSON or JSONL, .gz allowed (repeatable)",
+    "val_data": "held-out pairs (repeatable); default: split val_fraction off the training pairs",
+    "batch_size": "pairs per optimizer step across all processes",
+    "micro_batch_size": "pairs per forward pass on one process",
+    "margin_table": "margins of pairs that carry a 'rating': RATING=MARGIN ..., or a table name (llama2-small, "
+                    "the default, or llama2-large)",
+    "center_rewards_coefficient": "add C x (r_chosen + r_rejected)^2 per pair to the loss (TRL's reward centring)",
+    "padding_free": "run a micro-batch's sequences as one unpadded row (default; same rewards)",
+}
+
+
+class _RewardParser(argparse.ArgumentParser):
+    """`herd reward`'s parser: `herd reward score ...` goes to the scoring parser, anything else trains."""
+
+    scoring: argparse.ArgumentParser | None = None
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args and args[0] == "score" and self.scoring is not None:
+            return self.scoring.parse_known_args(args[1:], namespace)
+        return super().parse_known_args(args, namespace)
+
+
+def add_reward_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reward", help="reward model: train on preference pairs (full, LoRA, QLoRA); "
+                                      "`herd reward score RM --data FILE` scores responses",
+                       description="Train a reward model on preference pairs. `herd reward score RM --data FILE "
+                                   "[--out FILE]` scores responses with one (see `herd reward score --help`).",
+                       argument_default=argparse.SUPPRESS)
+    p.__class__ = _RewardParser  # sub-parsers are built by argparse; this one dispatches `score` (above)
+    add_run_options(p, HELP | REWARD_HELP)
+    p.set_defaults(func=cmd_reward)
+    s = argparse.ArgumentParser(prog="herd reward score", description="Add reward-model scores to each record: "
+                                "{prompt, response} -> score, {prompt, responses} -> scores, a preference pair -> "
+                                "chosen_score and rejected_score (and the pairwise accuracy).")
+    s.add_argument("rm", help="reward model directory (herd reward's out_dir/model, or a transformers "
+                              "sequence-classification checkpoint with num_labels 1)")
+    s.add_argument("--data", required=True, help="JSON or JSONL records (.gz allowed)")
+    s.add_argument("--out", default=None, help="JSONL output (default: standard output)")
+    s.add_argument("--chat-format", default=None, help="default: the one the RM was trained with")
+    s.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    s.add_argument("--max-seq-len", type=int, default=None, help="cut longer conversations as training cut them "
+                                                                 "(default: the model's context length)")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    s.set_defaults(func=cmd_reward_score)
+    p.scoring = s
+
+
+def cmd_reward(args: argparse.Namespace) -> None:
+    from llamaherd.train.reward import run_reward
+
+    run_reward(run_config(args, task="reward"))
+
+
+def cmd_reward_score(args: argparse.Namespace) -> None:
+    from llamaherd.train.reward import score_file
+
+    score_file(args.rm, args.data, args.out, args.chat_format, args.batch_size, args.max_seq_len, args.dtype)
 
 
 def add_merge_parser(sub: argparse._SubParsersAction) -> None:
