@@ -49,14 +49,19 @@ class Engine:
 
     max_batch rows of max_len positions are preallocated; tokenizer (optional) gives text, stop strings and the
     default stop ids. Not thread-safe: one thread calls add_request / cancel / step (a server's engine loop).
+    fuse: run q/k/v and gate/up as one product each (`fuse_projections`); pass False for a model whose weights
+    train (PPO): fusing makes those weights views of one tensor, new parameters that an optimizer built before
+    does not see and that safetensors refuses to save side by side.
     """
 
     def __init__(self, model: GPT, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 512, prefix_reuse: bool = True, isolate_faults: bool = False) -> None:
+                 prefill_chunk: int = 512, prefix_reuse: bool = True, isolate_faults: bool = False,
+                 fuse: bool = True) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise InputError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
-        fuse_projections(model)  # q/k/v and gate/up as one product each: fewer, larger products per step
+        if fuse:
+            fuse_projections(model)  # q/k/v and gate/up as one product each: fewer, larger products per step
         if model.output_weight.device.type == "cpu":
             native_ops()  # built now if it must be (a server's start-up), not in the first request
         self.max_len = max_len or model.config.block_size
@@ -126,6 +131,13 @@ class Engine:
                              f"exceeds the engine's max_len of {self.max_len} tokens; shorten the prompt or lower "
                              "max_new_tokens")
         return prompt
+
+    def forget_prefixes(self) -> None:
+        """Drop what the rows hold from prefix reuse: after the model's weights change (a PPO update) the keys and
+        values kept there are stale. Call it between batches; raises RuntimeError while requests run."""
+        if self.has_work:
+            raise RuntimeError("forget_prefixes while requests are running; call it once they have finished")
+        self.slots = Slots(len(self.slots.tokens))
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request now and free its rows; False if it is unknown or already finished."""
