@@ -141,9 +141,7 @@ class Trainer:
                 f"= {cfg.micro_batch_size} x {world}"
             )
         self.accum = cfg.batch_size // (cfg.micro_batch_size * world)
-        self.steps_per_epoch = len(train_set) // cfg.batch_size
-        if self.steps_per_epoch == 0:
-            raise InputError(f"the training set has {len(train_set)} samples, fewer than batch_size={cfg.batch_size}")
+        self.steps_per_epoch = self.epoch_steps()
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
         self.objective = objective.to(self.info.device)
@@ -161,6 +159,14 @@ class Trainer:
         self.history: dict[str, float] = {}
 
     # ---- data -----------------------------------------------------------------------------------
+    def epoch_steps(self) -> int:
+        """Optimizer steps in one epoch over the training set (PPO's are per rollout: train.ppo.PPOTrainer)."""
+        steps = len(self.train_set) // self.cfg.batch_size
+        if steps == 0:
+            raise InputError(f"the training set has {len(self.train_set)} samples, fewer than "
+                             f"batch_size={self.cfg.batch_size}")
+        return steps
+
     def _epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.cfg.seed + epoch)
         return torch.randperm(len(self.train_set), generator=g).tolist()
@@ -260,9 +266,16 @@ class Trainer:
     def save(self) -> Path:
         import yaml
 
-        extra = {"run_config.yaml": yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)}
+        extra = {"run_config.yaml": yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)} | self.checkpoint_extras()
         return save_checkpoint(self.ckpt_root, self.step, self.module, self.optimizer, self.scheduler,
                                self._trainer_state(), extra, self.info, self.cfg.keep_checkpoints)
+
+    def checkpoint_extras(self) -> dict[str, str]:
+        """Text files, by name, a method adds to each checkpoint (PPO: its rollout and KL coefficient)."""
+        return {}
+
+    def restore_extras(self, path: Path) -> None:
+        """Read back, on resume, what `checkpoint_extras` wrote into the checkpoint at `path`."""
 
     def _resume(self) -> None:
         ckpts = list_checkpoints(self.ckpt_root)
@@ -277,6 +290,7 @@ class Trainer:
             diff = ", ".join(changed) or "see the main process's error"
             raise CheckpointError(f"{path}: cannot resume exactly, the run config changed ({diff})")
         state = load_checkpoint(path, self.module, self.optimizer, self.scheduler, self.info)
+        self.restore_extras(path)
         if state["train_samples"] != len(self.train_set):
             raise CheckpointError(
                 f"{path}: the training set had {state['train_samples']} samples, now {len(self.train_set)}; "

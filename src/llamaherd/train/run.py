@@ -33,8 +33,8 @@ Log = Callable[[str], None]
 class Recipe:
     """What one training method brings to `run_training`; the defaults are what SFT and DPO share.
 
-    `run_training` calls, in order: `load` -> `datasets` -> `prepare` -> `objective` -> `collate` ->
-    (Trainer.fit) -> `export` -> `lineage_method`. `task` is the method's `TrainConfig.task` value.
+    `run_training` calls, in order: `load` -> `datasets` -> `prepare` -> `objective` -> `collate` -> `trainer`
+    (and its fit) -> `export` -> `lineage_method`. `task` is the method's `TrainConfig.task` value.
     """
 
     task = "sft"
@@ -58,6 +58,11 @@ class Recipe:
 
     def collate(self, cfg: TrainConfig, pad_id: int) -> Callable[[list], Batch]:
         raise NotImplementedError
+
+    def trainer(self, objective: Objective, train: Sequence, val: Sequence, collate: Callable[[list], Batch],
+                cfg: TrainConfig, info: D.DistInfo, model_fingerprint: str | None) -> Trainer:
+        """The loop that trains `objective`: the shared Trainer (PPO's makes its batches from rollouts)."""
+        return Trainer(objective, train, val, collate, cfg, info, model_fingerprint=model_fingerprint)
 
     def writes_adapter(self, model: GPT, cfg: TrainConfig) -> bool:
         """Whether `export` writes a PEFT adapter (LoRA on Llama) rather than a merged model: a merged export needs
@@ -163,8 +168,8 @@ def run_training(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     n_all = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     log(f"{cfg.method}: {n_train:,} trainable of {n_all:,} parameters")
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    trainer = Trainer(recipe.objective(model, cfg), train, val, recipe.collate(cfg, pad_id), cfg, info,
-                      model_fingerprint=parent_fp)
+    trainer = recipe.trainer(recipe.objective(model, cfg), train, val, recipe.collate(cfg, pad_id), cfg, info,
+                             parent_fp)
     metrics = trainer.fit()
     out = Path(cfg.out_dir)
     state = full_state(trainer.module, trainable_only=cfg.method != "full")
