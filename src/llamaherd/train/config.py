@@ -11,7 +11,7 @@ import yaml
 from llamaherd.errors import InputError
 
 METHODS = ("full", "lora", "qlora")
-TASKS = ("sft", "reward", "dpo")  # what a run trains; each is a command: herd finetune, herd reward, herd dpo
+TASKS = ("sft", "reward", "dpo", "ppo")  # what a run trains; each is a command: herd finetune, reward, dpo, ppo
 SCHEDULES = ("cosine", "linear", "constant")
 DPO_LOSSES = ("sigmoid", "ipo")
 REFERENCES = ("auto", "adapters", "precomputed")
@@ -56,6 +56,27 @@ class TrainConfig:
     reference: str = "auto"
     reference_dir: str | None = None  # None: reference_logps/ beside out_dir, shared by the runs there
     shared_prompt: bool = True  # each pair as one row, prompt + chosen + rejected (the prompt runs once)
+    # PPO (herd ppo; llamaherd.train.ppo): `data` holds the prompts; each rollout samples one response to each of
+    # rollout_batch_size prompts, then ppo_epochs passes over it take optimizer steps of batch_size responses
+    reward_model: str | None = None  # a reward model directory (herd reward's out_dir/model); or reward_fn:
+    reward_fn: str | None = None  # a programmatic reward, module:function or path/to/file.py:function
+    rm_chat_format: str | None = None  # None: the reward model's own chat format
+    rollout_batch_size: int = 32
+    ppo_epochs: int = 2
+    max_new_tokens: int = 128  # per response; prompt + response fit in max_seq_len
+    temperature: float = 1.0  # the policy is softmax(logits / temperature), in sampling and in training
+    generation_batch_size: int = 16  # sequences the engine decodes at once (rows of its KV cache)
+    kl_coef: float = 0.05  # beta, the per-token KL penalty; Llama 2: 0.01 (7B, 13B), 0.005 (34B, 70B)
+    target_kl: float | None = None  # adaptive beta toward this KL (nats per response; Ziegler et al. 2019)
+    kl_horizon: int = 10000  # the adaptive controller's horizon, in responses
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # PPO's epsilon for the policy ratio
+    cliprange_value: float = 0.2  # and for the value's move away from its rollout value
+    vf_coef: float = 0.1  # value loss weight
+    whiten_scores: bool = False  # whiten the rollout's scores (mean 0, std 1) before the KL penalty
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response cut at max_new_tokens
+    max_kl: float | None = 20.0  # stop when the exact KL to the reference passes this (nats per response)
     # LoRA
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -126,6 +147,15 @@ class TrainConfig:
             (self.reference in REFERENCES, "reference", f"choose one of {', '.join(REFERENCES)}"),
             (self.reference != "adapters" or self.method != "full", "reference",
              "method 'full' has no adapters to disable; use precomputed (or auto)"),
+            (self.task != "ppo" or self.rollout_batch_size % self.batch_size == 0, "rollout_batch_size",
+             f"must be a multiple of batch_size={self.batch_size} (a PPO epoch splits the rollout into minibatches)"),
+            (self.ppo_epochs >= 1 and self.max_new_tokens >= 1 and self.generation_batch_size >= 1, "ppo_epochs",
+             "ppo_epochs, max_new_tokens and generation_batch_size must be >= 1"),
+            (self.temperature > 0, "temperature", "must be > 0 (PPO samples from the policy)"),
+            (self.target_kl is None or self.target_kl > 0, "target_kl", "must be > 0"),
+            (self.task != "ppo" or self.method == "full" or self.lora_dropout == 0, "lora_dropout",
+             "must be 0 for PPO: the update's ratio compares the policy with itself at sampling time, and dropout "
+             "would make them differ"),
         ]
         for ok, name, fix in checks:
             if not ok:
