@@ -65,8 +65,8 @@ class Recipe:
         return Trainer(objective, train, val, collate, cfg, info, model_fingerprint=model_fingerprint)
 
     def writes_adapter(self, model: GPT, cfg: TrainConfig) -> bool:
-        """Whether `export` writes a PEFT adapter (LoRA on Llama) rather than a merged model: a merged export needs
-        unsharded base weights, so it refuses FSDP."""
+        """Whether `export` writes a PEFT adapter (LoRA on Llama) rather than a merged model (then `run_training`
+        gathers the whole model for it, base weights included, when FSDP2 shards them)."""
         return cfg.method != "full" and model.config.family == "llama"
 
     def export(self, model: GPT, state: dict[str, torch.Tensor], cfg: TrainConfig, loaded: Loaded, out: Path) -> Path:
@@ -161,9 +161,6 @@ def run_training(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     tok = loaded.tokenizer
     train, val = recipe.datasets(cfg, tok, chat_format, log)
     model = recipe.prepare(loaded.model, cfg)
-    if cfg.method != "full" and not recipe.writes_adapter(model, cfg) and info.enabled and cfg.distributed == "fsdp":
-        raise InputError(f"LoRA on a {model.config.family} model is exported merged, which needs unsharded "
-                         "weights: use --distributed ddp (or a single process)")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     log(f"{cfg.method}: {n_train:,} trainable of {n_all:,} parameters")
@@ -172,13 +169,17 @@ def run_training(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
                              parent_fp)
     metrics = trainer.fit()
     out = Path(cfg.out_dir)
-    state = full_state(trainer.module, trainable_only=cfg.method != "full")
+    # LoRA: the trained tensors, gathered; all of them when adapters are merged into base weights FSDP2 shards.
+    merged_shards = not recipe.writes_adapter(model, cfg) and info.enabled and cfg.distributed == "fsdp"
+    state = full_state(trainer.module, trainable_only=cfg.method != "full" and not merged_shards)
     if not info.is_main:
         return metrics
     if cfg.method != "full":
-        for name, t in state.items():  # the gathered tensors (FSDP2 leaves the model's own ones sharded)
+        for name, t in state.items():  # the gathered tensors back in place of the shards FSDP2 left
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, torch.nn.Parameter(t, requires_grad=False))
+            module = model.get_submodule(parent)
+            is_buffer = attr in dict(module.named_buffers(recurse=False))  # an int8 base's weights and scales
+            setattr(module, attr, t if is_buffer else torch.nn.Parameter(t, requires_grad=False))
     child = recipe.export(model, state, cfg, loaded, out)
     hyper = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "data", "val_data", "out_dir", "resume",
                                                                  "progress", "plot", "tensorboard")}
