@@ -352,6 +352,9 @@ def test_bad_input_is_a_one_line_error(tiny, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     _write_jsonl(empty, [{"prompt": "Repeat: dog", "chosen": " ", "rejected": "dog"}])
     assert "empty.jsonl:1: field 'chosen'" in _one_line_error(capsys, train(empty))
+    _write_jsonl(empty, [{"prompt": "Repeat: dog", "chosen": " ", "rejected": "dog"}, *_pairs(random.Random(2), 4)])
+    with pytest.warns(UserWarning, match="1 empty"):  # dropped and counted instead
+        run_in_process(train(empty, skip_empty=True, max_steps=1, batch_size=2, micro_batch_size=2))
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump({"task": "sft"}))
     assert "'task'" in _one_line_error(capsys, train(tiny["train"], config=config))

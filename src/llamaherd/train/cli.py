@@ -125,6 +125,7 @@ REWARD_HELP = {
     "margin_table": "margins of pairs that carry a 'rating': RATING=MARGIN ..., or a table name (llama2-small, "
                     "the default, or llama2-large)",
     "center_rewards_coefficient": "add C x (r_chosen + r_rejected)^2 per pair to the loss (TRL's reward centring)",
+    "skip_empty": "drop and count pairs with an empty answer (HH-RLHF has some) instead of stopping with an error",
     "padding_free": "run a micro-batch's sequences as one unpadded row (default; same rewards)",
 }
 

@@ -44,6 +44,7 @@ class TrainConfig:
     # preference data (reward, dpo): a pair's rating -> margin, for files that give ratings instead of margins:
     # {rating: margin}, or a table's name in data.preference.MARGIN_TABLES (empty: its default, llama2-small)
     margin_table: dict[str, float] | str = field(default_factory=dict)
+    skip_empty: bool = False  # drop (and count) pairs with an empty answer instead of stopping at the first one
     # reward model: + coefficient * mean((r_chosen + r_rejected)^2), TRL's center_rewards_coefficient
     # (Eisenstein et al. 2023); keeps rewards centred on 0. None: off
     center_rewards_coefficient: float | None = None

@@ -282,7 +282,8 @@ class RewardRecipe(Recipe):
         if not cfg.data:
             raise InputError("no training data: pass --data PAIRS (or `data:` in the config)")
         read = functools.partial(load_preference_data, tokenizer=tokenizer, chat_format=chat_format,
-                                 max_seq_len=cfg.max_seq_len, margin_table=cfg.margin_table or None)
+                                 max_seq_len=cfg.max_seq_len, margin_table=cfg.margin_table or None,
+                                 skip_empty=cfg.skip_empty)
         pairs, stats = read(cfg.data)
         log(f"train data: {stats.summary()}")
         if cfg.val_data:
