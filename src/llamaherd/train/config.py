@@ -168,21 +168,27 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], origin: str = "config") -> TrainConfig:
         """Build from a mapping, naming any unknown key and the closest known one."""
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                import difflib
-
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise InputError(f"{origin}: unknown field {key!r}{hint}")
-        return cls(**d)
+        return settings_from_dict(cls, d, origin)
 
     def save(self, path: Path) -> None:
         """Write as YAML (atomically)."""
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         tmp.replace(path)
+
+
+def settings_from_dict(cls: type, d: dict[str, Any], origin: str = "config") -> Any:
+    """A settings dataclass (TrainConfig, train.rejection.RejectionConfig) from a mapping; InputError naming an
+    unknown key and the closest known one."""
+    known = {f.name for f in fields(cls)}
+    for key in d:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InputError(f"{origin}: unknown field {key!r}{hint}")
+    return cls(**d)
 
 
 def _patterns(value: Any, name: str, kind: type) -> dict[str, Any]:
