@@ -216,12 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     from llamaherd.serve.cli import add_serve_parser
     from llamaherd.synth.cli import add_synth_parser
     from llamaherd.train.cli import (
-        add_dpo_parser, add_estimate_parser, add_finetune_parser, add_merge_parser, add_reward_parser,
+        add_dpo_parser, add_estimate_parser, add_finetune_parser, add_merge_parser, add_ppo_parser,
+        add_rejection_parser, add_reward_parser,
     )
 
-    for add in (add_eval_parser, add_leaderboard_parser, add_finetune_parser, add_reward_parser, add_dpo_parser,
-                add_merge_parser, add_estimate_parser, add_demo_parser, add_serve_parser, add_synth_parser,
-                add_curate_parser):
+    for add in (add_eval_parser, add_leaderboard_parser, add_finetune_parser, add_reward_parser,
+                add_rejection_parser, add_ppo_parser, add_dpo_parser, add_merge_parser, add_estimate_parser,
+                add_demo_parser, add_serve_parser, add_synth_parser, add_curate_parser):
         add(sub)
     return parser
 

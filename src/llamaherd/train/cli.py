@@ -1,6 +1,7 @@
-"""`herd finetune`, `herd dpo`, `herd merge` and `herd estimate`: thin layers over llamaherd.train, .lora and .estimate.
+"""`herd finetune`, `herd reward`, `herd dpo`, `herd ppo`, `herd rejection-sample`, `herd merge` and `herd estimate`:
+thin layers over llamaherd.train, .lora and .estimate.
 
-`add_run_options` and `run_config` give every training command (finetune, reward, dpo) the same flags and YAML;
+`add_run_options` and `run_config` give every training command (finetune, reward, dpo, ppo) the same flags and YAML;
 `herd reward score` scores responses with a reward model.
 """
 
@@ -67,34 +68,43 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
-def add_run_options(p: argparse.ArgumentParser, helps: dict[str, str]) -> None:
+def add_run_options(p: argparse.ArgumentParser, helps: dict[str, str],
+                    aliases: dict[str, list[str]] | None = None) -> None:
     """MODEL, --config and a flag per TrainConfig field (but `task`, which the command sets): the options of every
-    training command (herd finetune, reward, dpo). `p` must have argument_default=SUPPRESS, so that only the flags
-    given override the YAML file."""
+    training command (herd finetune, reward, dpo, ppo). `p` must have argument_default=SUPPRESS, so that only the
+    flags given override the YAML file. aliases: more option strings for a field (herd ppo's --prompts for data)."""
     p.add_argument("model", nargs="?", help="base model: preset/alias, checkpoint path or hub id "
                                             "(default: embedded smollm2-135m-instruct)")
     p.add_argument("--config", help="YAML file of run settings; flags given here override it")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        if f.name in ("model", "task"):
+    add_settings_options(p, TrainConfig, helps, ("model", "task"), aliases)
+
+
+def add_settings_options(p: argparse.ArgumentParser, cls: type, helps: dict[str, str], skip: tuple[str, ...] = (),
+                         aliases: dict[str, list[str]] | None = None) -> None:
+    """A flag per field of the settings dataclass `cls` (but those in `skip`), typed from its annotation: bools as
+    --x / --no-x, lists as repeatable values, mappings as KEY=VALUE strings."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
             continue
         kind, many = _flag_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, [])]
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=helps.get(f.name))
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, help=helps.get(f.name))
         elif many:
-            p.add_argument(flag, type=kind, nargs="+", action="extend", help=helps.get(f.name))
+            p.add_argument(*flags, type=kind, nargs="+", action="extend", help=helps.get(f.name))
         else:
-            p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=helps.get(f.name))
+            p.add_argument(*flags, type=kind, choices=CHOICES.get(f.name), help=helps.get(f.name))
 
 
-def run_config(args: argparse.Namespace, task: str = "sft") -> TrainConfig:
+def run_config(args: argparse.Namespace, task: str = "sft", defaults: dict | None = None) -> TrainConfig:
     """YAML settings (if any), overridden by the flags actually given, for the command that trains `task`
-    (a YAML `task:` naming another one is refused by run_training)."""
+    (a YAML `task:` naming another one is refused by run_training). defaults: the command's own defaults for
+    fields neither gives (herd ppo: lora_dropout 0)."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
     origin = args.config if getattr(args, "config", None) else "command line"
-    return TrainConfig.from_dict({"task": task} | values | given, origin=origin)
+    return TrainConfig.from_dict({"task": task} | (defaults or {}) | values | given, origin=origin)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -176,6 +186,86 @@ def cmd_reward_score(args: argparse.Namespace) -> None:
     from llamaherd.train.reward import score_file
 
     score_file(args.rm, args.data, args.out, args.chat_format, args.batch_size, args.max_seq_len, args.dtype)
+
+
+PPO_HELP = {
+    "data": "prompts: {prompt}, SFT records (their last answer left out) or preference pairs (their prompt); "
+            "JSON or JSONL, .gz allowed (repeatable)",
+    "reward_model": "reward model directory (herd reward's out_dir/model, or a transformers sequence classifier)",
+    "reward_fn": "programmatic reward instead: module:function or path/to/file.py:function, called as "
+                 "fn(prompts=, completions=, completion_ids=) -> one number per completion",
+    "rm_chat_format": "chat format the reward model reads (default: its own)",
+    "batch_size": "responses per optimizer step (a minibatch of the rollout)",
+    "micro_batch_size": "responses per forward pass",
+    "rollout_batch_size": "prompts sampled per rollout (a multiple of batch_size)",
+    "ppo_epochs": "passes over each rollout",
+    "max_new_tokens": "tokens per response at most",
+    "temperature": "the policy is softmax(logits / temperature), sampled and trained (default 1)",
+    "generation_batch_size": "sequences the engine decodes at once",
+    "kl_coef": "beta of the per-token KL penalty (the initial one with --target-kl)",
+    "target_kl": "adaptive beta toward this KL in nats per response (Ziegler et al.'s controller)",
+    "kl_horizon": "the adaptive controller's horizon, in responses",
+    "missing_eos_penalty": "subtracted from the score of a response cut at max_new_tokens",
+    "max_kl": "stop when the KL to the reference passes this many nats per response",
+}
+REJECTION_HELP = {
+    "prompts": "prompts: {prompt}, SFT records (their last answer left out) or preference pairs (their prompt); "
+               "JSON or JSONL, .gz allowed (repeatable)",
+    "out": "output folder: data.jsonl, journal.jsonl, run.json, manifest.json (default: out/rejection)",
+    "reward_model": "reward model directory (herd reward's out_dir/model, or a transformers sequence classifier)",
+    "reward_fn": "programmatic reward instead: module:function or path/to/file.py:function",
+    "k": "samples per prompt; the best is kept (default 8)",
+    "temperature": "sampling temperature (default 1)",
+    "top_p": "nucleus sampling in (0, 1] (default: off)",
+    "seed": "run seed; sample i of prompt p uses seed * 1000003 + p * k + i",
+    "chat_format": "chat format of the policy (default: its own)",
+    "rm_chat_format": "chat format the reward model reads (default: its own)",
+    "dtype": "policy weights: fp32, bf16 or fp16",
+    "max_batch": "sequences the engine decodes at once",
+    "rm_batch_size": "rows per reward-model forward pass",
+}
+
+
+def add_ppo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ppo", help="RLHF with PPO against a reward model or a reward function: full, LoRA or QLoRA "
+                                   "(resumable)", argument_default=argparse.SUPPRESS,
+                       description="PPO (Ziegler et al. 2019, InstructGPT, Llama 2): `herd ppo POLICY --rm RM "
+                                   "--prompts FILE`, or --reward module:function. See docs/alignment.md.")
+    add_run_options(p, HELP | PPO_HELP, aliases={"data": ["--prompts"], "reward_model": ["--rm"],
+                                                 "reward_fn": ["--reward"]})
+    p.set_defaults(func=cmd_ppo)
+
+
+def cmd_ppo(args: argparse.Namespace) -> None:
+    from llamaherd.train.ppo import run_ppo
+
+    run_ppo(run_config(args, task="ppo", defaults={"lora_dropout": 0.0, "out_dir": "out/ppo"}))
+
+
+def add_rejection_parser(sub: argparse._SubParsersAction) -> None:
+    from llamaherd.train.rejection import RejectionConfig
+
+    p = sub.add_parser("rejection-sample", help="best of k samples per prompt by a reward model, as SFT data "
+                                                "(resumable)", argument_default=argparse.SUPPRESS,
+                       description="Rejection sampling (Llama 2): `herd rejection-sample POLICY --rm RM --prompts "
+                                   "FILE -k 8`; the best sample per prompt, with its score, in OUT/data.jsonl, "
+                                   "which herd finetune reads. Rerun the same command to resume.")
+    p.add_argument("model", nargs="?", help="the policy: preset/alias, checkpoint path, adapter or hub id "
+                                            "(default: embedded smollm2-135m-instruct)")
+    p.add_argument("--config", help="YAML file of these settings; flags given here override it")
+    add_settings_options(p, RejectionConfig, REJECTION_HELP, ("model",),
+                         aliases={"reward_model": ["--rm"], "reward_fn": ["--reward"], "k": ["-k"]})
+    p.set_defaults(func=cmd_rejection)
+
+
+def cmd_rejection(args: argparse.Namespace) -> None:
+    from llamaherd.train.config import settings_from_dict
+    from llamaherd.train.rejection import RejectionConfig, run_rejection_sampling, summary_line
+
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command")}
+    cfg = settings_from_dict(RejectionConfig, values | given, getattr(args, "config", None) or "command line")
+    print(summary_line(run_rejection_sampling(cfg), cfg.out))
 
 
 def add_merge_parser(sub: argparse._SubParsersAction) -> None:
