@@ -389,6 +389,7 @@ def test_warc_reader_counts_bad_records_and_goes_on(tmp_path):
         ("http://a.example/latin", page.encode("latin-1"), "text/html; charset=ISO-8859-1", "200 OK"),
         ("http://a.example/undeclared", page.encode("utf-8"), "text/html", "200 OK"),
         ("http://a.example/bogus-label", page.encode("utf-8"), "text/html; charset=x-nonsense", "200 OK"),
+        ("http://a.example/one-bad-byte", page.encode("utf-8") + b"\xff", "text/html; charset=utf-8", "200 OK"),
         ("http://a.example/binary", b"<html>" + bytes(range(128, 256)) * 20, "text/html", "200 OK"),  # no decoder
         ("http://a.example/empty", b"", "text/html", "200 OK"),
         ("http://a.example/redirect", b"", "text/html", "301 Moved Permanently"),
@@ -400,15 +401,17 @@ def test_warc_reader_counts_bad_records_and_goes_on(tmp_path):
     bad_member = bytearray(_warc_bytes([("http://a.example/corrupt", b"<html>" + b"x" * 4000, "text/html",
                                           "200 OK")])[0])
     bad_member[40:60] = b"\xff" * 20
-    members.insert(7, bytes(bad_member))
+    members.insert(8, bytes(bad_member))
     members[-1] = members[-1][:-30]  # truncated last member
     path = tmp_path / "t.warc.gz"
     path.write_bytes(b"".join(members))
     bad: Counter[str] = Counter()
     docs = list(read_warc(str(path), "t.warc.gz", bad))
     assert [d.url for d in docs] == ["http://a.example/latin", "http://a.example/undeclared",
-                                     "http://a.example/bogus-label", "http://a.example/after-corrupt"]
+                                     "http://a.example/bogus-label", "http://a.example/one-bad-byte",
+                                     "http://a.example/after-corrupt"]
     assert all("café crème" in d.html for d in docs)
+    assert docs[3].html.endswith("</html>\ufffd")  # the declared charset wins, a bad byte is replaced (as browsers)
     assert bad == {"read:unknown_encoding": 1, "read:empty": 1, "read:http_status": 1, "read:not_html": 1,
                    "read:corrupt_gzip": 1, "read:truncated_gzip": 1}
     assert docs[0].id.startswith("<urn:uuid:") and docs[0].source == "t.warc.gz:0"

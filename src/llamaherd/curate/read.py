@@ -121,25 +121,30 @@ def read_shard(shard: Shard, bad: Counter[str]) -> Iterator[Document]:
 
 
 def decode_html(data: bytes, declared: str | None = None) -> str | None:
-    """Page bytes as text: the declared charset (HTTP header, then <meta>), else UTF-8, else a detector's guess.
-
-    A declared charset that Python does not know or that fails to decode the bytes is passed over. The detector is
-    charset-normalizer (the library `requests` uses). Returns None when nothing decodes the page.
+    """Page bytes as text, as a browser decodes them: with the declared charset (HTTP header, then <meta>) when
+    Python knows it; a page it does not decode strictly is tried as UTF-8 (a common wrong declaration), else decoded
+    with the declared charset, bad bytes as U+FFFD. Without a usable declaration: UTF-8, else the guess of
+    charset-normalizer (the detector `requests` uses). Returns None when nothing decodes the page.
     """
-    candidates = [declared]
+    labels = [declared]
     meta = META_CHARSET.search(data[:4096])
     if meta:
-        candidates.append(meta.group(1).decode("ascii", "replace"))
-    candidates.append("utf-8")
-    for label in candidates:
-        if not label:
-            continue
-        label = WHATWG_LABELS.get(label.strip().lower(), label.strip())
+        labels.append(meta.group(1).decode("ascii", "replace"))
+    known = []
+    for label in labels:
+        if label:
+            label = WHATWG_LABELS.get(label.strip().lower(), label.strip())
+            try:
+                known.append(codecs.lookup(label).name)
+            except LookupError:
+                continue
+    for codec in ([known[0]] if known else []) + ["utf-8"]:
         try:
-            codecs.lookup(label)
-            return data.decode(label)
-        except (LookupError, UnicodeDecodeError):
+            return data.decode(codec)
+        except UnicodeDecodeError:
             continue
+    if known:
+        return data.decode(known[0], errors="replace")
     from charset_normalizer import from_bytes
 
     best = from_bytes(data).best()
