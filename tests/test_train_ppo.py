@@ -29,13 +29,14 @@ import os, pathlib
 def count(prompts, completions, completion_ids):
     return [min(sum(t == {TARGET} for t in ids), {CAP}) for ids in completion_ids]
 def stalls(prompts, completions, completion_ids):
-    flag = pathlib.Path(os.environ.get("PPO_STALL_FLAG", "/nonexistent"))
-    calls = flag.with_suffix(".calls")
-    n = int(calls.read_text()) + 1 if calls.exists() else 1
-    calls.write_text(str(n))
-    if os.environ.get("PPO_STALL_AT") == str(n):
-        flag.write_text("in the rollout")
-        import time; time.sleep(120)
+    if os.environ.get("PPO_STALL_AT"):  # sleep in the n-th call, after flagging it
+        flag = pathlib.Path(os.environ["PPO_STALL_FLAG"])
+        calls = flag.with_suffix(".calls")
+        n = int(calls.read_text()) + 1 if calls.exists() else 1
+        calls.write_text(str(n))
+        if os.environ["PPO_STALL_AT"] == str(n):
+            flag.write_text("in the rollout")
+            import time; time.sleep(120)
     return count(prompts, completions, completion_ids)
 def fails_second(prompts, completions, completion_ids):
     calls = pathlib.Path(os.environ["PPO_CALLS"])
@@ -142,16 +143,17 @@ def _hf_logprobs(hf, prompt: list[int], response: list[int], temperature: float)
 
 def test_rollout_logprobs_and_per_token_kl_penalty_match_transformers(inputs, tmp_path):
     """The rollout's log-probabilities (temperature 0.7) equal transformers' log-softmax(logits / T) of the sampled
-    tokens, the engine's equal the training pass's; after an update, each token's reward is -beta (log pi - log ref),
-    plus the toy score on the last, with pi and ref computed by transformers (gamma = lam = 1: rewards = return
-    differences)."""
+    tokens, the engine's and the first update's equal the rollout's; after an update, each token's reward is
+    -beta (log pi - log ref), plus the toy score on the last, with pi and ref computed by transformers
+    (gamma = lam = 1: rewards = return differences)."""
     from transformers import AutoModelForCausalLM
 
     model_dir = inputs[0]
     cfg = config(inputs, tmp_path, temperature=0.7, kl_coef=0.2, gamma=1.0, lam=1.0, lr=1e-3)
     trainer = build(cfg)
     first = trainer.train_step()
-    assert first["logprob_gap"] < 1e-4
+    assert first["logprob_gap"] < 1e-4  # the engine's log-probs vs the training pass's
+    assert first["ratio"] == pytest.approx(1, abs=1e-5) and first["approx_kl"] < 1e-10  # the update's, same weights
     assert first["kl"] == 0 and first["kl_exact"] == pytest.approx(0, abs=1e-6)  # the policy is the reference
     ref_hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for sample in trainer.buffer:
@@ -176,6 +178,25 @@ def test_rollout_logprobs_and_per_token_kl_penalty_match_transformers(inputs, tm
         expected[-1] += min(sample.response_ids.count(TARGET), CAP)
         assert (rewards - expected).abs().max() < 1e-4
         assert (torch.tensor(sample.logprobs, dtype=torch.float64) - pi).abs().max() < 1e-4
+
+
+def test_a_reward_model_with_another_tokenizer_scores_the_decoded_text(inputs, tmp_path):
+    """The reward model's tokenizer is not the policy's: the rollout's scores are transformers' rewards of the
+    responses' text as the reward model's tokenizer and chat format encode it."""
+    from rm_tiny import save_tiny_reward_model, transformers_scores
+
+    from llamaherd.tokenizer import Tokenizer
+
+    rm = save_tiny_reward_model(tmp_path / "rm")
+    trainer = build(config(inputs, tmp_path / "run", reward_fn=None, reward_model=str(rm), rm_chat_format="vicuna"))
+    stats = trainer.rollout(0)
+    policy_tokenizer = Tokenizer.from_path(inputs[0])
+    prompts = {tuple(p.ids): p.messages for p in trainer.train_set}
+    conversations = [[*prompts[tuple(s.prompt_ids)], {"role": "assistant", "content": policy_tokenizer.decode(
+        s.response_ids, skip_special_tokens=True)}] for s in trainer.buffer]
+    expected = transformers_scores(rm, conversations, "vicuna")
+    assert stats["score"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+    assert stats["score_std"] > 0.01
 
 
 # ---- the toy task -----------------------------------------------------------------------------------------------
@@ -267,12 +288,13 @@ core.Trainer.train_step = stalling
 """
 
 
-def test_sigkill_mid_update_and_mid_rollout_then_resume_matches_uninterrupted_run(inputs, tmp_path):
+def test_sigkill_mid_update_and_mid_rollout_then_resume_matches_uninterrupted_run(inputs, tmp_path, capsys):
     """4 updates per rollout, a checkpoint every 3 steps: killed in the update of step 8 (checkpoint 6 is between
     rollout 1's updates, so the rollout comes back from the checkpoint), resumed and killed while rollout 3 is
     scored (step 13; checkpoint 12 ends rollout 2), resumed to the end: the same metrics, step by step, as a run
     never killed."""
-    common = {"fn": "stalls", "max_steps": 16, "save_every": 3, "lora_dropout": 0.0, "method": "lora", "lr": 3e-3}
+    common = {"fn": "stalls", "max_steps": 16, "save_every": 3, "lora_dropout": 0.0, "method": "lora", "lr": 3e-3,
+              "target_kl": 1.0, "kl_horizon": 50}  # beta moves every rollout: the checkpoint must carry it
     ref = tmp_path / "ref"
     run_in_process(ppo_args(inputs, ref, **common))
 
@@ -291,15 +313,13 @@ def test_sigkill_mid_update_and_mid_rollout_then_resume_matches_uninterrupted_ru
     assert state["buffer_iteration"] == 1 and len(state["buffer"]) == 16
 
     flag.unlink()
-    flag.with_suffix(".calls").unlink()
     proc = subprocess.Popen(herd_cmd(*ppo_args(inputs, out, resume=True, **common)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env | {"PPO_STALL_AT": "2"})  # rollouts 2, then 3
     _kill_when(proc, flag.exists)
     assert [r["step"] for r in records(out)] == list(range(1, 13))
 
-    done = subprocess.run(herd_cmd(*ppo_args(inputs, out, resume=True, **common)), env=env, capture_output=True,
-                          text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "resumed from" in done.stdout and "step-00000012" in done.stdout
+    capsys.readouterr()
+    run_in_process(ppo_args(inputs, out, resume=True, **common))
+    assert "resumed from" in (stdout := capsys.readouterr().out) and "step-00000012" in stdout
     assert _without_timings(records(out)) == _without_timings(records(ref))
     assert [r["step"] for r in records(out)] == list(range(1, 17))

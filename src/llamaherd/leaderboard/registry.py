@@ -26,7 +26,7 @@ BUSY_TIMEOUT_S = 30.0
 SQLITE_HEADER = b"SQLite format 3\x00"
 # Methods a lineage edge may carry: those fine-tuning runs write, plus the reference table's own labels.
 METHODS = ("full-sft", "lora-sft", "qlora-sft", "merge", "dpo", "ppo", "quantization", "sft", "lora", "rlhf",
-           "reward")
+           "reward", "rejection-sampling")
 
 # MIGRATIONS[i] takes a database from user_version i to i + 1; append, never edit, once released.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (

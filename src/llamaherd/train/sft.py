@@ -72,6 +72,15 @@ class SFTRecipe(Recipe):
     def collate(self, cfg: TrainConfig, pad_id: int):
         return functools.partial(collate, pad_id=pad_id, padding_free=cfg.padding_free)
 
+    def lineage_method(self, cfg: TrainConfig) -> str:
+        """"rejection-sampling" when every data file is the output of `herd rejection-sample` (Llama 2's rejection
+        sampling fine-tuning), else full-sft / lora-sft / qlora-sft."""
+        from llamaherd.train.rejection import RECIPE, is_rejection_sampled
+
+        if cfg.data and all(is_rejection_sampled(p) for p in cfg.data):
+            return RECIPE
+        return super().lineage_method(cfg)
+
 
 def run_sft(cfg: TrainConfig) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data`; write the adapter or model, metrics, plot and lineage to `out_dir`."""
