@@ -442,3 +442,35 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, tor
         "last_index": torch.tensor([len(r) - 1 for r in rows], dtype=torch.long),
         "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32),
     }
+
+
+def collate_shared_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of B pairs as B rows, prompt (P) | chosen (C) | rejected (R), so each prompt runs once: the
+    rejected tokens see the prompt and each other, not the chosen ones, and their positions restart at P.
+
+    input_ids (B, T) long, padded on the right with pad_id; positions (B, T) long; attn_mask (B, T, T) bool
+    (True: the query may attend to the key; padding rows see nothing); prompt_lengths, chosen_lengths,
+    rejected_lengths (B,) long: the chosen answer ends at P + C - 1, the rejected one at P + C + R - 1; margin (B,).
+    """
+    B = len(pairs)
+    T = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, T, dtype=torch.bool)
+    for b, p in enumerate(pairs):
+        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        n = P + C + R
+        input_ids[b, :n] = torch.tensor([*p.prompt_ids, *p.chosen_ids, *p.rejected_ids])
+        positions[b, :n] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+        mask[b, :P + C, :P + C] = torch.ones(P + C, P + C, dtype=torch.bool).tril()
+        mask[b, P + C:n, :P] = True
+        mask[b, P + C:n, P + C:n] = torch.ones(R, R, dtype=torch.bool).tril()
+    return {
+        "input_ids": input_ids,
+        "positions": positions,
+        "attn_mask": mask,
+        "prompt_lengths": torch.tensor([len(p.prompt_ids) for p in pairs]),
+        "chosen_lengths": torch.tensor([len(p.chosen_ids) for p in pairs]),
+        "rejected_lengths": torch.tensor([len(p.rejected_ids) for p in pairs]),
+        "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32),
+    }

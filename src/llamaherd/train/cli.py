@@ -136,7 +136,9 @@ REWARD_HELP = {
                     "the default, or llama2-large)",
     "center_rewards_coefficient": "add C x (r_chosen + r_rejected)^2 per pair to the loss (TRL's reward centring)",
     "skip_empty": "drop and count pairs with an empty answer (HH-RLHF has some) instead of stopping with an error",
-    "padding_free": "run a micro-batch's sequences as one unpadded row (default; same rewards)",
+    "shared_prompt": "each pair as one row, prompt + chosen + rejected, the prompt run once (default; same "
+                     "rewards, fewer tokens)",
+    "padding_free": "without --shared-prompt: run a micro-batch's sequences as one unpadded row (default)",
 }
 
 
