@@ -19,11 +19,13 @@ from train_tiny import WORDS, Crash, crash_at, losses, make_tiny_run_inputs, run
 from llamaherd.cli import main
 from llamaherd.data.preference import load_preference_data
 from llamaherd.train.reward import (
+    RewardObjective,
     RewardRecipe,
     add_score_head,
     load_reward_model,
     save_reward_model,
     sequence_rewards,
+    shared_prompt_rewards,
 )
 
 SEED = 1337
@@ -219,6 +221,37 @@ def test_scores_do_not_move_with_padding_side_pad_or_batch_size(tiny):
                             ids, mask = _padded(seqs[start:start + size], pad, left)
                             got += sequence_rewards(rm, ids, mask, padding_free).tolist()
                         assert got == pytest.approx(alone, abs=1e-5), (pad, left, size, padding_free)
+
+
+def test_shared_prompt_rows_give_each_sequences_own_reward_and_the_same_gradients(tiny):
+    """One row per pair (the prompt run once) and the 2B-row layout: every reward equals transformers' score of
+    prompt + answer alone, and loss, metrics and gradients agree between the layouts."""
+    from transformers import AutoModelForSequenceClassification
+
+    from llamaherd.data.preference import collate_pairs, collate_shared_pairs
+
+    pairs = _pairs_of(tiny)[0][:5]
+    hf = AutoModelForSequenceClassification.from_pretrained(tiny["rm"]).eval()
+    with torch.no_grad():
+        alone = [hf(torch.tensor([p.prompt_ids + answer])).logits[0, 0].item()
+                 for side in ("chosen_ids", "rejected_ids") for p in pairs for answer in [getattr(p, side)]]
+    results = []
+    for collate in (collate_shared_pairs, collate_pairs):
+        model = load_reward_model(tiny["rm"]).model.train().requires_grad_(True)
+        objective = RewardObjective(model, center_rewards_coefficient=0.1)
+        out = objective(collate(pairs, pad_id=2))
+        out.loss_sum.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((out.loss_sum.item(), out.metrics["margin"].item(), grads))
+        if collate is collate_shared_pairs:
+            with torch.no_grad():
+                rewards = torch.cat(shared_prompt_rewards(model, collate(pairs, pad_id=2)))
+            assert rewards.tolist() == pytest.approx(alone, abs=1e-5)
+    (loss_a, gap_a, grads_a), (loss_b, gap_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-5) and gap_a == pytest.approx(gap_b, abs=1e-5)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert collate_shared_pairs(pairs, 0)["input_ids"].numel() < collate_pairs(pairs, 0)["input_ids"].numel()
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-tied", "falcon-7b-style"])

@@ -78,9 +78,21 @@ def sequence_rewards(model: GPT, input_ids: torch.Tensor, attention_mask: torch.
     return model.score(last).squeeze(-1).float()
 
 
+def shared_prompt_rewards(model: GPT, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) rewards (B,) in fp32 of a `collate_shared_pairs` batch: one row per pair, prompt | chosen
+    | rejected, the prompt run once; each reward read at its answer's last token."""
+    h = model(batch["input_ids"], positions=batch["positions"], attn_mask=batch["attn_mask"], return_hidden=True)
+    chosen_end = batch["prompt_lengths"] + batch["chosen_lengths"] - 1
+    rows = torch.arange(len(chosen_end), device=h.device)
+    last = torch.cat([h[rows, chosen_end], h[rows, chosen_end + batch["rejected_lengths"]]])  # (2B, n_embd)
+    return model.score(last).squeeze(-1).float().chunk(2)
+
+
 class RewardObjective(Objective):
-    """The ranking loss over B pairs (collate_pairs: the chosen rows, then the rejected rows), summed per pair:
-    -log σ(r_c − r_r − margin), plus center_rewards_coefficient · (r_c + r_r)² when set (TRL's RewardTrainer).
+    """The ranking loss over B pairs, summed per pair: -log σ(r_c − r_r − margin), plus
+    center_rewards_coefficient · (r_c + r_r)² when set (TRL's RewardTrainer). A batch is either layout of the
+    data module: `collate_shared_pairs` (one row per pair, the prompt run once) or `collate_pairs` (the chosen
+    rows, then the rejected rows; run padding-free unless padding_free is False). Both give the same rewards.
 
     Metrics per pair, named as TRL's RewardTrainer logs them: accuracy (r_c > r_r), margin (r_c − r_r, the
     reward gap, not the pair's label margin) and mean_reward ((r_c + r_r) / 2).
@@ -95,9 +107,17 @@ class RewardObjective(Objective):
     def count(self, batch: Batch) -> torch.Tensor:
         return torch.tensor(batch["margin"].shape[0])
 
+    def n_tokens(self, batch: Batch) -> int:
+        if "attn_mask" in batch:
+            return int((batch["prompt_lengths"] + batch["chosen_lengths"] + batch["rejected_lengths"]).sum())
+        return super().n_tokens(batch)
+
     def forward(self, batch: Batch) -> LossOutput:
-        rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], self.padding_free)
-        chosen, rejected = rewards.chunk(2)
+        if "attn_mask" in batch:
+            chosen, rejected = shared_prompt_rewards(self.model, batch)
+        else:
+            rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], self.padding_free)
+            chosen, rejected = rewards.chunk(2)
         gap = chosen - rejected
         loss = -F.logsigmoid(gap - batch["margin"].float())
         if self.center:
@@ -304,9 +324,9 @@ class RewardRecipe(Recipe):
         return RewardObjective(model, cfg.center_rewards_coefficient, cfg.padding_free)
 
     def collate(self, cfg: TrainConfig, pad_id: int):
-        from llamaherd.data.preference import collate_pairs
+        from llamaherd.data.preference import collate_pairs, collate_shared_pairs
 
-        return functools.partial(collate_pairs, pad_id=pad_id)
+        return functools.partial(collate_shared_pairs if cfg.shared_prompt else collate_pairs, pad_id=pad_id)
 
     def writes_adapter(self, model: GPT, cfg: TrainConfig) -> bool:
         return False
