@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from llamaherd import rope
 from llamaherd.config import Config
@@ -338,9 +339,13 @@ class CacheRows(NamedTuple):
 
 
 class Spans(NamedTuple):
-    """Packed samples: per row of a batch, the (start, end) of each causal segment, covering the row in order."""
+    """Packed samples: per row of a batch, the (start, end) of each causal segment, covering the row in order.
 
-    rows: list[list[tuple[int, int]]]
+    A segment (start, end, ctx_start, ctx_end) also sees the whole earlier span [ctx_start, ctx_end) of its row
+    before its own tokens: an answer after a prompt it shares with another answer (DPO's one row per pair).
+    """
+
+    rows: list[list[tuple[int, ...]]]
 
     @staticmethod
     def from_segment_ids(segment_ids: torch.Tensor) -> Spans | None:
@@ -392,8 +397,19 @@ class Attention(nn.Module):
         elif isinstance(mask, Spans):  # each packed sample on its own: no work on a block-diagonal mask's zeros
             rows = []
             for b, spans in enumerate(mask.rows):
-                parts = [F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
-                                                        is_causal=e - s > 1, enable_gqa=gqa) for s, e in spans]
+                parts = []
+                for s, e, *ctx in spans:
+                    if not ctx:
+                        parts.append(F.scaled_dot_product_attention(
+                            q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], is_causal=e - s > 1,
+                            enable_gqa=gqa))
+                        continue
+                    keys = slice(ctx[0], ctx[1]), slice(s, e)
+                    kc = torch.cat([k[b:b + 1, :, r] for r in keys], dim=2)  # (1, n_kv, context + own, hd)
+                    vc = torch.cat([v[b:b + 1, :, r] for r in keys], dim=2)
+                    # causal aligned at the bottom right: own token i sees the context and own tokens <= i
+                    parts.append(F.scaled_dot_product_attention(
+                        q[b:b + 1, :, s:e], kc, vc, attn_mask=causal_lower_right(e - s, kc.shape[2]), enable_gqa=gqa))
                 rows.append(torch.cat(parts, dim=2))
             y = torch.cat(rows)
         else:
@@ -478,7 +494,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | Spans | None = None,
         cache: KVCache | CacheRows | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
@@ -490,6 +506,7 @@ class GPT(nn.Module):
         attn_mask: (B, S) bool, True for real tokens, over all S = past + T positions (left padding);
             when given and positions is None, positions count real tokens only. Or (B, T, S) bool, the
             full mask (True = may attend), e.g. block-diagonal causal for packed samples, with `positions`.
+            Or `Spans` (no cache): causal segments, some seeing a shared context, with `positions`.
         last_only: compute logits for the last position only (generation).
         return_hidden: return the final-norm hidden states (B, T, n_embd) instead of logits, so a caller
             that needs few positions (evaluation) projects only those with `output_weight`.
@@ -506,16 +523,16 @@ class GPT(nn.Module):
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds the KV cache size {cache.max_len}")
         if positions is None:
-            if attn_mask is not None and attn_mask.dim() == 2:
+            if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 2:
                 positions = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
         if attn_mask is None and past > 0 and T > 1:
             attn_mask = torch.ones(B, past + T, dtype=torch.bool, device=idx.device)  # causal with an offset
-        if segment_ids is not None:
-            if attn_mask is not None or past:
-                raise ValueError("segment_ids takes neither attn_mask nor a filled cache")
-            mask = Spans.from_segment_ids(segment_ids)
+        if segment_ids is not None or isinstance(attn_mask, Spans):
+            if (segment_ids is not None and attn_mask is not None) or past:
+                raise ValueError("segment_ids and Spans take neither attn_mask nor a filled cache")
+            mask = attn_mask if segment_ids is None else Spans.from_segment_ids(segment_ids)
         else:
             mask = None if attn_mask is None else self._attention_mask(attn_mask, past, T)
         out = self._forward(idx, positions, mask, cache, last_only, return_hidden)
