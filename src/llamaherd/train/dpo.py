@@ -12,9 +12,10 @@ difference rewards/margins, rewards/accuracies (chosen reward > rejected reward)
 The reference is never a second model in memory: with LoRA it is the policy with its adapters disabled; for full
 fine-tuning its log-probabilities are computed once, before training, and stored (`ReferenceStore`).
 
-Layouts of a micro-batch (`collate_dpo`): "shared" puts each pair in one row, prompt + chosen + rejected, where the
-rejected tokens see the prompt but not the chosen ones and their positions restart after the prompt, so the
-prompt is run once instead of twice; "separate" is the usual 2B rows (TRL's), from `collate_pairs`.
+Layouts of a micro-batch (`collate_dpo`): "shared" runs each pair as prompt + chosen + rejected, where the rejected
+tokens see the prompt but not the chosen ones and their positions restart after the prompt, so the prompt is run
+once instead of twice, and the pairs one after another in one row without padding (`model.Spans`: attention per
+answer, no dense mask); "separate" is the usual 2B right-padded rows (TRL's), from `collate_pairs`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llamaherd.errors import InputError
-from llamaherd.model import GPT
+from llamaherd.model import GPT, Spans
 from llamaherd.train import distributed as D
 from llamaherd.train.config import DPO_LOSSES, TrainConfig
 from llamaherd.train.core import Batch, LossOutput, Objective
@@ -82,10 +83,11 @@ def _unscored(item: Any) -> Any:
 def collate_dpo(items: Sequence[Any], pad_id: int, shared_prompt: bool = True) -> Batch:
     """A micro-batch of B pairs (or `ScoredPair`s) for `DPOObjective`.
 
-    Model inputs: input_ids (R, T) and, per layout, positions (R, T) + attn_mask (R, T, T) (shared: R = B) or
-    segment_ids (R, T) (separate: R = 2B, right-padded). Selection of the response tokens, N of them: pred_index
-    (N,) the flat index in (R*T) of the hidden state that predicts each, targets (N,) the token, seq_index (N,) its
-    sequence (chosen of pair b: b; rejected: B + b). response_lengths (2B,); ref_logps (2B,) for ScoredPairs.
+    Model inputs: input_ids (R, T), positions (R, T) and, per layout, spans (2B, 4) (shared: R = 1, no padding)
+    or segment_ids (R, T) (separate: R = 2B, right-padded). Selection of the response tokens, N of them:
+    pred_index (N,) the flat index in (R*T) of the hidden state that predicts each, targets (N,) the token,
+    seq_index (N,) its sequence (chosen of pair b: b; rejected: B + b). response_lengths (2B,); ref_logps (2B,)
+    for ScoredPairs.
     """
     pairs = [_unscored(it) for it in items]
     for p in pairs:
@@ -102,27 +104,21 @@ def collate_dpo(items: Sequence[Any], pad_id: int, shared_prompt: bool = True) -
 
 
 def _collate_shared(pairs: Sequence[Any], pad_id: int) -> Batch:
-    """One row per pair: prompt (P) | chosen (C) | rejected (R); rejected positions run P, P+1, ... again."""
+    """All pairs in one row without padding, each as prompt (P) | chosen (C) | rejected (R): spans (2B, 4) holds
+    per answer [start, end, context start, context end] (`model.Spans`; the chosen answer's causal span starts at
+    its prompt, the rejected one sees the prompt as context); rejected positions run P, P+1, ... again."""
+    ids, positions, spans, pred, targets, seq = [], [], [], [], [], []
     B = len(pairs)
-    T = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, T, dtype=torch.bool)
-    pred, targets, seq = [], [], []
     for b, p in enumerate(pairs):
-        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        n = P + C + R
-        input_ids[b, :n] = torch.tensor([*p.prompt_ids, *p.chosen_ids, *p.rejected_ids])
-        positions[b, :n] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
-        mask[b, :P + C, :P + C] = torch.ones(P + C, P + C, dtype=torch.bool).tril()
-        mask[b, P + C:n, :P] = True
-        mask[b, P + C:n, P + C:n] = torch.ones(R, R, dtype=torch.bool).tril()
-        row = b * T
+        o, P, C, R = len(ids), len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        ids += [*p.prompt_ids, *p.chosen_ids, *p.rejected_ids]
+        positions += [*range(P + C), *range(P, P + R)]
+        spans += [[o, o + P + C, -1, -1], [o + P + C, o + P + C + R, o, o + P]]
         # chosen token j is predicted at P - 1 + j; rejected token 0 also at P - 1 (the prompt's last), j at P+C+j-1
-        pred += [row + P - 1 + j for j in range(C)] + [row + P - 1] + [row + P + C + j - 1 for j in range(1, R)]
+        pred += [o + P - 1 + j for j in range(C)] + [o + P - 1] + [o + P + C + j - 1 for j in range(1, R)]
         targets += [*p.chosen_ids, *p.rejected_ids]
         seq += [b] * C + [B + b] * R
-    return {"input_ids": input_ids, "positions": positions, "attn_mask": mask,
+    return {"input_ids": torch.tensor([ids]), "positions": torch.tensor([positions]), "spans": torch.tensor(spans),
             "pred_index": torch.tensor(pred), "targets": torch.tensor(targets), "seq_index": torch.tensor(seq)}
 
 
@@ -159,15 +155,15 @@ class DPOObjective(Objective):
         return torch.tensor(batch["response_lengths"].numel() // 2)
 
     def n_tokens(self, batch: Batch) -> int:
-        if "attn_mask" in batch:  # a real token sees itself at least; a padding query's row is empty
-            return int(batch["attn_mask"].any(-1).sum())
+        if "spans" in batch:  # one unpadded row
+            return batch["input_ids"].numel()
         return int((batch["segment_ids"] > 0).sum())
 
     def sequence_logps(self, batch: Batch) -> torch.Tensor:
         """Summed log-probabilities of each sequence's response tokens (2B,): chosen first, then rejected."""
-        if "attn_mask" in batch:
-            h = self.model(batch["input_ids"], positions=batch["positions"], attn_mask=batch["attn_mask"],
-                           return_hidden=True)
+        if "spans" in batch:
+            spans = Spans([[(s, e) if c < 0 else (s, e, c, ce) for s, e, c, ce in batch["spans"].tolist()]])
+            h = self.model(batch["input_ids"], positions=batch["positions"], attn_mask=spans, return_hidden=True)
         else:
             h = self.model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                            return_hidden=True)
