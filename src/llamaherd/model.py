@@ -348,6 +348,11 @@ class Spans(NamedTuple):
     rows: list[list[tuple[int, ...]]]
 
     @staticmethod
+    def from_table(table: torch.Tensor) -> Spans:
+        """One row's spans from an (n, 4) table of [start, end, ctx_start, ctx_end] (ctx_start < 0: no context)."""
+        return Spans([[(s, e) if c < 0 else (s, e, c, ce) for s, e, c, ce in table.tolist()]])
+
+    @staticmethod
     def from_segment_ids(segment_ids: torch.Tensor) -> Spans | None:
         """Spans of runs of equal ids in (B, T) `segment_ids`; None when each row holds a single sample from its
         start (plus trailing padding, id 0), where plain causal attention is already exact."""

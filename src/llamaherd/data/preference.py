@@ -444,31 +444,32 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, tor
     }
 
 
-def collate_shared_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch of B pairs as B rows, prompt (P) | chosen (C) | rejected (R), so each prompt runs once: the
-    rejected tokens see the prompt and each other, not the chosen ones, and their positions restart at P.
+def collate_shared_pairs(pairs: Sequence[PreferencePair], pad_id: int | None = None) -> dict[str, torch.Tensor]:
+    """One batch of B pairs as one row without padding, each pair as prompt (P) | chosen (C) | rejected (R), so each
+    prompt runs once and nothing is spent on padding: the rejected tokens see their prompt and each other, not the
+    chosen ones, and their positions restart at P.
 
-    input_ids (B, T) long, padded on the right with pad_id; positions (B, T) long; attn_mask (B, T, T) bool
-    (True: the query may attend to the key; padding rows see nothing); prompt_lengths, chosen_lengths,
-    rejected_lengths (B,) long: the chosen answer ends at P + C - 1, the rejected one at P + C + R - 1; margin (B,).
+    input_ids (1, T) long; positions (1, T) long; spans (2B, 4) long, per pair its chosen then its rejected answer
+    as [start, end, context start, context end] (no context: -1), the attention segments of `model.Spans.from_table`
+    (the chosen segment starts at the prompt); offsets (B,) long, where each pair starts; prompt_lengths,
+    chosen_lengths, rejected_lengths (B,) long: pair b's chosen answer ends at offsets + P + C - 1, its rejected
+    one at offsets + P + C + R - 1; margin (B,). pad_id is unused (there is no padding), as in `collate_pairs`'s
+    signature.
     """
-    B = len(pairs)
-    T = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, T, dtype=torch.bool)
-    for b, p in enumerate(pairs):
-        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        n = P + C + R
-        input_ids[b, :n] = torch.tensor([*p.prompt_ids, *p.chosen_ids, *p.rejected_ids])
-        positions[b, :n] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
-        mask[b, :P + C, :P + C] = torch.ones(P + C, P + C, dtype=torch.bool).tril()
-        mask[b, P + C:n, :P] = True
-        mask[b, P + C:n, P + C:n] = torch.ones(R, R, dtype=torch.bool).tril()
+    ids: list[int] = []
+    positions: list[int] = []
+    spans, offsets = [], []
+    for p in pairs:
+        o, P, C, R = len(ids), len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        ids += [*p.prompt_ids, *p.chosen_ids, *p.rejected_ids]
+        positions += [*range(P + C), *range(P, P + R)]
+        spans += [[o, o + P + C, -1, -1], [o + P + C, o + P + C + R, o, o + P]]
+        offsets.append(o)
     return {
-        "input_ids": input_ids,
-        "positions": positions,
-        "attn_mask": mask,
+        "input_ids": torch.tensor([ids]),
+        "positions": torch.tensor([positions]),
+        "spans": torch.tensor(spans),
+        "offsets": torch.tensor(offsets),
         "prompt_lengths": torch.tensor([len(p.prompt_ids) for p in pairs]),
         "chosen_lengths": torch.tensor([len(p.chosen_ids) for p in pairs]),
         "rejected_lengths": torch.tensor([len(p.rejected_ids) for p in pairs]),

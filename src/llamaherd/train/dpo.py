@@ -104,21 +104,18 @@ def collate_dpo(items: Sequence[Any], pad_id: int, shared_prompt: bool = True) -
 
 
 def _collate_shared(pairs: Sequence[Any], pad_id: int) -> Batch:
-    """All pairs in one row without padding, each as prompt (P) | chosen (C) | rejected (R): spans (2B, 4) holds
-    per answer [start, end, context start, context end] (`model.Spans`; the chosen answer's causal span starts at
-    its prompt, the rejected one sees the prompt as context); rejected positions run P, P+1, ... again."""
-    ids, positions, spans, pred, targets, seq = [], [], [], [], [], []
-    B = len(pairs)
-    for b, p in enumerate(pairs):
-        o, P, C, R = len(ids), len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        ids += [*p.prompt_ids, *p.chosen_ids, *p.rejected_ids]
-        positions += [*range(P + C), *range(P, P + R)]
-        spans += [[o, o + P + C, -1, -1], [o + P + C, o + P + C + R, o, o + P]]
+    """All pairs in one unpadded row, prompt (P) | chosen (C) | rejected (R) each (`collate_shared_pairs`)."""
+    from llamaherd.data.preference import collate_shared_pairs
+
+    rows = collate_shared_pairs(list(pairs), pad_id)
+    pred, targets, seq, B = [], [], [], len(pairs)
+    for b, (p, o) in enumerate(zip(pairs, rows["offsets"].tolist(), strict=True)):
+        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
         # chosen token j is predicted at P - 1 + j; rejected token 0 also at P - 1 (the prompt's last), j at P+C+j-1
         pred += [o + P - 1 + j for j in range(C)] + [o + P - 1] + [o + P + C + j - 1 for j in range(1, R)]
         targets += [*p.chosen_ids, *p.rejected_ids]
         seq += [b] * C + [B + b] * R
-    return {"input_ids": torch.tensor([ids]), "positions": torch.tensor([positions]), "spans": torch.tensor(spans),
+    return {"input_ids": rows["input_ids"], "positions": rows["positions"], "spans": rows["spans"],
             "pred_index": torch.tensor(pred), "targets": torch.tensor(targets), "seq_index": torch.tensor(seq)}
 
 
@@ -162,8 +159,8 @@ class DPOObjective(Objective):
     def sequence_logps(self, batch: Batch) -> torch.Tensor:
         """Summed log-probabilities of each sequence's response tokens (2B,): chosen first, then rejected."""
         if "spans" in batch:
-            spans = Spans([[(s, e) if c < 0 else (s, e, c, ce) for s, e, c, ce in batch["spans"].tolist()]])
-            h = self.model(batch["input_ids"], positions=batch["positions"], attn_mask=spans, return_hidden=True)
+            h = self.model(batch["input_ids"], positions=batch["positions"],
+                           attn_mask=Spans.from_table(batch["spans"]), return_hidden=True)
         else:
             h = self.model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                            return_hidden=True)

@@ -26,7 +26,7 @@ from torch import nn
 from llamaherd.chat import ChatFormat
 from llamaherd.errors import CheckpointError, InputError
 from llamaherd.load import Loaded
-from llamaherd.model import GPT, Linear
+from llamaherd.model import GPT, Linear, Spans
 from llamaherd.train.config import TrainConfig
 from llamaherd.train.core import Batch, LossOutput, Objective
 from llamaherd.train.run import Log, Recipe, merged_state, prepare_model, run_training
@@ -79,19 +79,19 @@ def sequence_rewards(model: GPT, input_ids: torch.Tensor, attention_mask: torch.
 
 
 def shared_prompt_rewards(model: GPT, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) rewards (B,) in fp32 of a `collate_shared_pairs` batch: one row per pair, prompt | chosen
-    | rejected, the prompt run once; each reward read at its answer's last token."""
-    h = model(batch["input_ids"], positions=batch["positions"], attn_mask=batch["attn_mask"], return_hidden=True)
-    chosen_end = batch["prompt_lengths"] + batch["chosen_lengths"] - 1
-    rows = torch.arange(len(chosen_end), device=h.device)
-    last = torch.cat([h[rows, chosen_end], h[rows, chosen_end + batch["rejected_lengths"]]])  # (2B, n_embd)
+    """(chosen, rejected) rewards (B,) in fp32 of a `collate_shared_pairs` batch: the pairs in one row, prompt |
+    chosen | rejected, the prompt run once; each reward read at its answer's last token."""
+    h = model(batch["input_ids"], positions=batch["positions"], attn_mask=Spans.from_table(batch["spans"]),
+              return_hidden=True)[0]
+    chosen_end = batch["offsets"] + batch["prompt_lengths"] + batch["chosen_lengths"] - 1
+    last = torch.cat([h[chosen_end], h[chosen_end + batch["rejected_lengths"]]])  # (2B, n_embd)
     return model.score(last).squeeze(-1).float().chunk(2)
 
 
 class RewardObjective(Objective):
     """The ranking loss over B pairs, summed per pair: -log σ(r_c − r_r − margin), plus
     center_rewards_coefficient · (r_c + r_r)² when set (TRL's RewardTrainer). A batch is either layout of the
-    data module: `collate_shared_pairs` (one row per pair, the prompt run once) or `collate_pairs` (the chosen
+    data module: `collate_shared_pairs` (one unpadded row, each prompt run once) or `collate_pairs` (the chosen
     rows, then the rejected rows; run padding-free unless padding_free is False). Both give the same rewards.
 
     Metrics per pair, named as TRL's RewardTrainer logs them: accuracy (r_c > r_r), margin (r_c − r_r, the
@@ -108,12 +108,12 @@ class RewardObjective(Objective):
         return torch.tensor(batch["margin"].shape[0])
 
     def n_tokens(self, batch: Batch) -> int:
-        if "attn_mask" in batch:
-            return int((batch["prompt_lengths"] + batch["chosen_lengths"] + batch["rejected_lengths"]).sum())
+        if "spans" in batch:
+            return batch["input_ids"].numel()
         return super().n_tokens(batch)
 
     def forward(self, batch: Batch) -> LossOutput:
-        if "attn_mask" in batch:
+        if "spans" in batch:
             chosen, rejected = shared_prompt_rewards(self.model, batch)
         else:
             rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"], self.padding_free)
