@@ -38,7 +38,7 @@ from llamaherd.train import distributed as D
 from llamaherd.train.config import DPO_LOSSES, TrainConfig
 from llamaherd.train.core import Batch, LossOutput, Objective
 from llamaherd.train.head_loss import head_log_probs
-from llamaherd.train.run import Log, Recipe, run_training
+from llamaherd.train.run import Log, Recipe, preference_datasets, run_training
 
 if TYPE_CHECKING:
     from llamaherd.load import Loaded
@@ -327,26 +327,6 @@ def reference_mode(cfg: TrainConfig) -> str:
     return "precomputed" if cfg.method == "full" else "adapters"
 
 
-def load_pair_datasets(cfg: TrainConfig, tokenizer: Any, chat_format: str, log: Log) -> tuple[list, list]:
-    """Training and held-out preference pairs: `val_data`, or a seeded `val_fraction` of `data`."""
-    from llamaherd.data.preference import load_preference_data, split_pairs
-
-    if not cfg.data:
-        raise InputError("no preference data: pass --data PAIRS (or `data:` in the config)")
-    common = {"tokenizer": tokenizer, "chat_format": chat_format, "max_seq_len": cfg.max_seq_len,
-              "margin_table": cfg.margin_table or None}
-    pairs, stats = load_preference_data(cfg.data, **common)
-    log(f"train data: {stats.summary()}")
-    if cfg.val_data:
-        val, val_stats = load_preference_data(cfg.val_data, **common)
-        log(f"validation data: {val_stats.summary()}")
-        train = pairs
-    else:
-        train, val = split_pairs(pairs, cfg.val_fraction, cfg.seed)
-    log(f"{len(train)} training pairs, {len(val)} held-out pairs")
-    return train, val
-
-
 class DPORecipe(Recipe):
     """DPO / cDPO / IPO on preference pairs; the reference comes from the loaded model itself (see module doc)."""
 
@@ -357,7 +337,7 @@ class DPORecipe(Recipe):
         return self.loaded
 
     def datasets(self, cfg: TrainConfig, tokenizer: Any, chat_format: str, log: Log) -> tuple[list, list]:
-        train, val = load_pair_datasets(cfg, tokenizer, chat_format, log)
+        train, val = preference_datasets(cfg, tokenizer, chat_format, log)
         if reference_mode(cfg) != "precomputed":
             return train, val
         from llamaherd.fingerprint import model_fingerprint

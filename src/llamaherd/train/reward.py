@@ -29,7 +29,7 @@ from llamaherd.load import Loaded
 from llamaherd.model import GPT, Linear, Spans
 from llamaherd.train.config import TrainConfig
 from llamaherd.train.core import Batch, LossOutput, Objective
-from llamaherd.train.run import Log, Recipe, merged_state, prepare_model, run_training
+from llamaherd.train.run import Log, Recipe, merged_state, preference_datasets, prepare_model, run_training
 
 SCORE_INIT_STD = 0.02  # transformers' default initializer_range: how a new *ForSequenceClassification head starts
 ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "falcon": "FalconForSequenceClassification"}
@@ -297,23 +297,7 @@ class RewardRecipe(Recipe):
         return loaded
 
     def datasets(self, cfg: TrainConfig, tokenizer: Any, chat_format: str, log: Log) -> tuple[list, list]:
-        from llamaherd.data.preference import load_preference_data, split_pairs
-
-        if not cfg.data:
-            raise InputError("no training data: pass --data PAIRS (or `data:` in the config)")
-        read = functools.partial(load_preference_data, tokenizer=tokenizer, chat_format=chat_format,
-                                 max_seq_len=cfg.max_seq_len, margin_table=cfg.margin_table or None,
-                                 skip_empty=cfg.skip_empty)
-        pairs, stats = read(cfg.data)
-        log(f"train data: {stats.summary()}")
-        if cfg.val_data:
-            val, val_stats = read(cfg.val_data)
-            log(f"validation data: {val_stats.summary()}")
-            train = pairs
-        else:
-            train, val = split_pairs(pairs, cfg.val_fraction, seed=cfg.seed)
-        log(f"{len(train)} training pairs, {len(val)} held-out pairs")
-        return train, val
+        return preference_datasets(cfg, tokenizer, chat_format, log)
 
     def prepare(self, model: GPT, cfg: TrainConfig) -> GPT:
         prepare_model(model, cfg)

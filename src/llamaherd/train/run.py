@@ -107,6 +107,29 @@ def prepare_model(model: GPT, cfg: TrainConfig) -> GPT:
                                          alpha_pattern=cfg.lora_alpha_pattern))
 
 
+def preference_datasets(cfg: TrainConfig, tokenizer: Any, chat_format: str, log: Log) -> tuple[list, list]:
+    """Training and held-out preference pairs (reward model, DPO): `val_data`, or a seeded `val_fraction` of `data`."""
+    import functools
+
+    from llamaherd.data.preference import load_preference_data, split_pairs
+
+    if not cfg.data:
+        raise InputError("no training data: pass --data PAIRS (or `data:` in the config)")
+    read = functools.partial(load_preference_data, tokenizer=tokenizer, chat_format=chat_format,
+                             max_seq_len=cfg.max_seq_len, margin_table=cfg.margin_table or None,
+                             skip_empty=cfg.skip_empty)
+    pairs, stats = read(cfg.data)
+    log(f"train data: {stats.summary()}")
+    if cfg.val_data:
+        val, val_stats = read(cfg.val_data)
+        log(f"validation data: {val_stats.summary()}")
+        train = pairs
+    else:
+        train, val = split_pairs(pairs, cfg.val_fraction, seed=cfg.seed)
+    log(f"{len(train)} training pairs, {len(val)} held-out pairs")
+    return train, val
+
+
 def full_state(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
     """The model's full (unsharded) state on CPU on rank 0, keyed as in `GPT`; collective under FSDP2."""
     if trainable_only:
