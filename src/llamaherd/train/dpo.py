@@ -10,7 +10,7 @@ Logged as TRL's DPOTrainer logs them: rewards/chosen and rewards/rejected (beta 
 difference rewards/margins, rewards/accuracies (chosen reward > rejected reward), logps/chosen, logps/rejected.
 
 The reference is never a second model in memory: with LoRA it is the policy with its adapters disabled; for full
-fine-tuning its log-probabilities are computed once, before training, and stored (`ReferenceStore`).
+fine-tuning its log-probabilities are computed once, before training, and stored (`precompute_reference`).
 
 Layouts of a micro-batch (`collate_dpo`): "shared" runs each pair as prompt + chosen + rejected, where the rejected
 tokens see the prompt but not the chosen ones and their positions restart after the prompt, so the prompt is run
@@ -42,7 +42,6 @@ from llamaherd.train.run import Log, Recipe, preference_datasets, run_training
 
 if TYPE_CHECKING:
     from llamaherd.load import Loaded
-
 
 
 def dpo_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float, loss_type: str,
@@ -137,7 +136,7 @@ class DPOObjective(Objective):
     """DPO / cDPO / IPO on summed response log-probabilities; the loss_sum adds the per-pair losses.
 
     reference: "adapters" (the policy with its LoRA adapters disabled, run in the same forward under no_grad) or
-    "precomputed" (the batch carries ref_logps, from `ReferenceStore`).
+    "precomputed" (the batch carries ref_logps, from `precompute_reference`).
     """
 
     def __init__(self, model: GPT, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -178,7 +177,7 @@ class DPOObjective(Objective):
     def forward(self, batch: Batch) -> LossOutput:
         if self.reference == "precomputed":
             if "ref_logps" not in batch:
-                raise RuntimeError("reference 'precomputed' needs batches of ScoredPairs (ReferenceStore.attach)")
+                raise RuntimeError("reference 'precomputed' needs batches of ScoredPairs (precompute_reference)")
             ref = batch["ref_logps"].to(torch.float32)
         else:
             ref = self.reference_logps(batch)
