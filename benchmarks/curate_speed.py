@@ -4,7 +4,10 @@ Corpus: the 851 shared pages (../shared/benchmarks/web) repeated to --docs docum
 duplicates: each copy of a page gets its own URL and has 0% (exact copy), 1, 3, 5, 10, 20 or 30% of its words
 replaced, written as 16 WARC.gz shards (warcio, one gzip member per record). Built once under --work.
 
-1. Per stage, in this process (one core): documents/s of each of herd curate's stages on a sample (every copy of
+Times are CPU seconds (this process and its finished children: pool workers, extraction sandboxes) wherever that
+can be counted, so that other programs on a shared machine do not skew them; end to end also gives wall time.
+
+1. Per stage, in this process: documents per CPU-second of each of herd curate's stages on a sample (every copy of
    the first pages: --sample documents, duplicates included), and of datatrove's equivalent blocks on the same input:
    Trafilatura extraction (same settings: favour precision, no trafilatura dedup), Gopher repetition and quality (on
    our extracted texts), MinHash signatures (450 bands x 20 rows on word 5-grams); with the share of documents on
@@ -12,8 +15,9 @@ replaced, written as 16 WARC.gz shards (warcio, one gzip member per record). Bui
 2. End to end on the whole corpus, with the recipe datatrove can also run ("equivalent": URL filter, extraction,
    Gopher repetition and quality, MinHash 450 x 20; no language ID, whose datatrove step downloads its model, no
    line-wise corrections, exact or substring dedup, which datatrove does not have in this form): herd curate with 1
-   and 2 local workers and Ray at 2, datatrove's LocalPipelineExecutor at 2 workers; documents read per second,
-   ratios, and the agreement of the kept documents. Then herd curate's full refinedweb recipe at 2 local workers.
+   and 2 local workers and Ray at 2, datatrove's LocalPipelineExecutor at 2 workers (spawned, as ours); documents
+   per wall second and CPU milliseconds per document, ratios, and the agreement of the kept documents. Then herd
+   curate's full refinedweb recipe at 2 local workers.
 
 Run on an otherwise idle machine: .venv/bin/python benchmarks/curate_speed.py [--docs 20000] [--json FILE]
 datatrove needs its extras for these blocks:
@@ -29,6 +33,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -105,10 +110,17 @@ def build_corpus(work: Path, n_docs: int) -> tuple[Path, dict[str, int]]:
     return folder, page_of
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished child processes (pool workers, extraction sandboxes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
+    """(result, CPU seconds): CPU time, not wall time, so that other programs on the machine do not count."""
+    start = cpu_seconds()
     result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
+    return result, cpu_seconds() - start
 
 
 # ---- 1. per stage ------------------------------------------------------------------------------------------------
@@ -121,14 +133,14 @@ def sample_documents(corpus: Path, page_of: dict[str, int], n: int):
     shards, _ = plan_shards(sorted(str(p) for p in corpus.glob("*.warc.gz")))
     n_pages = max(1, n * (max(page_of.values()) + 1) // len(page_of))
     bad: Counter[str] = Counter()
-    start = time.perf_counter()
+    start = cpu_seconds()
     docs, read = [], 0
     for shard in shards:
         for doc in read_shard(shard, bad):
             read += 1
             if page_of[doc.id] < n_pages:
                 docs.append(doc)
-    return docs, read / (time.perf_counter() - start)
+    return docs, read / (cpu_seconds() - start)
 
 
 def our_stages(docs):
@@ -138,16 +150,19 @@ def our_stages(docs):
     from llamaherd.curate.recipe import load_recipe
 
     stages = load_recipe().build_stages()
+    warm = copy.deepcopy(docs[0])
+    for stage in stages:  # loads happen on first use (blocklist, language model): not part of the per-document cost
+        stage(warm)
     rows, texts, alive = {}, {}, [copy.deepcopy(d) for d in docs]
     decisions: dict[str, dict[str, bool]] = {}
     for stage in stages:
-        kept, start, decided = [], time.perf_counter(), {}
+        kept, start, decided = [], cpu_seconds(), {}
         for doc in alive:
             reason = stage(doc)
             decided[doc.id] = reason is None
             if reason is None:
                 kept.append(doc)
-        rows[stage.name] = (len(alive), time.perf_counter() - start)
+        rows[stage.name] = (len(alive), cpu_seconds() - start)
         decisions[stage.name] = decided
         if stage.name == "extract":
             texts = {d.id: d.text for d in kept}
@@ -167,11 +182,11 @@ def our_dedup(texts: dict[str, str]):
     _, rows["exact_dedup"] = timed(dedup_shard, docs, method="exact")
     _, rows["fuzzy_dedup"] = timed(dedup_shard, docs, method="fuzzy", params=MinHashParams(450, 20))
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        start = cpu_seconds()
         substring_map(tmp, 0, docs)
         substring_find(tmp, 1)
         substring_apply(tmp, 0, [Document(id=d.id, text=d.text) for d in docs])
-        rows["substring_dedup"] = time.perf_counter() - start
+        rows["substring_dedup"] = cpu_seconds() - start
     return {k: (len(docs), v) for k, v in rows.items()}
 
 
@@ -186,9 +201,9 @@ def datatrove_blocks(docs, texts, decisions):
     rows, agree = {}, {}
     extractor = Trafilatura(favour_precision=True, deduplicate=False, timeout=10)
     inputs = [DTDocument(text=d.html, id=d.id, metadata={"url": d.url}) for d in docs if d.html is not None]
-    start = time.perf_counter()
+    start = cpu_seconds()
     out = {d.id: d.text for d in extractor.run(iter(inputs))}
-    rows["extract"] = (len(inputs), time.perf_counter() - start)
+    rows["extract"] = (len(inputs), cpu_seconds() - start)
     ours = decisions["extract"]
     same_text = sum(clean_text(out.get(i, "")) == texts.get(i, "") for i in ours)
     same_decision = sum(bool(clean_text(out.get(i, ""))) == ours[i] for i in ours)
@@ -196,9 +211,10 @@ def datatrove_blocks(docs, texts, decisions):
     for name, block in (("gopher_repetition", GopherRepetitionFilter()), ("gopher_quality", GopherQualityFilter())):
         ids = list(decisions[name])  # the documents our stage saw, with our extracted text
         batch = [DTDocument(text=texts[i], id=i) for i in ids]
-        start = time.perf_counter()
+        block.filter(DTDocument(text="warm up the word tokenizer", id="warm-up"))
+        start = cpu_seconds()
         kept = [block.filter(d) is True for d in batch]
-        rows[name] = (len(batch), time.perf_counter() - start)
+        rows[name] = (len(batch), cpu_seconds() - start)
         agree[name] = (sum(k == decisions[name][i] for k, i in zip(kept, ids)) / max(len(ids), 1), None)
     return rows, agree
 
@@ -211,24 +227,28 @@ def minhash_signatures(texts: dict[str, str]):
 
     params = MinHashParams(450, 20)
     items = list(texts.values())
-    start = time.perf_counter()
+    signature(items[0], params)
+    start = cpu_seconds()
     for t in items:
         band_hashes(signature(t, params), params)
-    ours = time.perf_counter() - start
+    ours = cpu_seconds() - start
     block = MinhashDedupSignature(output_folder=tempfile.mkdtemp(), config=MinhashConfig(
         n_grams=5, num_buckets=450, hashes_per_bucket=20, seed=1))
-    start = time.perf_counter()
+    block.get_signature(block.get_shingles(items[0]))
+    start = cpu_seconds()
     for t in items:
         shingles = block.get_shingles(t)
         if shingles.size:
             block.get_signature(shingles)
-    return (len(items), ours), (len(items), time.perf_counter() - start)
+    return (len(items), ours), (len(items), cpu_seconds() - start)
 
 
 # ---- 2. end to end -------------------------------------------------------------------------------------------------
 
 
-def run_ours(corpus: Path, out: Path, recipe_text: str, engine: str, workers: int) -> tuple[float, set[str]]:
+def run_ours(corpus: Path, out: Path, recipe_text: str, engine: str, workers: int) -> dict:
+    """herd curate on the corpus: wall seconds, CPU seconds (local engine: its pool's workers included; Ray's
+    workers are not this process's children, so not counted) and the kept ids."""
     from llamaherd.curate.executors import make_executor
     from llamaherd.curate.pipeline import run_curate
     from llamaherd.curate.recipe import load_recipe
@@ -237,20 +257,20 @@ def run_ours(corpus: Path, out: Path, recipe_text: str, engine: str, workers: in
     out.mkdir(parents=True)
     (out.parent / f"{out.name}.yaml").write_text(recipe_text)
     recipe = load_recipe(str(out.parent / f"{out.name}.yaml"))
+    wall, cpu = time.perf_counter(), cpu_seconds()
     executor = make_executor(engine, workers)
-    start = time.perf_counter()
     try:
         run_curate(sorted(str(p) for p in corpus.glob("*.warc.gz")), out, recipe, executor, progress=False)
     finally:
         executor.close()
-    seconds = time.perf_counter() - start
     kept = {json.loads(line)["id"] for p in (out / "data").glob("*.jsonl") for line in p.open()}
-    return seconds, kept
+    return {"wall": time.perf_counter() - wall, "cpu": None if engine == "ray" else cpu_seconds() - cpu,
+            "kept": kept}
 
 
-def run_datatrove(corpus: Path, work: Path, workers: int) -> tuple[float, set[str], list[float]]:
-    """datatrove's equivalent pipeline: WARC reader, URL filter, Trafilatura, Gopher filters, MinHash 450 x 20;
-    (seconds, kept ids, seconds of each of its four executor stages)."""
+def run_datatrove(corpus: Path, work: Path, workers: int) -> dict:
+    """datatrove's equivalent pipeline: WARC reader, URL filter, Trafilatura, Gopher filters, MinHash 450 x 20:
+    wall and CPU seconds (its spawned pool workers included), kept ids, wall seconds of its four executor stages."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                                   MinhashDedupFilter, MinhashDedupSignature)
@@ -267,17 +287,23 @@ def run_datatrove(corpus: Path, work: Path, workers: int) -> tuple[float, set[st
                                Trafilatura(favour_precision=True, deduplicate=False, timeout=10),
                                GopherRepetitionFilter(), GopherQualityFilter(), JsonlWriter(f"{w}/filtered"),
                                MinhashDedupSignature(output_folder=f"{w}/sigs", config=cfg)],
-                              tasks=SHARDS, workers=workers, logging_dir=f"{w}/logs/1"),
+                              tasks=SHARDS, workers=workers, logging_dir=f"{w}/logs/1", start_method="spawn"),
         LocalPipelineExecutor([MinhashDedupBuckets(f"{w}/sigs", f"{w}/buckets", config=cfg)],
-                              tasks=cfg.num_buckets, workers=workers, logging_dir=f"{w}/logs/2"),
+                              tasks=cfg.num_buckets, workers=workers, logging_dir=f"{w}/logs/2",
+                              start_method="spawn"),
         LocalPipelineExecutor([MinhashDedupCluster(f"{w}/buckets", f"{w}/remove", config=cfg)],
-                              tasks=1, workers=1, logging_dir=f"{w}/logs/3"),
+                              tasks=1, workers=1, logging_dir=f"{w}/logs/3", start_method="spawn"),
         LocalPipelineExecutor([JsonlReader(f"{w}/filtered"), MinhashDedupFilter(f"{w}/remove"),
-                               JsonlWriter(f"{w}/out")], tasks=SHARDS, workers=workers, logging_dir=f"{w}/logs/4"),
+                               JsonlWriter(f"{w}/out")], tasks=SHARDS, workers=workers, logging_dir=f"{w}/logs/4",
+                              start_method="spawn"),
     ]
-    parts = [timed(stage.run)[1] for stage in stages]
+    wall, cpu, parts = time.perf_counter(), cpu_seconds(), []
+    for stage in stages:
+        start = time.perf_counter()
+        stage.run()
+        parts.append(time.perf_counter() - start)
     kept = {json.loads(line)["id"] for p in (work / "out").glob("*.jsonl.gz") for line in gzip.open(p, "rt")}
-    return sum(parts), kept, parts
+    return {"wall": time.perf_counter() - wall, "cpu": cpu_seconds() - cpu, "kept": kept, "stages": parts}
 
 
 def _xxhash64(data: str | bytes) -> int:
@@ -308,6 +334,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=1000, help="documents for the per-stage figures")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "curate_speed")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--stages-only", action="store_true", help="the per-stage table only (minutes, not ~40)")
     args = parser.parse_args()
     _datatrove_offline_and_current()
     corpus, page_of = build_corpus(args.work, args.docs)
@@ -327,8 +354,8 @@ def main() -> None:
         per_stage[name]["agreement"], per_stage[name]["same_text"] = agree[name]
     per_stage["minhash_signature"] = {"docs": n_sig, "ours_docs_s": n_sig / ours_sig,
                                       "datatrove_docs_s": n_sig / dt_sig}
-    print(f"\nPer stage, one core, {len(docs):,} sampled documents (every copy of the first pages)\n")
-    print("| stage | documents | herd curate docs/s | datatrove docs/s | ratio | same decision | same text |")
+    print(f"\nPer stage, documents per CPU-second, {len(docs):,} sampled documents (every copy of the first pages)\n")
+    print("| stage | documents | herd curate | datatrove | ratio | same decision | same text |")
     print("|---|---|---|---|---|---|---|")
     for name, row in per_stage.items():
         dt = row.get("datatrove_docs_s")
@@ -338,36 +365,46 @@ def main() -> None:
         print(f"| {name} | {row['docs']:,} | {row['ours_docs_s']:,.1f} | {f'{dt:,.1f}' if dt else ''} | {ratio} | "
               f"{agreement} | {same} |", flush=True)
 
+    if args.stages_only:
+        if args.json:
+            args.json.write_text(json.dumps({"documents": len(page_of), "per_stage": per_stage}, indent=2))
+        return
     n = len(page_of)
     ends = {}
+
+    def show(label: str, run: dict) -> None:
+        cpu = f", {1000 * run['cpu'] / n:.1f} CPU-ms/doc" if run["cpu"] is not None else ""
+        print(f"{label}: {n / run['wall']:,.1f} docs/s ({run['wall']:.0f} s wall{cpu}; {len(run['kept']):,} kept)"
+              + (f"; its 4 stages {' + '.join(f'{t:.0f}' for t in run['stages'])} s" if "stages" in run else ""),
+              flush=True)
+
     for label, engine, workers in (("local-1", "local", 1), ("local-2", "local", 2), ("ray-2", "ray", 2)):
         ends[label] = run_ours(corpus, args.work / f"ours-{label}", EQUIVALENT, engine, workers)
-        print(f"herd curate {label}: {n / ends[label][0]:,.1f} docs/s ({ends[label][0]:.0f} s, "
-              f"{len(ends[label][1]):,} kept)", flush=True)
+        show(f"herd curate {label}", ends[label])
     ends["datatrove-2"] = run_datatrove(corpus, args.work / "datatrove", 2)
-    stage_seconds = ends["datatrove-2"][2]
-    print(f"datatrove 2 workers: {n / ends['datatrove-2'][0]:,.1f} docs/s ({ends['datatrove-2'][0]:.0f} s: "
-          f"{' + '.join(f'{s:.0f}' for s in stage_seconds)} s in its read-filter-signature, buckets, cluster and "
-          f"filter stages; {len(ends['datatrove-2'][1]):,} kept)", flush=True)
-    full = run_ours(corpus, args.work / "ours-refinedweb-2", "base: refinedweb\n", "local", 2)
-    print(f"herd curate refinedweb recipe, 2 local workers: {n / full[0]:,.1f} docs/s ({full[0]:.0f} s, "
-          f"{len(full[1]):,} kept)", flush=True)
-    ours_kept, dt_kept = ends["local-2"][1], ends["datatrove-2"][1]
+    show("datatrove 2 workers", ends["datatrove-2"])
+    ends["refinedweb-local-2"] = run_ours(corpus, args.work / "ours-refinedweb-2", "base: refinedweb\n", "local", 2)
+    show("herd curate, refinedweb recipe, local-2", ends["refinedweb-local-2"])
+    ours_kept, dt_kept = ends["local-2"]["kept"], ends["datatrove-2"]["kept"]
     agreement = (n - len(ours_kept ^ dt_kept)) / n
+    same = all(ends[k]["kept"] == ours_kept for k in ("local-1", "ray-2"))
+    wall, cpu = {k: v["wall"] for k, v in ends.items()}, {k: v["cpu"] for k, v in ends.items()}
     result = {
         "documents": n, "per_stage": per_stage,
-        "end_to_end_docs_s": {k: n / v[0] for k, v in ends.items()} | {"refinedweb-local-2": n / full[0]},
-        "kept": {k: len(v[1]) for k, v in ends.items()} | {"refinedweb-local-2": len(full[1])},
-        "kept_agreement_with_datatrove": agreement,
-        "ratios": {"local-2 / local-1": ends["local-1"][0] / ends["local-2"][0],
-                   "ray-2 / local-1": ends["local-1"][0] / ends["ray-2"][0],
-                   "local-2 / datatrove-2": ends["datatrove-2"][0] / ends["local-2"][0],
-                   "ray-2 / datatrove-2": ends["datatrove-2"][0] / ends["ray-2"][0]},
-        "datatrove_stage_seconds": stage_seconds,
+        "end_to_end": {k: {"docs_s": n / v["wall"], "wall_s": v["wall"], "cpu_s": v["cpu"], "kept": len(v["kept"])}
+                       for k, v in ends.items()},
+        "datatrove_stage_wall_s": ends["datatrove-2"]["stages"],
+        "kept_agreement_with_datatrove": agreement, "engines_keep_the_same": same,
+        "ratios": {"wall: local-2 / local-1": wall["local-1"] / wall["local-2"],
+                   "wall: ray-2 / local-1": wall["local-1"] / wall["ray-2"],
+                   "wall: local-2 / datatrove-2": wall["datatrove-2"] / wall["local-2"],
+                   "wall: ray-2 / datatrove-2": wall["datatrove-2"] / wall["ray-2"],
+                   "CPU per doc: datatrove-2 / local-2": cpu["datatrove-2"] / cpu["local-2"],
+                   "CPU per doc: local-2 / local-1": cpu["local-2"] / cpu["local-1"]},
         "load_after": os.getloadavg()[0],
     }
     print(f"\nEnd to end, {n:,} documents, equivalent recipe: same kept/removed decision on {agreement:.1%} of "
-          "documents (herd curate local-2 vs datatrove)")
+          f"documents (herd curate local-2 vs datatrove); local-1, local-2 and ray-2 keep the same: {same}")
     for name, ratio in result["ratios"].items():
         print(f"  {name}: {ratio:.2f}x")
     print(f"load after: {result['load_after']:.2f}")
