@@ -43,11 +43,12 @@ def add_curate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def run_curate_command(args: argparse.Namespace) -> None:
     """`herd curate`: resolve the recipe, print its MinHash S-curve, run the pipeline, print the report's path."""
-    from llamaherd.curate.executors import make_executor
+    from llamaherd.curate.executors import check_engine, make_executor
     from llamaherd.curate.minhash import s_curve_table
     from llamaherd.curate.pipeline import run_curate
     from llamaherd.curate.recipe import load_recipe
 
+    check_engine(args.engine, args.workers, args.ray_address)  # before the recipe's stages load
     recipe = load_recipe(args.recipe)
     if args.language:
         recipe = recipe.with_languages(args.language)

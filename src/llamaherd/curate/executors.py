@@ -38,8 +38,7 @@ class LocalExecutor:
     torch); workers=1 still uses one worker process, so both paths run the same code."""
 
     def __init__(self, workers: int = 1):
-        if workers < 1:
-            raise InputError(f"--workers must be >= 1, got {workers}")
+        check_engine("local", workers)
         self.workers = workers
         self._pool = None
 
@@ -72,12 +71,9 @@ class RayExecutor:
     the same paths (a shared filesystem) and have llamaherd installed."""
 
     def __init__(self, workers: int = 1, address: str | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise InputError("--engine ray needs Ray: pip install 'llamaherd[ray]'") from None
-        if workers < 1:
-            raise InputError(f"--workers must be >= 1, got {workers}")
+        check_engine("ray", workers, address)
+        import ray
+
         self.workers = workers
         self._started = not ray.is_initialized()
         if self._started:
@@ -107,12 +103,23 @@ class RayExecutor:
             self._ray.shutdown()
 
 
+def check_engine(engine: str, workers: int, address: str | None = None) -> None:
+    """The engine settings checked before anything is loaded or started: InputError for workers < 1, an unknown
+    engine, an address without Ray, or Ray not installed."""
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine {engine!r}: choose local or ray")
+    if workers < 1:
+        raise InputError(f"--workers must be >= 1, got {workers}")
+    if engine == "local" and address is not None:
+        raise InputError("--ray-address needs --engine ray")
+    if engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise InputError("--engine ray needs Ray: pip install 'llamaherd[ray]'") from None
+
+
 def make_executor(engine: str, workers: int, address: str | None = None) -> Executor:
     """The executor for `--engine local|ray`."""
-    if engine == "local":
-        if address is not None:
-            raise InputError("--ray-address needs --engine ray")
-        return LocalExecutor(workers)
-    if engine == "ray":
-        return RayExecutor(workers, address)
-    raise InputError(f"--engine {engine!r}: choose local or ray")
+    check_engine(engine, workers, address)
+    return LocalExecutor(workers) if engine == "local" else RayExecutor(workers, address)
