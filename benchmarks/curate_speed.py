@@ -378,11 +378,11 @@ def main() -> None:
               + (f"; its 4 stages {' + '.join(f'{t:.0f}' for t in run['stages'])} s" if "stages" in run else ""),
               flush=True)
 
-    for label, engine, workers in (("local-1", "local", 1), ("local-2", "local", 2), ("ray-2", "ray", 2)):
-        ends[label] = run_ours(corpus, args.work / f"ours-{label}", EQUIVALENT, engine, workers)
-        show(f"herd curate {label}", ends[label])
     ends["datatrove-2"] = run_datatrove(corpus, args.work / "datatrove", 2)
     show("datatrove 2 workers", ends["datatrove-2"])
+    for label, engine, workers in (("local-2", "local", 2), ("local-1", "local", 1), ("ray-2", "ray", 2)):
+        ends[label] = run_ours(corpus, args.work / f"ours-{label}", EQUIVALENT, engine, workers)
+        show(f"herd curate {label}", ends[label])
     ends["refinedweb-local-2"] = run_ours(corpus, args.work / "ours-refinedweb-2", "base: refinedweb\n", "local", 2)
     show("herd curate, refinedweb recipe, local-2", ends["refinedweb-local-2"])
     ours_kept, dt_kept = ends["local-2"]["kept"], ends["datatrove-2"]["kept"]
