@@ -72,7 +72,8 @@ class Recipe:
     def export(self, model: GPT, state: dict[str, torch.Tensor], cfg: TrainConfig, loaded: Loaded, out: Path) -> Path:
         """Write the trained model under `out`; return its directory (lineage's child).
 
-        state: the full trained state (method full) or the trainable tensors (LoRA), already put back in `model`.
+        state: the full trained state (method full) or the trainable tensors (LoRA; every tensor for a merged
+        export under FSDP2), already put back in `model`.
         Default: the PEFT adapter (`out/adapter`), or a Hugging Face model with its tokenizer (`out/model`).
         """
         if self.writes_adapter(model, cfg):
