@@ -333,8 +333,8 @@ class PPOTrainer(Trainer):
         started = time.perf_counter()
         record = super().train_step()
         if not math.isfinite(record["loss"]):
-            raise PPOStopped(f"the PPO loss is {record['loss']} at step {self.step}; lower lr, or raise "
-                             "cliprange_value/vf_coef's scale (the last checkpoint is kept)")
+            raise PPOStopped(f"the PPO loss is {record['loss']} at step {self.step}: the update diverged; lower lr "
+                             "(the last checkpoint is kept)")
         record["update_s"] = time.perf_counter() - started
         self.history |= {k: stats[k] for k in ("score", "reward", "kl", "kl_exact") if k in stats}
         return record | stats
@@ -537,7 +537,7 @@ class PPORecipe(Recipe):
         from llamaherd.engine import Engine
         from llamaherd.train.scorers import make_scorer
 
-        scorer = make_scorer(cfg.reward_model, cfg.reward_fn, cfg.rm_chat_format)
+        scorer = make_scorer(cfg.reward_model, cfg.reward_fn, cfg.rm_chat_format, device=info.device)
         objective.to(info.device)  # before the engine sizes its cache on the model's device
         engine = Engine(objective.model, self.tokenizer, max_batch=cfg.generation_batch_size, max_len=cfg.max_seq_len,
                         fuse=cfg.method != "full")

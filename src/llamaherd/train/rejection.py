@@ -108,8 +108,9 @@ def run_rejection_sampling(cfg: RejectionConfig, loaded=None, scorer=None) -> di
     from llamaherd.train.scorers import make_scorer
 
     prompts, stats = load_prompts(cfg.prompts)
-    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device="cuda" if torch.cuda.is_available() else "cpu")
-    scorer = scorer or make_scorer(cfg.reward_model, cfg.reward_fn, cfg.rm_chat_format, cfg.rm_batch_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, device=device)
+    scorer = scorer or make_scorer(cfg.reward_model, cfg.reward_fn, cfg.rm_chat_format, cfg.rm_batch_size, device)
     tok, model = loaded.tokenizer, loaded.model
     format_name = cfg.chat_format or loaded.chat_format
     if format_name is None:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from llamaherd.errors import HerdError, InputError
 
 Messages = list[dict]
@@ -120,12 +122,13 @@ def load_function(spec: str) -> Callable[..., Any]:
 
 
 def make_scorer(reward_model: str | None, reward_fn: str | None, chat_format: str | None = None,
-                batch_size: int = 8):
-    """The scorer for `--rm PATH` or `--reward module:function` (exactly one of them)."""
+                batch_size: int = 8, device: str | torch.device = "cpu"):
+    """The scorer for `--rm PATH` or `--reward module:function` (exactly one of them); a reward model is loaded
+    on `device` (the policy's)."""
     if (reward_model is None) == (reward_fn is None):
         raise InputError("give exactly one of --rm REWARD_MODEL and --reward module:function")
     if reward_fn is not None:
         return FunctionScorer(reward_fn)
     from llamaherd.train.reward import load_reward_model
 
-    return RewardModelScorer(load_reward_model(reward_model), chat_format, batch_size)
+    return RewardModelScorer(load_reward_model(reward_model, device=str(device)), chat_format, batch_size)
