@@ -39,7 +39,7 @@ class LocalTeacher:
         identity = model_identity(loaded.source)
         self.identity: dict[str, Any] = {"kind": "local", "name": identity["name"], "path": identity["path"],
                                          "fingerprint": identity["fingerprint"], "chat_format": name}
-        self.teacher_id = f"local:{identity['name']}#{identity['fingerprint'][:16]}"
+        self.teacher_id = f"local:{identity['name']}#{identity['fingerprint'].split(':')[-1][:12]}"
 
     def encode(self, request: TeacherRequest) -> tuple[list[int], SamplingParams]:
         """The prompt ids and engine settings of a request; InputError when it cannot run on this model."""
