@@ -227,6 +227,19 @@ def test_kl_explosion_stops_with_the_checkpoint_kept(inputs, tmp_path):
     assert (tmp_path / "checkpoints" / "step-00000004").is_dir()
 
 
+def test_a_negative_mean_kl_is_reported_and_a_collapsed_policy_stops(inputs, tmp_path, capsys):
+    trainer = build(config(inputs, tmp_path))
+    stats = {"kl": -0.4, "kl_k3": 0.01, "kl_exact": 0.02}
+    trainer._check(stats, [[5, 9, 2], [6, 2]], 3)
+    warning = capsys.readouterr().err
+    assert "mean KL estimate (k1) is negative at step 1 (rollout 3): -0.4 nats per response" in warning
+    assert "k3 0.01, exact 0.02" in warning
+    with pytest.raises(PPOStopped, match="collapsed at step 1 .*every response repeats one token"):
+        trainer._check({"kl": 0.1, "kl_exact": 0.1}, [[9, 9, 9], [9, 9, 2]], 0)
+    with pytest.raises(PPOStopped, match="collapsed .*all 2 responses of the rollout are the same"):
+        trainer._check({"kl": 0.1, "kl_exact": 0.1}, [[9, 8], [9, 8]], 0)
+
+
 def build_and_fit(cfg: TrainConfig):
     from llamaherd.train.ppo import run_ppo
 
