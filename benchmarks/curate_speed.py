@@ -270,7 +270,10 @@ def run_ours(corpus: Path, out: Path, recipe_text: str, engine: str, workers: in
 
 def run_datatrove(corpus: Path, work: Path, workers: int) -> dict:
     """datatrove's equivalent pipeline: WARC reader, URL filter, Trafilatura, Gopher filters, MinHash 450 x 20:
-    wall and CPU seconds (its spawned pool workers included), kept ids, wall seconds of its four executor stages."""
+    wall and CPU seconds (its spawned pool workers included), kept ids, wall seconds of its four executor stages.
+
+    One task per worker (each reads SHARDS / workers files): a datatrove task loads its blocklist, word lists and
+    tokenizer anew, which herd curate's long-lived workers do once, so more tasks would only add that cost."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                                   MinhashDedupFilter, MinhashDedupSignature)
@@ -287,14 +290,14 @@ def run_datatrove(corpus: Path, work: Path, workers: int) -> dict:
                                Trafilatura(favour_precision=True, deduplicate=False, timeout=10),
                                GopherRepetitionFilter(), GopherQualityFilter(), JsonlWriter(f"{w}/filtered"),
                                MinhashDedupSignature(output_folder=f"{w}/sigs", config=cfg)],
-                              tasks=SHARDS, workers=workers, logging_dir=f"{w}/logs/1", start_method="spawn"),
+                              tasks=workers, workers=workers, logging_dir=f"{w}/logs/1", start_method="spawn"),
         LocalPipelineExecutor([MinhashDedupBuckets(f"{w}/sigs", f"{w}/buckets", config=cfg)],
                               tasks=cfg.num_buckets, workers=workers, logging_dir=f"{w}/logs/2",
                               start_method="spawn"),
         LocalPipelineExecutor([MinhashDedupCluster(f"{w}/buckets", f"{w}/remove", config=cfg)],
                               tasks=1, workers=1, logging_dir=f"{w}/logs/3", start_method="spawn"),
         LocalPipelineExecutor([JsonlReader(f"{w}/filtered"), MinhashDedupFilter(f"{w}/remove"),
-                               JsonlWriter(f"{w}/out")], tasks=SHARDS, workers=workers, logging_dir=f"{w}/logs/4",
+                               JsonlWriter(f"{w}/out")], tasks=workers, workers=workers, logging_dir=f"{w}/logs/4",
                               start_method="spawn"),
     ]
     wall, cpu, parts = time.perf_counter(), cpu_seconds(), []
@@ -335,35 +338,39 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "curate_speed")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--stages-only", action="store_true", help="the per-stage table only (minutes, not ~40)")
+    parser.add_argument("--end-to-end-only", action="store_true", help="skip the per-stage table")
     args = parser.parse_args()
     _datatrove_offline_and_current()
     corpus, page_of = build_corpus(args.work, args.docs)
     print(f"corpus: {len(page_of):,} documents ({len(set(page_of.values()))} distinct pages) in {SHARDS} WARC.gz "
           f"shards; load before: {os.getloadavg()[0]:.2f}", flush=True)
 
-    docs, read_rate = sample_documents(corpus, page_of, args.sample)
-    stage_rows, texts, decisions = our_stages(docs)
-    dedup_rows = our_dedup({i: texts[i] for i in decisions["line_corrections"] if texts.get(i)})
-    dt_rows, agree = datatrove_blocks(docs, texts, decisions)
-    (n_sig, ours_sig), (_, dt_sig) = minhash_signatures({i: t for i, t in texts.items() if t})
-    per_stage = {"read": {"docs": len(page_of), "ours_docs_s": read_rate}}
-    for name, (n, seconds) in {**stage_rows, **dedup_rows}.items():
-        per_stage[name] = {"docs": n, "ours_docs_s": n / seconds if seconds else None}
-    for name, (n, seconds) in dt_rows.items():
-        per_stage[name]["datatrove_docs_s"] = n / seconds
-        per_stage[name]["agreement"], per_stage[name]["same_text"] = agree[name]
-    per_stage["minhash_signature"] = {"docs": n_sig, "ours_docs_s": n_sig / ours_sig,
-                                      "datatrove_docs_s": n_sig / dt_sig}
-    print(f"\nPer stage, documents per CPU-second, {len(docs):,} sampled documents (every copy of the first pages)\n")
-    print("| stage | documents | herd curate | datatrove | ratio | same decision | same text |")
-    print("|---|---|---|---|---|---|---|")
-    for name, row in per_stage.items():
-        dt = row.get("datatrove_docs_s")
-        ratio = f"{row['ours_docs_s'] / dt:.2f}x" if dt else ""
-        agreement = f"{row['agreement']:.1%}" if row.get("agreement") is not None else ""
-        same = f"{row['same_text']:.1%}" if row.get("same_text") is not None else ""
-        print(f"| {name} | {row['docs']:,} | {row['ours_docs_s']:,.1f} | {f'{dt:,.1f}' if dt else ''} | {ratio} | "
-              f"{agreement} | {same} |", flush=True)
+    per_stage: dict = {}
+    if not args.end_to_end_only:
+        docs, read_rate = sample_documents(corpus, page_of, args.sample)
+        stage_rows, texts, decisions = our_stages(docs)
+        dedup_rows = our_dedup({i: texts[i] for i in decisions["line_corrections"] if texts.get(i)})
+        dt_rows, agree = datatrove_blocks(docs, texts, decisions)
+        (n_sig, ours_sig), (_, dt_sig) = minhash_signatures({i: t for i, t in texts.items() if t})
+        per_stage = {"read": {"docs": len(page_of), "ours_docs_s": read_rate}}
+        for name, (n, seconds) in {**stage_rows, **dedup_rows}.items():
+            per_stage[name] = {"docs": n, "ours_docs_s": n / seconds if seconds else None}
+        for name, (n, seconds) in dt_rows.items():
+            per_stage[name]["datatrove_docs_s"] = n / seconds
+            per_stage[name]["agreement"], per_stage[name]["same_text"] = agree[name]
+        per_stage["minhash_signature"] = {"docs": n_sig, "ours_docs_s": n_sig / ours_sig,
+                                          "datatrove_docs_s": n_sig / dt_sig}
+        print(f"\nPer stage, documents per CPU-second, {len(docs):,} sampled documents (every copy of the first "
+              "pages)\n")
+        print("| stage | documents | herd curate | datatrove | ratio | same decision | same text |")
+        print("|---|---|---|---|---|---|---|")
+        for name, row in per_stage.items():
+            dt = row.get("datatrove_docs_s")
+            ratio = f"{row['ours_docs_s'] / dt:.2f}x" if dt else ""
+            agreement = f"{row['agreement']:.1%}" if row.get("agreement") is not None else ""
+            same = f"{row['same_text']:.1%}" if row.get("same_text") is not None else ""
+            print(f"| {name} | {row['docs']:,} | {row['ours_docs_s']:,.1f} | {f'{dt:,.1f}' if dt else ''} | {ratio} | "
+                  f"{agreement} | {same} |", flush=True)
 
     if args.stages_only:
         if args.json:
