@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT.parent / "shared" / "benchmarks" / "web"
 EDITS = (0.0, 0.01, 0.03, 0.05, 0.10, 0.20, 0.30)  # share of words replaced in a copy, in turn
 SHARDS = 16
+EXTRACT_TIMEOUT = 300  # datatrove's per-page limit (s): generous, so a busy machine does not turn slow pages into drops
 EQUIVALENT = """base: refinedweb
 stages: {language: false, line_corrections: false}
 dedup: {exact: false, substring: false}
@@ -199,7 +200,7 @@ def datatrove_blocks(docs, texts, decisions):
     from llamaherd.curate.extract import clean_text
 
     rows, agree = {}, {}
-    extractor = Trafilatura(favour_precision=True, deduplicate=False, timeout=10)
+    extractor = Trafilatura(favour_precision=True, deduplicate=False, timeout=EXTRACT_TIMEOUT)
     inputs = [DTDocument(text=d.html, id=d.id, metadata={"url": d.url}) for d in docs if d.html is not None]
     start = cpu_seconds()
     out = {d.id: d.text for d in extractor.run(iter(inputs))}
@@ -287,7 +288,7 @@ def run_datatrove(corpus: Path, work: Path, workers: int) -> dict:
     w = str(work)
     stages = [
         LocalPipelineExecutor([WarcReader(str(corpus), glob_pattern="*.warc.gz"), URLFilter(),
-                               Trafilatura(favour_precision=True, deduplicate=False, timeout=10),
+                               Trafilatura(favour_precision=True, deduplicate=False, timeout=EXTRACT_TIMEOUT),
                                GopherRepetitionFilter(), GopherQualityFilter(), JsonlWriter(f"{w}/filtered"),
                                MinhashDedupSignature(output_folder=f"{w}/sigs", config=cfg)],
                               tasks=workers, workers=workers, logging_dir=f"{w}/logs/1", start_method="spawn"),
