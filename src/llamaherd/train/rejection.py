@@ -124,8 +124,11 @@ def run_rejection_sampling(cfg: RejectionConfig, loaded=None, scorer=None) -> di
     _check_run_file(out, cfg.pinned([file_sha256(p) for p in cfg.prompts], policy, scorer.identity))
 
     journal = Journal(out / JOURNAL_FILE)
+    encoded = [fmt.encode(p.messages, tok) for p in prompts]
     todo = [(i, p) for i, p in enumerate(prompts) if p.id not in journal.entries]
-    max_len = min(model.config.block_size, DEFAULT_MAX_LEN)
+    limit = min(model.config.block_size, DEFAULT_MAX_LEN)
+    # KV rows as long as the longest prompt that fits needs (the cache is max_batch x max_len positions)
+    max_len = min(limit, max(len(ids) for ids in encoded) + cfg.max_new_tokens)
     engine = Engine(model.eval(), tok, max_batch=cfg.max_batch, max_len=max_len)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             stop_strings=list(fmt.stop_strings), skip_special_tokens=True)
@@ -138,7 +141,7 @@ def run_rejection_sampling(cfg: RejectionConfig, loaded=None, scorer=None) -> di
         while True:
             while len(running) < window and (nxt := next(queue, None)) is not None:
                 index, prompt = nxt
-                ids = fmt.encode(prompt.messages, tok)
+                ids = encoded[index]
                 if len(ids) + cfg.max_new_tokens > max_len:
                     journal.append(prompt.id, Outcome("dropped", f"prompt of {len(ids)} tokens + max_new_tokens > "
                                                                  f"{max_len}"))
