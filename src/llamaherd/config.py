@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Literal
 
 from llamaherd.errors import InputError
 
+DEFAULT_MAX_LEN = 2048  # KV positions per engine row (serving, batch generation) unless the model's context is shorter
+
 
 @dataclass(frozen=True)
 class RopeScaling:

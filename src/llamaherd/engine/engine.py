@@ -41,9 +41,6 @@ class _Sequence:
         return not self.matched or self.computed < len(self.request.prompt_ids) - 1
 
 
-DEFAULT_MAX_LEN = 2048  # KV positions per row for servers and batch users unless the model's context is shorter
-
-
 class Engine:
     """Serves many requests at once on one model; see the module docstring for what a step does.
 

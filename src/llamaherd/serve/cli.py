@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from llamaherd.engine.engine import DEFAULT_MAX_LEN
+from llamaherd.config import DEFAULT_MAX_LEN
 from llamaherd.errors import InputError
 from llamaherd.terminal import printable
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from llamaherd.chat import get_chat_format
 from llamaherd.engine import Engine, SamplingParams
-from llamaherd.engine.engine import DEFAULT_MAX_LEN
+from llamaherd.config import DEFAULT_MAX_LEN
 from llamaherd.errors import InputError
 from llamaherd.synth.teacher import TeacherReply, TeacherRequest
 
