@@ -81,3 +81,11 @@ def test_bad_sampling_flags_fail_first_naming_the_flag(capsys, tmp_path, flags, 
     assert main(["generate", str(tmp_path / "no-model"), "--prompt", "echoed?", *flags]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.strip() == message
+
+
+def test_help_does_not_import_torch():
+    """Building every sub-command's parser (what `herd --help` does) stays torch-free: torch takes seconds to load."""
+    code = ("import sys, llamaherd.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

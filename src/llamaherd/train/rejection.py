@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from llamaherd.errors import InputError
@@ -97,6 +96,8 @@ def run_rejection_sampling(cfg: RejectionConfig, loaded=None, scorer=None) -> di
     loaded / scorer: an already loaded policy (`load.load_model`) and scorer (`train.scorers`), for tests and
     benchmarks; by default they come from cfg. Returns the manifest.
     """
+    import torch
+
     from llamaherd.chat import get_chat_format
     from llamaherd.data.prompts import load_prompts
     from llamaherd.engine import Engine, SamplingParams
