@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 import xxhash
 
 from llamaherd.curate.document import Document
+from llamaherd.files import atomic_write
 from llamaherd.curate.minhash import REFINEDWEB, MinHashParams, band_hashes, normalize_text, signature
 
 Method = Literal["exact", "fuzzy"]
@@ -262,24 +262,13 @@ def _map_settings(root: Path, n_shards: int) -> dict:
     return settings
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj: object) -> None:
     """`obj` as compact JSON with sorted keys, written atomically."""
-    atomic_write_bytes(path, json.dumps(obj, ensure_ascii=False, sort_keys=True).encode())
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, sort_keys=True).encode())
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
     """`array` in NumPy's .npy format (no pickles), written atomically."""
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())

@@ -24,13 +24,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llamaherd.curate.dedup import atomic_write_bytes, write_json
+from llamaherd.curate.dedup import write_json
 from llamaherd.curate.document import Document
 from llamaherd.curate.executors import Executor
 from llamaherd.curate.read import Shard, plan_shards, read_shard
 from llamaherd.curate.recipe import Recipe
 from llamaherd.curate.report import StageCount, build_report, count_words, pick_examples, snippet, write_report
 from llamaherd.errors import InputError
+from llamaherd.files import atomic_write
 
 EXAMPLES_PER_REASON = 2  # kept per shard, stage and reason; the report picks a few of all shards'
 MAX_BUCKETS = 4096
@@ -38,7 +39,7 @@ DEDUP_STAGES = {"exact": "exact_dedup", "fuzzy": "fuzzy_dedup", "substring": "su
 
 
 def _mark(path: Path) -> None:
-    atomic_write_bytes(path, b"")
+    atomic_write(path, b"")
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def filter_shard(task: Task) -> None:
         else:
             lines.append(_record(doc, metadata=True))
     survivors, stats, done = _paths(task.work, shard)
-    atomic_write_bytes(survivors, b"".join(lines))
+    atomic_write(survivors, b"".join(lines))
     write_json(stats, {"read": read, "bad": dict(bad), "stages": tally.to_dict()})
     _mark(done)
 
@@ -269,7 +270,7 @@ def write_shard(task: Task) -> None:
     else:
         docs = _deduplicated(task, recipe, docs, tally=tally)
     out = Path(task.out) / "data" / f"{task.shard.name}.jsonl"
-    atomic_write_bytes(out, b"".join(_record(doc, task.keep_metadata) for doc in docs))
+    atomic_write(out, b"".join(_record(doc, task.keep_metadata) for doc in docs))
     write_json(Path(task.work) / "write" / f"{task.shard.name}.stats.json", {"stages": tally.to_dict()})
     _mark(Path(task.work) / "write" / f"{task.shard.name}.done")
 

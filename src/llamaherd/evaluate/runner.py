@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from llamaherd.errors import InputError
+from llamaherd.files import atomic_write
 from llamaherd.evaluate.engine import Encoded, LoglikelihoodEngine
 from llamaherd.evaluate.metrics import (
     LEADERBOARD_METRICS,
@@ -134,7 +135,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any]:
     results = _results(opts, protocol, loaded, identity, runs, done, engine.max_length)
     timings["total_s"] = time.perf_counter() - start
     results["timings"] = {**timings, "resumed_docs": n_resumed}
-    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -155,7 +156,7 @@ def _claim_output(out: Path, run: dict[str, Any]) -> None:
                 "use another --output directory, or delete this one to start over"
             )
         run = previous | {"tasks": previous.get("tasks", {}) | run["tasks"]}
-    _write_atomic(path, json.dumps(run, indent=2) + "\n")
+    atomic_write(path, json.dumps(run, indent=2) + "\n")
 
 
 def _prompt_hash(doc: Doc) -> str:
@@ -344,7 +345,3 @@ def _metric_dict(scores: dict[str, Score]) -> dict[str, float | None]:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

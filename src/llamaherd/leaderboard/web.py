@@ -11,9 +11,7 @@ import base64
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from llamaherd.files import atomic_write
 from llamaherd.leaderboard.ranking import board_data
 from llamaherd.leaderboard.reference import load_reference
 from llamaherd.leaderboard.registry import LeaderboardError, Registry, opened
@@ -82,16 +81,7 @@ def export_html(db: Registry | str | Path | None, out: str | Path) -> Path:
     with opened(db) as reg:
         load_reference(reg)
         page = render_page(board_data(reg))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out, page)
 
 
 def _is_traversal(path: str) -> bool:

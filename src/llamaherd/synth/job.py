@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from llamaherd.errors import InputError
+from llamaherd.files import atomic_write
 from llamaherd.synth import templates
 from llamaherd.synth.runner import (CACHE_FILE, DATA_FILE, JOURNAL_FILE, MANIFEST_FILE, Asker, Item, Journal,
-                                    OutputFilters, atomic_write, run_items, write_data)
+                                    OutputFilters, run_items, write_data)
 from llamaherd.synth.sampling import Sampling
 from llamaherd.synth.seeds import Seed, read_seeds
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from llamaherd.files import atomic_write
 from llamaherd.synth.cache import RequestCache
 from llamaherd.synth.teacher import Teacher, TeacherReply, TeacherRequest
 
@@ -285,11 +286,3 @@ def write_data(out_dir: Path, items: list[Item], journal: Journal, filters: Outp
             "dropped": dict(sorted(dropped.items())), "failed": dict(sorted(failed.items()))}
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write text to path through a temporary file and a rename (never a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

@@ -100,11 +100,12 @@ def run_rejection_sampling(cfg: RejectionConfig, loaded=None, scorer=None) -> di
 
     from llamaherd.chat import get_chat_format
     from llamaherd.data.prompts import load_prompts
+    from llamaherd.files import atomic_write
     from llamaherd.engine import Engine, SamplingParams
     from llamaherd.config import DEFAULT_MAX_LEN
     from llamaherd.load import load_model
     from llamaherd.synth.job import _check_run_file
-    from llamaherd.synth.runner import DATA_FILE, JOURNAL_FILE, MANIFEST_FILE, Journal, Outcome, atomic_write
+    from llamaherd.synth.runner import DATA_FILE, JOURNAL_FILE, MANIFEST_FILE, Journal, Outcome
     from llamaherd.train.lineage import file_sha256, model_identity
     from llamaherd.train.scorers import make_scorer
 
