@@ -51,6 +51,29 @@ def test_matvec_equals_a_float64_product(rows, weight_dtype):
 
 
 @needs_compiler
+@pytest.mark.parametrize("rows", [5, 16])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_matvec_of_a_batch_is_each_row_alone_bit_for_bit(rows, weight_dtype):
+    """Several sequences go through the register tiles (4 inputs x 4 weight rows; K % 16 == 0), the rest one at a
+    time: every row's result must be exactly what it gets alone (a sequence's tokens may not depend on its batch)
+    and equal the float64 product."""
+    torch.manual_seed(1)
+    n, k = 37, 96
+    x = torch.randn(rows, 1, k)
+    if weight_dtype is torch.int8:
+        w, scale = int8_rows(n, k)
+        dense = w.double() * scale.double()[:, None]
+    else:
+        w, scale = torch.randn(n, k).to(weight_dtype), None
+        dense = w.double()
+    with torch.no_grad():
+        batch = kernels.decode_linear(x, w, None, scale)
+        alone = torch.cat([kernels.decode_linear(x[i:i + 1], w, None, scale) for i in range(rows)])
+    assert torch.equal(batch, alone)
+    assert (batch.double() - x.double() @ dense.T).abs().max() <= 1e-4
+
+
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_equals_transformers(dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
