@@ -5,7 +5,9 @@
 # Data, read in place: ../shared/benchmarks/instructions/alpaca_en_demo.json (SFT) and
 # ../shared/benchmarks/preferences/hh-rlhf_harmless-base_test.jsonl.gz (reward model pairs, and the prompts of
 # rejection sampling and PPO). The steps are few: this shows the loop and its bookkeeping, not a better model.
-# Environment: OUT (default out/llama2_chat), DB (the leaderboard, default $OUT/leaderboard.sqlite), HERD, PY.
+# Killed? Rerun it: every stage resumes (--resume; rejection sampling from its journal), finished ones are
+# only re-exported. Environment: OUT (default out/llama2_chat), DB (the leaderboard, default
+# $OUT/leaderboard.sqlite), HERD, PY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared/benchmarks}
@@ -38,13 +40,13 @@ PY
 stage "1. SFT: LoRA on Alpaca-style instructions"
 "$HERD" finetune smollm2-135m-instruct --data "$SHARED/instructions/alpaca_en_demo.json" --method lora \
     --lora-dropout 0 --max-steps 8 --batch-size 4 --micro-batch-size 4 --max-seq-len 160 --lr 3e-4 \
-    --eval-every 4 --eval-max-batches 2 --save-every 4 --out-dir "$OUT/smollm2-sft" --no-progress
+    --eval-every 4 --eval-max-batches 2 --save-every 4 --out-dir "$OUT/smollm2-sft" --no-progress --resume
 
 stage "2. Reward model on HH-RLHF harmless-base pairs, from the SFT model"
 "$HERD" reward "$OUT/smollm2-sft/adapter" --data "$SHARED/preferences/hh-rlhf_harmless-base_test.jsonl.gz" \
     --method lora --lora-targets q k v o --max-steps 10 --batch-size 4 --micro-batch-size 4 --max-seq-len 128 \
     --lr 5e-4 --val-fraction 0.05 --eval-every 5 --eval-max-batches 4 --save-every 5 --skip-empty \
-    --out-dir "$OUT/smollm2-rm" --no-progress
+    --out-dir "$OUT/smollm2-rm" --no-progress --resume
 
 stage "3a. Rejection sampling: best of 4 samples per prompt by the reward model"
 "$HERD" rejection-sample "$OUT/smollm2-sft/adapter" --rm "$OUT/smollm2-rm/model" --prompts "$OUT/prompts.jsonl" \
@@ -53,13 +55,13 @@ stage "3a. Rejection sampling: best of 4 samples per prompt by the reward model"
 stage "3b. Fine-tuning on the kept samples (lineage method: rejection-sampling)"
 "$HERD" finetune "$OUT/smollm2-sft/adapter" --data "$OUT/rejection-samples/data.jsonl" --method lora \
     --lora-dropout 0 --max-steps 4 --batch-size 4 --micro-batch-size 4 --max-seq-len 160 --lr 2e-4 \
-    --val-fraction 0 --save-every 4 --out-dir "$OUT/smollm2-rs" --no-progress
+    --val-fraction 0 --save-every 4 --out-dir "$OUT/smollm2-rs" --no-progress --resume
 
 stage "4. PPO against the reward model (lineage method: rlhf)"
 "$HERD" ppo "$OUT/smollm2-rs/adapter" --rm "$OUT/smollm2-rm/model" --prompts "$OUT/prompts.jsonl" --method lora \
     --rollout-batch-size 8 --batch-size 4 --micro-batch-size 4 --ppo-epochs 2 --max-new-tokens 24 \
     --max-seq-len 160 --kl-coef 0.05 --target-kl 6 --kl-horizon 1000 --lr 2e-4 --schedule constant \
-    --max-steps 16 --save-every 4 --out-dir "$OUT/smollm2-rlhf" --no-progress
+    --max-steps 16 --save-every 4 --out-dir "$OUT/smollm2-rlhf" --no-progress --resume
 
 stage "5. The family tree in the leaderboard"
 for run in smollm2-sft smollm2-rm smollm2-rs smollm2-rlhf; do

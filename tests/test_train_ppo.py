@@ -258,7 +258,7 @@ def test_a_failing_reward_function_is_one_line_and_keeps_the_checkpoint(inputs, 
     assert main(ppo_args(inputs, tmp_path / "run", fn=fn, max_steps=8, save_every=4)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
-    assert "last checkpoint is kept" in err
+    assert "finished work is kept" in err
     assert (tmp_path / "run" / "checkpoints" / "step-00000004").is_dir()
 
 
@@ -271,6 +271,18 @@ def test_bad_settings_are_one_line_errors(inputs, tmp_path):
         build(config(inputs, tmp_path, reward_fn=None))
     with pytest.raises(InputError, match="has no function 'nope'"):
         build(config(inputs, tmp_path, fn="nope"))
+    with pytest.raises(InputError, match="'kl_horizon' = 0: must be >= 1"):
+        config(inputs, tmp_path, target_kl=1.0, kl_horizon=0)
+    with pytest.raises(InputError, match="'gamma' = 1.5: gamma and lam must be in"):
+        config(inputs, tmp_path, gamma=1.5)
+    with pytest.raises(InputError, match="'max_seq_len' = 100000: longer than the policy's context"):
+        build(config(inputs, tmp_path, max_seq_len=100_000))
+
+
+def test_every_rollout_is_logged_whatever_log_every(inputs, tmp_path):
+    """A rollout's score and KL ride on its first update step: that step is logged even between log_every steps."""
+    run_in_process(ppo_args(inputs, tmp_path, max_steps=8, log_every=5, save_every=8))
+    assert [(r["step"], "kl" in r) for r in records(tmp_path)] == [(1, True), (5, True), (8, False)]
 
 
 # ---- exact resume -----------------------------------------------------------------------------------------------

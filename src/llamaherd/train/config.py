@@ -28,7 +28,7 @@ class TrainConfig:
     """Every knob of a training run; saved as `run_config.yaml` beside its checkpoints."""
 
     # what to train
-    task: str = "sft"  # sft | reward | dpo: set by the command, so a run resumes only as what it was
+    task: str = "sft"  # sft | reward | dpo | ppo: set by the command, so a run resumes only as what it was
     model: str | None = None  # preset/alias, local checkpoint or hub id (None: embedded SmolLM2)
     data: list[str] = field(default_factory=list)
     val_data: list[str] = field(default_factory=list)  # empty: split `val_fraction` off `data`
@@ -154,6 +154,13 @@ class TrainConfig:
              "ppo_epochs, max_new_tokens and generation_batch_size must be >= 1"),
             (self.temperature > 0, "temperature", "must be > 0 (PPO samples from the policy)"),
             (self.target_kl is None or self.target_kl > 0, "target_kl", "must be > 0"),
+            (self.kl_horizon >= 1, "kl_horizon", "must be >= 1 (responses)"),
+            (self.kl_coef >= 0, "kl_coef", "must be >= 0"),
+            (self.cliprange > 0 and self.cliprange_value > 0, "cliprange", "cliprange and cliprange_value must be > 0"),
+            (self.vf_coef >= 0, "vf_coef", "must be >= 0"),
+            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma and lam must be in [0, 1]"),
+            (self.missing_eos_penalty is None or self.missing_eos_penalty >= 0, "missing_eos_penalty",
+             "must be >= 0 (it is subtracted from the score)"),
             (self.task != "ppo" or self.method == "full" or self.lora_dropout == 0, "lora_dropout",
              "must be 0 for PPO: the update's ratio compares the policy with itself at sampling time, and dropout "
              "would make them differ"),

@@ -326,6 +326,10 @@ class Trainer:
         return changed
 
     # ---- the loop -------------------------------------------------------------------------------
+    def should_log(self, record: dict[str, float]) -> bool:
+        """Whether this step's record goes to metrics.jsonl: every `log_every` steps and the last one."""
+        return self.step % self.cfg.log_every == 0 or self.step == self.total_steps
+
     def fit(self) -> dict[str, float]:
         """Train to `total_steps` (resuming if asked); return the final metrics."""
         cfg, main = self.cfg, self.info.is_main
@@ -354,7 +358,7 @@ class Trainer:
             self.tokens_seen += record["tokens"]
             tok_last += record["tokens"]
             self.history["train_loss"] = record["loss"]
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            if self.should_log(record):
                 now = time.perf_counter()
                 record["tokens_per_s"] = tok_last / max(now - t_last, 1e-9)
                 t_last, tok_last = now, 0

@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 
 LOGPROB_TOLERANCE = 1e-3  # nats: engine vs training log-probabilities of a sampled token, fp32 without autocast
 STATE_FILE = "ppo_state.json"
+RESTART = "the checkpoints are kept; settings cannot change on --resume: start a new out_dir"
 
 
 class PPOStopped(HerdError):
@@ -327,6 +328,10 @@ class PPOTrainer(Trainer):
         self.buffer = [Rollout(**r) for r in state["buffer"]]
 
     # ---- steps -------------------------------------------------------------------------------------------------
+    def should_log(self, record: dict[str, float]) -> bool:
+        """Also every step that made a rollout: its score, KL and lengths are logged on that step only."""
+        return "score" in record or super().should_log(record)
+
     def train_step(self) -> dict[str, float]:
         iteration = self.step // self.updates
         stats = self.rollout(iteration) if iteration != self.buffer_iteration else {}
@@ -334,7 +339,7 @@ class PPOTrainer(Trainer):
         record = super().train_step()
         if not math.isfinite(record["loss"]):
             raise PPOStopped(f"the PPO loss is {record['loss']} at step {self.step}: the update diverged; lower lr "
-                             "(the last checkpoint is kept)")
+                             f"({RESTART})")
         record["update_s"] = time.perf_counter() - started
         self.history |= {k: stats[k] for k in ("score", "reward", "kl", "kl_exact") if k in stats}
         return record | stats
@@ -442,11 +447,12 @@ class PPOTrainer(Trainer):
         if self.cfg.max_kl is not None and not stats["kl_exact"] <= self.cfg.max_kl:
             raise PPOStopped(f"KL to the reference is {stats['kl_exact']:.3g} nats per response {where}, above "
                              f"max_kl={self.cfg.max_kl:g}: the policy is running away from the reference (reward "
-                             "hacking?); lower lr, raise kl_coef or set target_kl (the last checkpoint is kept)")
+                             "hacking?); lower lr, raise kl_coef or set target_kl "
+                             f"({RESTART})")
         reason = collapse(responses, getattr(self.engine.tokenizer, "stop_ids", set()))
-        if reason is not None and self.cfg.temperature > 0:
+        if reason is not None:
             raise PPOStopped(f"the policy collapsed {where}: {reason}; lower lr or raise kl_coef "
-                             "(the last checkpoint is kept)")
+                             f"({RESTART})")
         if stats["kl"] < 0 and self.info.is_main:
             print(f"warning: the mean KL estimate (k1) is negative {where}: {stats['kl']:.4g} nats per response "
                   f"(k3 {stats['kl_k3']:.4g}, exact {stats['kl_exact']:.4g}); k1 is negative on single tokens, "
@@ -537,6 +543,10 @@ class PPORecipe(Recipe):
         from llamaherd.engine import Engine
         from llamaherd.train.scorers import make_scorer
 
+        context = objective.model.config.block_size
+        if cfg.max_seq_len > context:
+            raise InputError(f"config field 'max_seq_len' = {cfg.max_seq_len}: longer than the policy's context "
+                             f"({context} tokens); set max_seq_len <= {context}")
         scorer = make_scorer(cfg.reward_model, cfg.reward_fn, cfg.rm_chat_format, device=info.device)
         objective.to(info.device)  # before the engine sizes its cache on the model's device
         engine = Engine(objective.model, self.tokenizer, max_batch=cfg.generation_batch_size, max_len=cfg.max_seq_len,

@@ -65,7 +65,8 @@ class RejectionConfig:
             (self.temperature > 0, "temperature", "must be > 0 (greedy decoding gives k identical samples)"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
-            (self.max_batch >= 1 and self.rm_batch_size >= 1, "max_batch", "must be >= 1"),
+            (self.max_batch >= 1, "max_batch", "must be >= 1"),
+            (self.rm_batch_size >= 1, "rm_batch_size", "must be >= 1"),
             ((self.reward_model is None) != (self.reward_fn is None), "reward_model",
              "give exactly one of --rm REWARD_MODEL and --reward module:function"),
         ]

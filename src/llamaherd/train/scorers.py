@@ -26,6 +26,8 @@ from llamaherd.errors import HerdError, InputError
 
 Messages = list[dict]
 
+RERUN = "finished work is kept: rerun (herd ppo with --resume) to continue"
+
 
 class RewardError(HerdError):
     """A reward function (or model) gave no usable reward; the run stops, its checkpoints stay."""
@@ -49,8 +51,8 @@ class FunctionScorer:
             values = self.fn(prompts=list(prompts), completions=list(responses),
                              completion_ids=[list(ids) for ids in response_ids])
         except Exception as e:  # the user's code: any failure is reported as its own, in one line
-            raise RewardError(f"--reward {self.spec} raised {type(e).__name__}: {e}; fix the function and rerun "
-                              "with --resume (the last checkpoint is kept)") from None
+            raise RewardError(f"--reward {self.spec} raised {type(e).__name__}: {e}; fix the function; "
+                              f"{RERUN}") from None
         return checked_rewards(values, len(responses), f"--reward {self.spec}")
 
 
@@ -89,8 +91,8 @@ def checked_rewards(values: Any, n: int, who: str) -> list[float]:
         raise RewardError(f"{who} returned {len(out)} rewards for {n} completions; return one per completion")
     bad = next((i for i, v in enumerate(out) if not math.isfinite(v)), None)
     if bad is not None:
-        raise RewardError(f"{who} returned {out[bad]} for completion {bad} of {n}; rewards must be finite numbers "
-                          "(the last checkpoint is kept)")
+        raise RewardError(f"{who} returned {out[bad]} for completion {bad} of {n}; rewards must be finite numbers; "
+                          f"{RERUN}")
     return out
 
 
