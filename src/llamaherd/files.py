@@ -24,3 +24,16 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def complete_lines(path: str | Path) -> list[bytes]:
+    """The whole lines of an append-only JSONL file (without their newlines); a last line that a kill left
+    without its newline is cut off the file (truncated and fsync'd), so the next append starts on a fresh line."""
+    path = Path(path)
+    data = path.read_bytes()
+    good = data.rfind(b"\n") + 1
+    if good < len(data):
+        with path.open("r+b") as f:
+            f.truncate(good)
+            os.fsync(f.fileno())
+    return data[:good].splitlines()

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from llamaherd.errors import InputError
-from llamaherd.files import atomic_write
+from llamaherd.files import atomic_write, complete_lines
 from llamaherd.evaluate.engine import Encoded, LoglikelihoodEngine
 from llamaherd.evaluate.metrics import (
     LEADERBOARD_METRICS,
@@ -179,12 +179,7 @@ def _load_samples(out: Path, runs: list[TaskRun]) -> Done:
     for path in {_samples_path(out, r.group) for r in runs}:
         if not path.exists():
             continue
-        data = path.read_bytes()
-        good = data.rfind(b"\n") + 1
-        if good < len(data):
-            with path.open("r+b") as f:
-                f.truncate(good)
-        for n, line in enumerate(data[:good].decode().splitlines(), 1):
+        for n, line in enumerate(complete_lines(path), 1):  # a line torn by a kill is cut off
             try:
                 rec = json.loads(line)
                 task, doc_id = rec["task"], rec["doc_id"]

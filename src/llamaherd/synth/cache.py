@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llamaherd.errors import InputError
+from llamaherd.files import complete_lines
 from llamaherd.synth.teacher import TeacherReply
 
 FIELDS = ("text", "finish_reason", "prompt_tokens", "completion_tokens")
@@ -59,13 +60,7 @@ class RequestCache:
             self._entries[content_hash] = entry
 
     def _load(self) -> None:
-        data = self.path.read_bytes()
-        complete = data[:data.rfind(b"\n") + 1]  # a last line without its newline is a torn write
-        if len(complete) < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(len(complete))
-                os.fsync(f.fileno())
-        for number, line in enumerate(complete.split(b"\n")[:-1], 1):
+        for number, line in enumerate(complete_lines(self.path), 1):  # a torn last line is cut off
             try:
                 record = json.loads(line)
                 self._entries[record["hash"]] = {name: record[name] for name in FIELDS}

@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llamaherd.files import atomic_write
+from llamaherd.files import atomic_write, complete_lines
 from llamaherd.synth.cache import RequestCache
 from llamaherd.synth.teacher import Teacher, TeacherReply, TeacherRequest
 
@@ -131,14 +131,9 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path, self.entries = path, {}
         if path.is_file():
-            data = path.read_bytes()
-            good = data.rfind(b"\n") + 1
-            for line in data[:good].splitlines():
+            for line in complete_lines(path):
                 entry = json.loads(line)
                 self.entries[entry["item"]] = entry
-            if good < len(data):
-                with path.open("r+b") as f:
-                    f.truncate(good)
         self._file = path.open("a", encoding="utf-8")
 
     def append(self, item_id: str, outcome: Outcome) -> None:
