@@ -22,6 +22,15 @@ def int8_rows(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100 + 1e-3
 
 
+def weight_of(dtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A random (n, k) weight stored as `dtype`, its int8 scales (or None) and its float64 value."""
+    if dtype is torch.int8:
+        w, scale = int8_rows(n, k)
+        return w, scale, w.double() * scale.double()[:, None]
+    w = torch.randn(n, k).to(dtype)
+    return w, None, w.double()
+
+
 @needs_compiler
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.int8])
@@ -30,12 +39,7 @@ def test_matvec_equals_a_float64_product(rows, weight_dtype):
     torch.manual_seed(0)
     n, k = 131, 67
     x, bias = torch.randn(rows, 1, k), torch.randn(n)  # a decode step of `rows` sequences
-    if weight_dtype is torch.int8:
-        w, scale = int8_rows(n, k)
-        dense = w.double() * scale.double()[:, None]
-    else:
-        w, scale = torch.randn(n, k).to(weight_dtype), None
-        dense = w.double()
+    w, scale, dense = weight_of(weight_dtype, n, k)
     with torch.no_grad():
         got = kernels.decode_linear(x, w, bias, scale)
         got_b = kernels.decode_linear(x[:4].bfloat16(), w, bias, scale)  # bf16 steps: at most 4 rows (max_rows)
@@ -60,12 +64,7 @@ def test_matvec_of_a_batch_is_each_row_alone_bit_for_bit(rows, weight_dtype):
     torch.manual_seed(1)
     n, k = 37, 96
     x = torch.randn(rows, 1, k)
-    if weight_dtype is torch.int8:
-        w, scale = int8_rows(n, k)
-        dense = w.double() * scale.double()[:, None]
-    else:
-        w, scale = torch.randn(n, k).to(weight_dtype), None
-        dense = w.double()
+    w, scale, dense = weight_of(weight_dtype, n, k)
     with torch.no_grad():
         batch = kernels.decode_linear(x, w, None, scale)
         alone = torch.cat([kernels.decode_linear(x[i:i + 1], w, None, scale) for i in range(rows)])
