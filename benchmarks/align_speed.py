@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from side_by_side import export_embedded_hf, peak_rss_mb, run_worker, sequential_trainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/benchmarks/preferences/dpo_en_demo.json"
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -40,15 +39,9 @@ BETA = 0.1
 # ---- set-up (parent process) ---------------------------------------------------------------------------------
 def prepare(work: Path, data: Path, n: int, seq_len: int) -> tuple[Path, Path]:
     """Export the embedded model to HF format once; tokenize the first `n` pairs once for every worker."""
-    from llamaherd.checkpoints.hf import save_hf
     from llamaherd.data.preference import load_preference_data
-    from llamaherd.load import load_model
 
-    hf_dir = work / "smollm2-135m-instruct-hf"
-    loaded = load_model()
-    if not (hf_dir / "model.safetensors").exists():
-        save_hf(loaded.model.state_dict(), loaded.config, hf_dir)
-        loaded.tokenizer.save_pretrained(hf_dir)
+    loaded, hf_dir = export_embedded_hf(work)
     pairs, _ = load_preference_data(data, loaded.tokenizer, loaded.chat_format, max_seq_len=seq_len)
     if len(pairs) < n:
         raise SystemExit(f"{data}: only {len(pairs)} pairs, need steps x batch = {n}")
@@ -59,31 +52,16 @@ def prepare(work: Path, data: Path, n: int, seq_len: int) -> tuple[Path, Path]:
     return hf_dir, tokens
 
 
-def run_worker(argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"worker {argv} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 # ---- workers (one subprocess each) ----------------------------------------------------------------------------
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker_llamaherd(args: argparse.Namespace, rows: list[dict]) -> dict:
     import torch
 
     from llamaherd.data.preference import PreferencePair
     from llamaherd.train.config import TrainConfig
-    from llamaherd.train.core import Trainer, seed_everything
+    from llamaherd.train.core import seed_everything
     from llamaherd.train.distributed import DistInfo
     from llamaherd.train.dpo import DPORecipe, precompute_reference
     from llamaherd.train.reward import RewardRecipe
-
-    class Sequential(Trainer):
-        def _epoch_order(self, epoch: int) -> list[int]:  # the peer's order: no shuffling
-            return list(range(len(self.train_set)))
 
     task, method = ROWS[args.row]
     cfg = TrainConfig(task=task, model=str(args.hf_dir), method=method, max_steps=args.steps, batch_size=args.batch,
@@ -103,7 +81,7 @@ def worker_llamaherd(args: argparse.Namespace, rows: list[dict]) -> dict:
     if task == "dpo" and objective.reference == "precomputed":  # the first pass over the pairs, timed
         (pairs,) = precompute_reference(objective, [pairs], batches, info, None, None, args.batch, progress=False,
                                         log=lambda m: None)
-    Sequential(objective, pairs, [], batches, cfg, info).fit()
+    sequential_trainer()(objective, pairs, [], batches, cfg, info).fit()
     elapsed = time.perf_counter() - t
     records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
     return {"losses": [r["loss"] for r in records if "loss" in r], "seconds": elapsed, "peak_rss_mb": peak_rss_mb()}
@@ -203,8 +181,8 @@ def main() -> None:
     print(header, "-" * len(header), sep="\n", flush=True)
     for row in args.rows:
         task = ROWS[row][0]
-        ours = summarize(run_worker(["--worker", "llamaherd", "--row", row, *common]), tokens)
-        peer = summarize(run_worker(["--worker", "peer", "--row", row, *common]), tokens)
+        ours = summarize(run_worker(__file__, ["--worker", "llamaherd", "--row", row, *common]), tokens)
+        peer = summarize(run_worker(__file__, ["--worker", "peer", "--row", row, *common]), tokens)
         report["results"][row] = {"llamaherd": ours, "peer": peer, "peer_name": PEERS[task],
                                   "speed_ratio": ours["tokens_per_s"] / peer["tokens_per_s"],
                                   "memory_ratio": ours["peak_rss_mb"] / peer["peak_rss_mb"]}

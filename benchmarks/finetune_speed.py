@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from side_by_side import export_embedded_hf, peak_rss_mb, run_worker, sequential_trainer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/benchmarks/instructions/alpaca_en_demo.json"
 LORA_TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -30,15 +29,9 @@ PEERS = {"lora": "peft + trl SFTTrainer", "full": "transformers Trainer"}
 # ---- set-up (parent process) ---------------------------------------------------------------------------
 def prepare(work: Path, data: Path, n: int, seq_len: int) -> tuple[Path, Path]:
     """Export the embedded model to HF format once; tokenize the first `n` records once for both sides."""
-    from llamaherd.checkpoints.hf import save_hf
     from llamaherd.data import IGNORE_INDEX, load_sft_data
-    from llamaherd.load import load_model
 
-    hf_dir = work / "smollm2-135m-instruct-hf"
-    loaded = load_model()
-    if not (hf_dir / "model.safetensors").exists():
-        save_hf(loaded.model.state_dict(), loaded.config, hf_dir)
-        loaded.tokenizer.save_pretrained(hf_dir)
+    loaded, hf_dir = export_embedded_hf(work)
     samples = load_sft_data(data, loaded.tokenizer, "alpaca", max_seq_len=seq_len).samples[:n]
     if len(samples) < n:
         raise SystemExit(f"{data}: only {len(samples)} samples, need steps x batch = {n}")
@@ -52,18 +45,7 @@ def prepare(work: Path, data: Path, n: int, seq_len: int) -> tuple[Path, Path]:
     return hf_dir, tokens
 
 
-def run_worker(argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"worker {argv} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 # ---- workers (one subprocess each) ----------------------------------------------------------------------
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker_llamaherd(args: argparse.Namespace, rows: list[dict]) -> dict:
     import functools
 
@@ -72,14 +54,10 @@ def worker_llamaherd(args: argparse.Namespace, rows: list[dict]) -> dict:
     from llamaherd.data import Sample, collate
     from llamaherd.load import load_model
     from llamaherd.train.config import TrainConfig
-    from llamaherd.train.core import Trainer, seed_everything
+    from llamaherd.train.core import seed_everything
     from llamaherd.train.distributed import DistInfo
     from llamaherd.train.run import prepare_model
     from llamaherd.train.sft import SFTObjective
-
-    class Sequential(Trainer):
-        def _epoch_order(self, epoch: int) -> list[int]:  # the peers' order: no shuffling
-            return list(range(len(self.train_set)))
 
     cfg = TrainConfig(method=args.method, max_steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch,
                       lr=args.lr, schedule="constant", warmup_steps=0, grad_clip=1.0, lora_r=args.lora_r,
@@ -91,7 +69,8 @@ def worker_llamaherd(args: argparse.Namespace, rows: list[dict]) -> dict:
     model = prepare_model(loaded.model, cfg)
     samples = [Sample(r["input_ids"], r["labels"], [len(r["input_ids"])], ["-"]) for r in rows]
     batches = functools.partial(collate, pad_id=0, padding_free=cfg.padding_free)
-    trainer = Sequential(SFTObjective(model), samples, [], batches, cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    trainer = sequential_trainer()(SFTObjective(model), samples, [], batches, cfg, info)
     t = time.perf_counter()
     trainer.fit()
     elapsed = time.perf_counter() - t
@@ -200,8 +179,8 @@ def main() -> None:
     header = f"{'method':6} {'side':24} {'tokens/s':>9} {'peak RSS MB':>12} {'first loss':>11} {'final loss':>11}"
     lines = [header, "-" * len(header)]
     for method in args.methods:
-        ours = summarize(run_worker(["--worker", "llamaherd", "--method", method, *common]), tokens)
-        peer = summarize(run_worker(["--worker", "peer", "--method", method, *common]), tokens)
+        ours = summarize(run_worker(__file__, ["--worker", "llamaherd", "--method", method, *common]), tokens)
+        peer = summarize(run_worker(__file__, ["--worker", "peer", "--method", method, *common]), tokens)
         report["results"][method] = {"llamaherd": ours, "peer": peer, "peer_name": PEERS[method],
                                      "speed_ratio": ours["tokens_per_s"] / peer["tokens_per_s"],
                                      "memory_ratio": ours["peak_rss_mb"] / peer["peak_rss_mb"]}
