@@ -1,4 +1,4 @@
-"""Writing files so that a kill never leaves half of one: the one atomic-write helper every package uses."""
+"""Files a kill cannot leave half-written: the atomic write and the append-only JSONL reader every package uses."""
 
 from __future__ import annotations
 

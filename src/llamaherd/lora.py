@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llamaherd.errors import CheckpointError, InputError
+from llamaherd.files import atomic_write
 from llamaherd.model import Linear
 from llamaherd.quantize import Int8Linear
 
@@ -397,9 +398,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
     tmp = out / (ADAPTER_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / ADAPTER_WEIGHTS)
-    tmp = out / (ADAPTER_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    tmp.replace(out / ADAPTER_CONFIG)
+    atomic_write(out / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return out
 
 

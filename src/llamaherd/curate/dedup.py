@@ -264,7 +264,7 @@ def _map_settings(root: Path, n_shards: int) -> dict:
 
 def write_json(path: Path, obj: object) -> None:
     """`obj` as compact JSON with sorted keys, written atomically."""
-    atomic_write(path, json.dumps(obj, ensure_ascii=False, sort_keys=True).encode())
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, sort_keys=True))
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from llamaherd.errors import InputError
+from llamaherd.files import atomic_write
 
 METHODS = ("full", "lora", "qlora")
 TASKS = ("sft", "reward", "dpo", "ppo")  # what a run trains; each is a command: herd finetune, reward, dpo, ppo
@@ -179,9 +180,7 @@ class TrainConfig:
 
     def save(self, path: Path) -> None:
         """Write as YAML (atomically)."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        atomic_write(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def settings_from_dict(cls: type, d: dict[str, Any], origin: str = "config") -> Any:

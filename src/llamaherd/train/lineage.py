@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamaherd.errors import CheckpointError
+from llamaherd.files import atomic_write
 from llamaherd.fingerprint import model_fingerprint
 from llamaherd.terminal import printable
 
@@ -176,7 +177,4 @@ def model_identity(src: Source) -> dict[str, Any]:
 def write_lineage(out_dir: Path, lineage: dict[str, Any]) -> Path:
     """Write `out_dir/lineage.json` atomically."""
     path = Path(out_dir) / LINEAGE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(lineage, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps(lineage, indent=2) + "\n")

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from llamaherd.files import atomic_write
+
 
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per line with a `step`; resuming drops lines past the checkpoint."""
@@ -17,9 +19,7 @@ class MetricsLog:
             path.write_text("")
         else:
             kept = [line for line in read_metrics(path) if line["step"] <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(path)
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = path.open("a")
         self._tb = None
         if tensorboard:

@@ -25,6 +25,7 @@ from torch import nn
 
 from llamaherd.chat import ChatFormat
 from llamaherd.errors import CheckpointError, InputError
+from llamaherd.files import atomic_write
 from llamaherd.load import Loaded
 from llamaherd.model import GPT, Linear, Spans
 from llamaherd.train.config import TrainConfig
@@ -388,10 +389,7 @@ def score_file(rm: str | Path, data: str | Path, out: str | Path | None = None, 
     if out is None:
         sys.stdout.write(text)
     else:
-        out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
+        atomic_write(out, text)
     summary: dict[str, Any] = {"records": len(rows), "responses": len(scores),
                                "mean_score": sum(scores) / len(scores) if scores else None}
     pairs = [(r["chosen_score"], r["rejected_score"]) for r in rows if r.get("chosen_score") is not None]
