@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/serve_load.py [--servers herd,llama.cpp] [--clients 1,4,16] [--requests 32]
         [--max-seconds 300] [--precision fp32|bf16|int8] [--mix 16:64,64:128,256:64,512:128]
-        [--api completions|chat] [--threads N] [--seed 0] [--json out.json]
+        [--api completions|chat] [--threads N] [--seed 0] [--model DIR] [--device cuda] [--json out.json]
 
 Each server is started here on a free port of 127.0.0.1 (nothing leaves the machine), one at a time and never
 two together, once per client count, and stopped after its run. llama-server gets the embedded model re-saved
@@ -47,6 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llamaherd.embedded import embedded_model_path
+from llamaherd.load import load_tokenizer
 from llamaherd.tokenizer import Tokenizer
 
 HOST = "127.0.0.1"
@@ -205,8 +206,8 @@ def herd_command(args: argparse.Namespace, clients: int, port: int) -> list[str]
     helped = subprocess.run([str(HERD), "serve", "--help"], capture_output=True, text=True)
     if helped.returncode != 0:
         return "herd serve not available"
-    cmd = [str(HERD), "serve", str(embedded_model_path()), "--host", HOST, "--port", str(port),
-           *HERD_PRECISION[args.precision]]
+    cmd = [str(HERD), "serve", str(args.model or embedded_model_path()), "--host", HOST, "--port", str(port),
+           *HERD_PRECISION[args.precision], *(["--device", args.device] if args.device else [])]
     cmd += ["--max-batch", str(clients)] if "--max-batch" in helped.stdout else []
     return cmd + (["--max-len", str(args.slot_context)] if "--max-len" in helped.stdout else [])
 
@@ -288,6 +289,9 @@ def main() -> None:
     ap.add_argument("--slot-context", type=int, help="llama-server context per slot (default: longest request + 64)")
     ap.add_argument("--start-timeout", type=float, default=600, help="seconds a server may take to become healthy")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", type=Path, help="herd serve's model (default: the embedded GGUF; llama-server always "
+                                                "gets the embedded model's re-saved files)")
+    ap.add_argument("--device", help="herd serve --device (default: herd serve's, cuda when available)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     servers, client_counts = args.servers.split(","), [int(c) for c in args.clients.split(",")]
@@ -295,7 +299,7 @@ def main() -> None:
         ap.error(f"--servers: unknown {','.join(sorted(unknown))}; choose from {','.join(COMMANDS)}")
     mix = parse_mix(args.mix)
     args.slot_context = args.slot_context or max(p + o for p, o in mix) + 64
-    tokenizer = Tokenizer.from_path(embedded_model_path())
+    tokenizer, _ = load_tokenizer(args.model)
     requests = make_requests(max(args.requests, 4 * max(client_counts)), mix, args.seed, tokenizer)
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads)}
     print(f"{len(requests)} requests at most per run, mix {args.mix}, {args.precision}, {args.threads} threads, "

@@ -59,6 +59,34 @@ def test_greedy_batch_with_joins_equals_transformers_one_at_a_time(models):
     assert [r.completions[0].token_ids for r in many] == [hf_greedy(hf, p, 6) for p in PROMPTS[:3]]
 
 
+def test_graphed_decode_steps_give_transformers_tokens(models):
+    """The CUDA-graph step's static inputs, key buckets (64 then 128 positions) and padding rows (3 running rows
+    padded to 4, writing a scratch row), run without the capture (a CPU has no CUDA graphs): each output equals
+    transformers' greedy generate alone."""
+    from llamaherd.engine.cuda_graphs import GraphedDecode
+    from llamaherd.model import SlotCache
+
+    hf, ours = models
+    engine = Engine(ours, max_batch=3, max_len=160, prefill_chunk=16)
+    engine.cache = SlotCache(ours.config, 4, 160, torch.float32)  # as Engine sizes it on a GPU: a scratch row
+    engine.graphs = GraphedDecode(ours, engine.cache, scratch=3, max_graphs=4, capture=False)
+    prompts = [*PROMPTS, [t % 90 + 3 for t in range(70)]]  # the last one's positions pass 64: the 128 bucket
+    lengths = [12, 5, 9, 7, 10, 8]
+    requests = [engine.add_request(p, greedy(n)) for p, n in zip(prompts[:2], lengths[:2])]
+    for _ in range(3):
+        engine.step()
+    requests += [engine.add_request(p, greedy(n)) for p, n in zip(prompts[2:], lengths[2:])]
+    seen = set()
+    while engine.has_work:
+        engine.step()
+        seen |= set(engine.graphs.graphs)
+    for request, prompt, n in zip(requests, prompts, lengths):
+        assert request.completions[0].token_ids == hf_greedy(hf, prompt, n)
+    assert {bucket for _, bucket, _ in seen} == {64, 128} and {rows for rows, _, _ in seen} >= {1, 2, 4}
+    assert {view for *_, view in seen} == {True, False}  # rows 0, 1, ... read as a view; others gathered
+    assert len(engine.graphs.graphs) <= 4
+
+
 @pytest.mark.parametrize("kind", ["llama-mha", "llama-tied", "falcon-7b-style", "falcon-40b-style"])
 def test_greedy_batch_equals_transformers_for_each_family(kind, tmp_path):
     hf = save_hf_model(kind, tmp_path)

@@ -541,6 +541,19 @@ def test_a_busy_port_is_a_one_line_error_before_the_model_loads(tmp_path, capsys
                    "or --host an address of this machine"]
 
 
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "error: --device 'gpu' is not a device; use cpu, cuda or cuda:N"),
+    ("cuda:7", "error: --device cuda:7: no such CUDA device here ({n} found); use --device cpu"),
+    ("meta", "error: --device meta: herd serve runs on cpu or cuda"),
+])
+def test_a_bad_device_is_a_one_line_error_before_the_model_loads(tmp_path, capsys, device, message):
+    from llamaherd.cli import main
+
+    missing_model = tmp_path / "no-such-model"  # never loaded: the device is checked first
+    assert main(["serve", str(missing_model), "--port", "0", "--device", device]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message.format(n=torch.cuda.device_count())]
+
+
 def test_ignore_eos_generates_past_the_end_of_sequence_token(client, ref):
     """Token ids [24, 7, 9] make this tiny model say EOS after 29 tokens (transformers' greedy): with ignore_eos
     (vLLM's and llama.cpp's field, for benchmarks) the completion runs on to max_tokens, as transformers does

@@ -54,10 +54,10 @@ def _sampling(args: argparse.Namespace, extra_stops: list[str] = ()):
     return params
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, device: str = "cpu"):
     from llamaherd.load import load_model
 
-    return load_model(args.model, dtype=args.dtype, quantize=args.quantize, base=args.base)
+    return load_model(args.model, dtype=args.dtype, device=device, quantize=args.quantize, base=args.base)
 
 
 def _stream(loaded, prompt_ids: list[int], params) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from llamaherd.engine.cuda_graphs import GraphedDecode, unsupported
 from llamaherd.engine.request import Completion, Event, Request, TokenLogprob
 from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, sample_next
 from llamaherd.engine.slots import Slots
@@ -49,11 +50,14 @@ class Engine:
     fuse: run q/k/v and gate/up as one product each (`fuse_projections`); pass False for a model whose weights
     train (PPO): fusing makes those weights views of one tensor, new parameters that an optimizer built before
     does not see and that safetensors refuses to save side by side.
+    cuda_graphs: on a CUDA device, replay each decode step as a captured graph (`llamaherd.engine.cuda_graphs`);
+    ignored elsewhere. PPO passes False: a graph replays the Python paths taken at its capture, and the policy's
+    modules (LoRA adapters switched off for the reference, train/eval mode) change between rollouts.
     """
 
     def __init__(self, model: GPT, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
                  prefill_chunk: int = 512, prefix_reuse: bool = True, isolate_faults: bool = False,
-                 fuse: bool = True) -> None:
+                 fuse: bool = True, cuda_graphs: bool = True) -> None:
         if max_batch < 1 or prefill_chunk < 1:
             raise InputError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
@@ -66,8 +70,10 @@ class Engine:
         self.isolate_faults = isolate_faults  # a server's choice: one sequence's exception ends only that sequence
         weight = model.output_weight
         self.device = weight.device
-        with torch.inference_mode():
-            self.cache = SlotCache(model.config, max_batch, self.max_len, weight.dtype, self.device)
+        graphs = cuda_graphs and unsupported(model) is None
+        with torch.inference_mode():  # with graphs, one more row: the scratch row their padding rows write
+            self.cache = SlotCache(model.config, max_batch + graphs, self.max_len, weight.dtype, self.device)
+        self.graphs = GraphedDecode(model, self.cache, scratch=max_batch) if graphs else None
         self.slots = Slots(max_batch)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # holding a row, in the order they got it
@@ -228,10 +234,13 @@ class Engine:
         ready = sorted((s for s in self.running if not s.prefilling), key=lambda s: s.slot)
         if not ready:
             return []
-        idx = torch.tensor([[s.ids[s.computed]] for s in ready], device=self.device)  # (B, 1)
-        positions = torch.tensor([[s.computed] for s in ready], device=self.device)
-        rows = self.cache.rows(torch.tensor([s.slot for s in ready], device=self.device), positions)
-        logits = self.model(idx, cache=rows)[:, 0].float()  # (B, V)
+        ids, slots, positions = [s.ids[s.computed] for s in ready], [s.slot for s in ready], [s.computed for s in ready]
+        logits = self.graphs(ids, slots, positions) if self.graphs is not None else None
+        if logits is None:
+            rows = self.cache.rows(torch.tensor(slots, device=self.device),
+                                   torch.tensor(positions, device=self.device)[:, None])
+            logits = self.model(torch.tensor(ids, device=self.device)[:, None], cache=rows)[:, 0]
+        logits = logits.float()  # (B, V)
         self.computed_tokens += len(ready)
         wanted = any(s.request.params.logprobs is not None for s in ready)
         logprobs = logits.log_softmax(-1) if wanted else None  # (B, V), only when some sequence reports them

@@ -37,9 +37,31 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, which keeps the key out of "
                         "the process list)")
     p.add_argument("--chat-format", default=None, help="built-in format name (overrides the model's template)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda when available); on CUDA each decode step is a "
+                        "captured CUDA graph")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
     return p
+
+
+def _device(name: str | None) -> str:
+    """--device checked before the model loads: cuda when available and none is named."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        raise InputError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found); "
+                         "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: herd serve runs on cpu or cuda")
+    return name
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -66,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be >= {1 if name == 'max_batch' else 0}, "
                              f"got {getattr(args, name)}")
     _check_port_free(args.host, args.port)  # before the model loads: a busy port is a one-line error, at once
-    loaded = _load(args)
+    loaded = _load(args, device=_device(args.device))
     block = loaded.config.block_size
     max_len = args.max_len or min(block, DEFAULT_MAX_LEN)
     if not 2 <= max_len <= block:

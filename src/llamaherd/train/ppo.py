@@ -550,7 +550,7 @@ class PPORecipe(Recipe):
         scorer = make_scorer(cfg.reward_model, cfg.reward_fn, cfg.rm_chat_format, device=info.device)
         objective.to(info.device)  # before the engine sizes its cache on the model's device
         engine = Engine(objective.model, self.tokenizer, max_batch=cfg.generation_batch_size, max_len=cfg.max_seq_len,
-                        fuse=cfg.method != "full")
+                        fuse=cfg.method != "full", cuda_graphs=False)
         return PPOTrainer(objective, train, collate, cfg, info, model_fingerprint, engine, scorer,
                           self.format.stop_strings)
 
