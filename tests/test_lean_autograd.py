@@ -48,6 +48,25 @@ def test_silu_mul():
     assert kept_numels(SiluMul.apply, *leaves(gate, up)) == [35, 35]  # gate and up, not silu(gate)
 
 
+def test_silu_mul_backward_kernel_fp32_on_views_of_the_fused_product():
+    """fp32 on the CPU takes the native one-pass backward (kernels.silu_mul_backward), here on gate and up as views
+    into one fused gate/up product: the gradients autograd computes from F.silu(gate) * up."""
+    import pytest
+
+    from llamaherd import kernels
+
+    if kernels.native_ops() is None:
+        pytest.skip("native kernels unavailable here")
+    torch.manual_seed(0)
+    fused = torch.randn(3, 40, 2 * 24) * 4  # silu's whole range: strongly negative to strongly positive
+    gate, up = fused[..., :24], fused[..., 24:]
+    grad = torch.randn(3, 40, 24)
+    assert kernels.silu_mul_backward(gate, up, torch.sigmoid(gate), grad) is not None  # the kernel runs
+    assert_same_gradients(SiluMul.apply, lambda g, u: F.silu(g) * u, (gate, up), grad)
+    assert_same_gradients(SwiGLUDown.apply, lambda g, u, w: F.linear(F.silu(g) * u, w),
+                          (gate, up, torch.randn(5, 24)), torch.randn(3, 40, 5))
+
+
 def test_swiglu_down():
     torch.manual_seed(0)
     gate, up, weight = (torch.randn(*s, dtype=torch.float64) for s in ((2, 5, 7), (2, 5, 7), (3, 7)))

@@ -543,7 +543,7 @@ def test_a_busy_port_is_a_one_line_error_before_the_model_loads(tmp_path, capsys
 
 @pytest.mark.parametrize("device, message", [
     ("gpu", "error: --device 'gpu' is not a device; use cpu, cuda or cuda:N"),
-    ("cuda:7", "error: --device cuda:7: no such CUDA device here ({n} found); use --device cpu"),
+    ("cuda:99", "error: --device cuda:99: no such CUDA device here ({n} found); use --device cpu"),
     ("meta", "error: --device meta: herd serve runs on cpu or cuda"),
 ])
 def test_a_bad_device_is_a_one_line_error_before_the_model_loads(tmp_path, capsys, device, message):

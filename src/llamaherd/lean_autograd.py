@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llamaherd import kernels
+
 
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm's output and 1/rms: normalised in fp32 (fp64 stays fp64), scaled in the input dtype."""
@@ -84,8 +86,11 @@ class NormProjections(torch.autograd.Function):
 
 def _silu_mul_backward(needs: tuple[bool, bool], gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor,
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of gate and up (where `needs` says so) for the incoming gradient of silu(gate) * up."""
+    """Gradients of gate and up (where `needs` says so) for the incoming gradient of silu(gate) * up; on the CPU in
+    fp32, one pass of the native kernel (`llamaherd.kernels.silu_mul_backward`) after the sigmoid."""
     sig = torch.sigmoid(gate)
+    if all(needs) and (both := kernels.silu_mul_backward(gate, up, sig, grad)) is not None:
+        return both
     grad_gate = grad * up * sig * (1 + gate * (1 - sig)) if needs[0] else None  # silu'
     grad_up = grad * gate * sig if needs[1] else None
     return grad_gate, grad_up

@@ -152,8 +152,14 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled:
             return y
-        lora_x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(lora_x)) * self.scaling).to(y.dtype)
+        # scaling applied to the rank-r activations, and B's product added in its GEMM (addmm): no elementwise pass
+        # over the (tokens, out_features) output, forward or backward (PEFT scales and adds that output). Same
+        # value up to rounding.
+        h = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)) * self.scaling  # (..., r)
+        if h.dtype != y.dtype:
+            return y + self.lora_B(h).to(y.dtype)
+        return torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r),
+                           self.lora_B.weight.t()).view(y.shape)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"

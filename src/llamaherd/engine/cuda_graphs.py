@@ -23,6 +23,7 @@ capture fails, after a one-line warning.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 
@@ -57,12 +58,17 @@ class GraphedDecode:
     test of everything except the capture itself).
     """
 
-    def __init__(self, model: GPT, cache: SlotCache, scratch: int, max_graphs: int = 64, capture: bool = True) -> None:
+    def __init__(self, model: GPT, cache: SlotCache, scratch: int, max_graphs: int = 128, capture: bool = True) -> None:
         """scratch: a cache row that no sequence holds, written by the padding rows."""
         self.model, self.cache, self.scratch = model, cache, scratch
         self.max_graphs, self.capture = max_graphs, capture
         self.graphs: OrderedDict[tuple[int, int, bool], _Graph] = OrderedDict()
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        # Streams and capture on the cache's GPU, whatever the calling thread's current device (a server's engine
+        # thread starts on cuda:0 even when the model is on cuda:1).
+        self.on_device = torch.cuda.device(cache.k.device) if capture else contextlib.nullcontext()
+        with self.on_device:
+            self.pool = torch.cuda.graph_pool_handle() if capture else None
+            self.stream = torch.cuda.Stream() if capture else None
         self.failed = False  # a capture raised: every later step runs eagerly
 
     def bucket(self, end: int) -> int:
@@ -79,17 +85,18 @@ class GraphedDecode:
         slots = slots + [self.scratch] * pad
         key = (B + pad, self.bucket(max(positions) + 1), slots == list(range(B + pad)))
         step = torch.tensor([ids + [0] * pad, slots, positions + [0] * pad], dtype=torch.long)
-        graph = self.graphs.get(key)
-        if graph is None:
-            logits = self._capture(key, step)
-        else:
-            self.graphs.move_to_end(key)
-            graph.inputs.copy_(step)
-            if graph.graph is None:
-                logits = graph.run()
+        with self.on_device:
+            graph = self.graphs.get(key)
+            if graph is None:
+                logits = self._capture(key, step)
             else:
-                graph.graph.replay()
-                logits = graph.logits
+                self.graphs.move_to_end(key)
+                graph.inputs.copy_(step)
+                if graph.graph is None:
+                    logits = graph.run()
+                else:
+                    graph.graph.replay()
+                    logits = graph.logits
         return None if logits is None else logits[:B]
 
     def _capture(self, key: tuple[int, int, bool], step: torch.Tensor) -> torch.Tensor | None:
@@ -106,16 +113,17 @@ class GraphedDecode:
             self._keep(key, _Graph(inputs, logits, None, run))
             return logits
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
                 run()  # warm-up: this very step, computed eagerly
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 logits = run()
             graph.replay()
-        except Exception as error:  # noqa: BLE001 - any capture failure: run eagerly from now on, never fail
+        # Any failure (an out-of-memory during capture too) turns graphs off for good: `failed` keeps later steps
+        # away from a half-closed capture, and decoding goes on eagerly.
+        except Exception as error:  # noqa: BLE001
             self.failed = True
             self.graphs.clear()
             warnings.warn(f"CUDA graphs off, decoding eagerly: capturing the decode step failed ({error})",

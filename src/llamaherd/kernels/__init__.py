@@ -151,6 +151,17 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return None if ops is None or q.dtype != cos.dtype else ops.rope_qk(q, k, cos, sin, n_head, n_kv)
 
 
+def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, sig: torch.Tensor,
+                      grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(grad_gate, grad_up) of silu(gate) * up for `grad`, given sig = sigmoid(gate), in one native pass (training's
+    SwiGLU backward, `llamaherd.lean_autograd`); None off the CPU, for other dtypes, or without the kernels."""
+    if not (gate.device.type == "cpu" and gate.dtype == up.dtype == sig.dtype == grad.dtype == torch.float32
+            and gate.shape == up.shape == grad.shape):
+        return None
+    ops = native_ops()
+    return None if ops is None else ops.silu_mul_backward(gate, up, sig, grad)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up of a decode step (SwiGLU), in one op; None when the kernel does not apply."""
     ops = native_ops_for(gate)

@@ -100,9 +100,10 @@ def run_serve(args: argparse.Namespace) -> None:
     server = app.state.server
     cache = server.engine.cache
     size = 2 * cache.k.numel() * cache.k.element_size()
+    scratch = " + 1 scratch row (CUDA graphs)" if cache.k.shape[1] > args.max_batch else ""
     print(printable(f"serving {server.model_id} ({loaded.source.path}) on http://{args.host}:{args.port}/v1"),
           file=sys.stderr)
-    print(f"KV cache: {args.max_batch} rows x {max_len} positions, {size / 2**20:.1f} MiB ({cache.k.dtype}); "
+    print(f"KV cache: {args.max_batch} rows{scratch} x {max_len} positions, {size / 2**20:.1f} MiB ({cache.k.dtype}); "
           f"queue up to {args.max_queue} requests; API key {'required' if api_key else 'not required'}",
           file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
