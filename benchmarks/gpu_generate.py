@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
+from generate import weight_bytes
+from llamacpp_side import best_time
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -43,31 +44,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_time(fn, repeats: int, device: str) -> float:
-    """Seconds of the fastest of `repeats` calls of fn, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return min(times)
+def synced_best_time(fn, repeats: int, device: str) -> float:
+    """llamacpp_side.best_time of fn followed by a device synchronisation (the warm-up call's sync leaves no work
+    pending when the first timed call starts)."""
+    return best_time(lambda: (fn(), sync(device)), repeats)
 
 
 def copy_bandwidth(device: str) -> float:
     """Bytes/s read + written by a device-to-device copy of 2 GiB."""
     x = torch.empty(1 << 31, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    return 2 * x.numel() / best_time(lambda: y.copy_(x), 5, device)
+    return 2 * x.numel() / synced_best_time(lambda: y.copy_(x), 5, device)
 
 
 def build(name: str, dtype: torch.dtype, device: str):
     """(transformers model, llamaherd GPT) sharing one set of random weights of preset `name`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = preset(name).replace(block_size=4096 if preset(name).block_size > 4096 else preset(name).block_size)
+    config = preset(name)
+    config = config.replace(block_size=min(config.block_size, 4096))
     hf_dict = hf_config_dict(config)
     hf_config = AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
     hf_config._attn_implementation = "sdpa"
@@ -77,14 +72,6 @@ def build(name: str, dtype: torch.dtype, device: str):
     ours = build_on_meta(config)
     load_weights(ours, iter(theirs.state_dict().items()), dtype, f"random {name}")
     return theirs, ours.to(device).eval(), config
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step reads: each stored tensor once (a tied embedding, a fused view's base once)."""
-    storages = {}
-    for t in model.state_dict().values():
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(storages.values())
 
 
 def parity(name: str, device: str) -> dict:
@@ -120,7 +107,7 @@ def measure(name: str, args: argparse.Namespace, bandwidth: float) -> list[dict]
                 timed[label] = None
                 continue
             engine = Engine(ours, max_batch=batch, max_len=max_len, prefix_reuse=False, cuda_graphs=graphs)
-            seconds = best_time(lambda e=engine, p=prompts: e.generate_many(p, params), args.repeats, device)
+            seconds = synced_best_time(lambda e=engine, p=prompts: e.generate_many(p, params), args.repeats, device)
             timed[label] = batch * args.new_tokens / seconds
 
         def hf_decode(batch=batch):
@@ -128,7 +115,7 @@ def measure(name: str, args: argparse.Namespace, bandwidth: float) -> list[dict]
                 theirs.generate(torch.tensor([short] * batch, device=device), max_new_tokens=args.new_tokens,
                                 min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
-        timed["transformers"] = batch * args.new_tokens / best_time(hf_decode, args.repeats, device)
+        timed["transformers"] = batch * args.new_tokens / synced_best_time(hf_decode, args.repeats, device)
         best = max(v for k, v in timed.items() if v and k.startswith("llamaherd"))
         rows.append({"model": name, "phase": f"decode, batch {batch}", **timed,
                      "of_bandwidth": weight_bytes(ours) * best / batch / bandwidth})
@@ -141,10 +128,10 @@ def measure(name: str, args: argparse.Namespace, bandwidth: float) -> list[dict]
         with torch.inference_mode():
             theirs(long, logits_to_keep=1, use_cache=True)
 
-    ours_rate = args.prompt_tokens / best_time(our_prefill, args.repeats, device)
+    ours_rate = args.prompt_tokens / synced_best_time(our_prefill, args.repeats, device)
     rows.append({"model": name, "phase": f"prefill, {args.prompt_tokens} tokens", "llamaherd eager": ours_rate,
                  "llamaherd + CUDA graphs": None,
-                 "transformers": args.prompt_tokens / best_time(hf_prefill, args.repeats, device),
+                 "transformers": args.prompt_tokens / synced_best_time(hf_prefill, args.repeats, device),
                  "of_bandwidth": None})
     if args.save_hf and name == args.models.split(",")[0]:
         save_hf({k: v.cpu() for k, v in theirs.state_dict().items() if k != "lm_head.weight"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from llamaherd import kernels
 from llamaherd.config import Config
 from llamaherd.lean_autograd import NormProjections, RMSNormFunction, SiluMul, SwiGLUDown
 from llamaherd.model import GPT, RMSNorm
@@ -51,10 +53,6 @@ def test_silu_mul():
 def test_silu_mul_backward_kernel_fp32_on_views_of_the_fused_product():
     """fp32 on the CPU takes the native one-pass backward (kernels.silu_mul_backward), here on gate and up as views
     into one fused gate/up product: the gradients autograd computes from F.silu(gate) * up."""
-    import pytest
-
-    from llamaherd import kernels
-
     if kernels.native_ops() is None:
         pytest.skip("native kernels unavailable here")
     torch.manual_seed(0)

@@ -34,13 +34,10 @@ from llamaherd.model import GPT, CacheRows, SlotCache
 MIN_BUCKET = 64  # key positions a graph reads at least
 
 
-def unsupported(model: GPT) -> str | None:
-    """Why the model's decode step cannot be captured, or None when it can."""
-    if model.output_weight.device.type != "cuda":
-        return "the model is not on a CUDA device"
-    if model.rope.dynamic:
-        return "dynamic NTK RoPE reads the longest position on the host at every step"
-    return None
+def capturable(model: GPT) -> bool:
+    """Whether the model's decode step can be captured: it is on a CUDA device, and its RoPE is not dynamic NTK
+    (which reads the longest position on the host at every step)."""
+    return model.output_weight.device.type == "cuda" and not model.rope.dynamic
 
 
 class _Graph:
@@ -100,9 +97,9 @@ class GraphedDecode:
         return None if logits is None else logits[:B]
 
     def _capture(self, key: tuple[int, int, bool], step: torch.Tensor) -> torch.Tensor | None:
-        rows, bucket, view = key
+        n_rows, bucket, view = key
         inputs = step.to(self.cache.k.device)
-        span = slice(0, rows) if view else None
+        span = slice(0, n_rows) if view else None
         rows = CacheRows(self.cache, inputs[1], inputs[2][:, None], bucket, span, None, False)
 
         def run() -> torch.Tensor:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from llamaherd.engine.cuda_graphs import GraphedDecode, unsupported
+from llamaherd.engine.cuda_graphs import GraphedDecode, capturable
 from llamaherd.engine.request import Completion, Event, Request, TokenLogprob
 from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, sample_next
 from llamaherd.engine.slots import Slots
@@ -70,7 +70,7 @@ class Engine:
         self.isolate_faults = isolate_faults  # a server's choice: one sequence's exception ends only that sequence
         weight = model.output_weight
         self.device = weight.device
-        graphs = cuda_graphs and unsupported(model) is None
+        graphs = cuda_graphs and capturable(model)
         with torch.inference_mode():  # with graphs, one more row: the scratch row their padding rows write
             self.cache = SlotCache(model.config, max_batch + graphs, self.max_len, weight.dtype, self.device)
         self.graphs = GraphedDecode(model, self.cache, scratch=max_batch) if graphs else None
