@@ -16,6 +16,7 @@ not on the CPU, `LLAMAHERD_HUGEPAGES=0`) it leaves the tensors where they are.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -60,12 +61,7 @@ def relocate(tensors: Iterable[torch.Tensor]) -> bool:
     for ptr, nbytes in sizes.items():
         offsets[ptr] = total
         total += -(-nbytes // ALIGN) * ALIGN
-    region = -(-total // HUGE_PAGE) * HUGE_PAGE
-    buffer = torch.empty(region + HUGE_PAGE, dtype=torch.uint8)  # untouched: its pages come at the first copy
-    start = -buffer.data_ptr() % HUGE_PAGE
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise(buffer.data_ptr() + start, region, MADV_HUGEPAGE)  # advice only: on failure, plain pages
+    buffer, start = _advised(total)
     arena = buffer.untyped_storage()
     with torch.inference_mode(any(t.is_inference() for t in tensors)), torch.no_grad():
         for ptr, group in storages.items():
@@ -76,6 +72,28 @@ def relocate(tensors: Iterable[torch.Tensor]) -> bool:
             for t in group:  # the byte offset is a multiple of 64, so of every element size
                 t.set_(arena, at // t.element_size() + t.storage_offset(), t.size(), t.stride())
     _arenas.add(arena.data_ptr())
+    libc = ctypes.CDLL(None)
     if hasattr(libc, "malloc_trim"):  # glibc keeps the freed old copies in its heap otherwise (+380 MB RSS)
         libc.malloc_trim(0)
     return True
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape, dtype=dtype) on the CPU, on huge pages where `available` (a KV cache read every step)."""
+    if not available():
+        return torch.zeros(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buffer, start = _advised(nbytes)
+    return buffer[start:start + nbytes].view(dtype).view(shape).zero_()
+
+
+def _advised(nbytes: int) -> tuple[torch.Tensor, int]:
+    """An untouched uint8 buffer and the offset in it of `nbytes` (rounded up to whole huge pages) that start on a
+    huge page boundary and are advised MADV_HUGEPAGE: their pages come as huge pages when first written."""
+    region = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    buffer = torch.empty(region + HUGE_PAGE, dtype=torch.uint8)
+    start = -buffer.data_ptr() % HUGE_PAGE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise(buffer.data_ptr() + start, region, MADV_HUGEPAGE)  # advice only: on failure, plain pages
+    return buffer, start

@@ -299,8 +299,10 @@ class SlotCache(nn.Module):
     def __init__(self, config: Config, max_batch: int, max_len: int, dtype: torch.dtype, device=None) -> None:
         super().__init__()
         shape = (config.n_layer, max_batch, config.n_query_groups, max_len, config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        cpu = torch.device(device or "cpu").type == "cpu"  # read at every decode step: huge pages, as the weights
+        for name in ("k", "v"):
+            zeros = hugepages.zeros(shape, dtype) if cpu else torch.zeros(shape, dtype=dtype, device=device)
+            self.register_buffer(name, zeros, persistent=False)
         self.max_len = max_len
 
     def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> CacheRows:
