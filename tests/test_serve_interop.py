@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -216,21 +217,9 @@ def test_herd_serve_command_keeps_the_api_key_out_of_its_logs(tiny, tmp_path):
     (debug logging, including a request that sends a wrong key and one that fails)."""
     port = free_port()
     log = tmp_path / "serve.log"
-    env = os.environ | {"LLAMAHERD_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llamaherd.cli", "serve", str(tiny), "--port", str(port),
-                                 "--max-batch", "3", "--max-len", "100", "--log-level", "debug"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc = start_herd_serve(tiny, port, log, {"LLAMAHERD_API_KEY": KEY}, "--max-len", "100", "--log-level", "debug")
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
 
         def post(path: str, body: dict, key: str | None) -> tuple[int, dict]:
             headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
@@ -256,6 +245,44 @@ def test_herd_serve_command_keeps_the_api_key_out_of_its_logs(tiny, tmp_path):
     assert f"KV cache: 3 rows x 100 positions, {mib:.1f} MiB" in output
     assert f"http://127.0.0.1:{port}" in output and "POST /v1/completions" in output  # uvicorn's access log
     assert KEY not in output and KEY[:-1] not in output and KEY[3:12] not in output
+
+
+def start_herd_serve(model, port: int, log, env: dict, *options: str) -> subprocess.Popen:
+    """`herd serve model` (3 rows, one thread) as a process writing to `log`, once its /health answers."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llamaherd.cli", "serve", str(model), "--port", str(port),
+                                 "--max-batch", "3", *options], stdout=out, stderr=subprocess.STDOUT,
+                                env=os.environ | {"OMP_NUM_THREADS": "1"} | env)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return proc
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_herd_serve_finishes_the_streams_in_flight_on_sigterm_or_ctrl_c_then_exits_0(tiny, tmp_path, sig):
+    """The command runs the engine on its main thread and uvicorn on another, so it handles the signals itself:
+    as uvicorn would, a stream already running gets all its tokens, then the process ends cleanly."""
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_herd_serve(tiny, port, log, {}, "--max-len", "256")
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 200, "stream": True, "ignore_eos": True}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as stream:
+            first = stream.readline()
+            proc.send_signal(sig)
+            rest = stream.read().decode()
+        assert first.startswith(b"data: ") and rest.count("data: ") > 100  # most of the stream came after the signal
+        assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in rest.replace(" ", "")
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        proc.kill()
+    assert "Application shutdown complete" in log.read_text()
 
 
 @pytest.mark.slow

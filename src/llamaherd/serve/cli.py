@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
+import threading
 
 from llamaherd.config import DEFAULT_MAX_LEN
 from llamaherd.errors import InputError
@@ -106,4 +108,37 @@ def run_serve(args: argparse.Namespace) -> None:
     print(f"KV cache: {args.max_batch} rows{scratch} x {max_len} positions, {size / 2**20:.1f} MiB ({cache.k.dtype}); "
           f"queue up to {args.max_queue} requests; API key {'required' if api_key else 'not required'}",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    _serve(app, server.runner, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+
+
+def _serve(app, runner, config) -> None:
+    """uvicorn on a second thread, the engine loop on this one (the thread that loaded the model: see
+    `EngineRunner`), until the HTTP server ends (its lifespan stops the loop), Ctrl-C or SIGTERM."""
+    import uvicorn
+
+    web = uvicorn.Server(config)
+    runner.use_calling_thread()
+
+    def http() -> None:
+        try:
+            web.run()
+        finally:
+            runner.stop()  # also when uvicorn could not start: the loop below must end with it
+
+    def handle_exit(signum, _frame) -> None:  # as uvicorn's own handlers, which it installs on the main thread only
+        if web.should_exit and signum == signal.SIGINT:
+            web.force_exit = True  # a second Ctrl-C: do not wait for open streams
+        web.should_exit = True  # the loop below keeps running, so requests in flight finish
+
+    previous = {sig: signal.signal(sig, handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="llamaherd-http", daemon=True)
+    thread.start()
+    try:
+        runner.run()  # until the lifespan's shutdown (or a failed start) stops it
+    finally:
+        web.should_exit = True
+        thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not web.started:
+        raise InputError(f"the HTTP server could not start on {config.host}:{config.port} (see its log above)")
