@@ -187,7 +187,10 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const std::opti
               weight.sizes(), " do not match");
   TORCH_CHECK(weight.is_contiguous(), "matvec: the weight must be contiguous");
   const int64_t K = weight.size(1), N = weight.size(0);
-  const at::Tensor rows = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  // bf16 x bf16 reads x as stored; everything else reads a float32 copy of x
+  const bool half_pair = weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16;
+  const at::Tensor flat = x.reshape({-1, K});
+  const at::Tensor rows = half_pair ? flat.contiguous() : flat.to(at::kFloat).contiguous();
   const int64_t B = rows.size(0);
   at::Tensor s, b;
   if (scale.has_value()) s = scale->to(at::kFloat).contiguous();
@@ -196,8 +199,8 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK(!b.defined() || b.numel() == N, "matvec: bias needs one value per output row");
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  at::Tensor y = at::empty({B, N}, rows.options());
-  const float* xp = rows.data_ptr<float>();
+  at::Tensor y = at::empty({B, N}, rows.options().dtype(at::kFloat));
+  const float* xp = half_pair ? nullptr : rows.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   switch (weight.scalar_type()) {
     case at::kFloat:
@@ -205,9 +208,8 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const std::opti
       break;
     case at::kBFloat16: {
       const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-      if (x.scalar_type() == at::kBFloat16) {  // a bf16 model: bf16 x bf16 products, exact in float32
-        const at::Tensor xb = x.reshape({-1, K}).contiguous();
-        rows_times(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), wp, sp, bp, yp, B, N, K);
+      if (half_pair) {  // a bf16 model: bf16 x bf16 products, exact in float32
+        rows_times(reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>()), wp, sp, bp, yp, B, N, K);
       } else {
         rows_times(xp, wp, sp, bp, yp, B, N, K);
       }
