@@ -285,6 +285,41 @@ def test_herd_serve_finishes_the_streams_in_flight_on_sigterm_or_ctrl_c_then_exi
     assert "Application shutdown complete" in log.read_text()
 
 
+def test_herd_serve_called_from_a_thread_serves(tiny, tmp_path):
+    """Off the main thread (signals are the main thread's), the command keeps uvicorn and the engine thread."""
+    port, log = free_port(), tmp_path / "serve.log"
+    script = ("import sys, threading\nfrom llamaherd.cli import main\n"
+              "t = threading.Thread(target=main, args=(sys.argv[1:],))\nt.start()\nt.join()\n")
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script, "serve", str(tiny), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    assert r.status == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 3}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] == 3
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_a_port_out_of_range_is_a_one_line_error(tmp_path, capsys):
+    from llamaherd.cli import main
+
+    assert main(["serve", str(tmp_path / "no-such-model"), "--port", "65536"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --port must be between 0 and 65535, got 65536"]
+
+
 @pytest.mark.slow
 def test_lm_eval_local_completions_over_http_predicts_as_herd_eval(shared_dir, tmp_path, monkeypatch):
     """lm-eval's local-completions model (as `lm_eval --model local-completions --model_args base_url=...`

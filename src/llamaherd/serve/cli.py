@@ -89,6 +89,8 @@ def run_serve(args: argparse.Namespace) -> None:
         if getattr(args, name) < (1 if name == "max_batch" else 0):
             raise InputError(f"--{name.replace('_', '-')} must be >= {1 if name == 'max_batch' else 0}, "
                              f"got {getattr(args, name)}")
+    if args.port > 65535:
+        raise InputError(f"--port must be between 0 and 65535, got {args.port}")
     _check_port_free(args.host, args.port)  # before the model loads: a busy port is a one-line error, at once
     loaded = _load(args, device=_device(args.device))
     block = loaded.config.block_size
@@ -117,6 +119,9 @@ def _serve(app, runner, config) -> None:
     import uvicorn
 
     web = uvicorn.Server(config)
+    if threading.current_thread() is not threading.main_thread():  # called from a thread (signals are the main
+        web.run()  # thread's): uvicorn here, the engine on its own thread, started and stopped by the lifespan
+        return
     runner.use_calling_thread()
 
     def http() -> None:
@@ -141,4 +146,5 @@ def _serve(app, runner, config) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not web.started:
-        raise InputError(f"the HTTP server could not start on {config.host}:{config.port} (see its log above)")
+        raise InputError(f"the HTTP server could not start on {config.host}:{config.port} (uvicorn's log says why; "
+                         "--log-level info shows it)")
