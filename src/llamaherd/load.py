@@ -199,6 +199,10 @@ def build_on_meta(config: Config, quantize: str | None = None) -> GPT:
         from llamaherd.quantize import swap_linears_for_int8
 
         swap_linears_for_int8(model)
+        if config.tie_embeddings:  # an int8 copy of the tied embedding for the head; load_weights fills it
+            from llamaherd.quantize import Int8Linear
+
+            model.lm_head = Int8Linear(config.n_embd, config.vocab_size, False, torch.device("meta"))
     elif quantize is not None:
         raise InputError(f"unknown quantization {quantize!r}; supported: int8")
     assert model.rope.inv_freq.device.type == "cpu"  # computed, not a checkpoint tensor (see RotaryEmbedding)
@@ -212,6 +216,8 @@ def load_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtype:
     expected = {n: p for n, p in model.named_parameters()}
     expected |= {n.removesuffix("_int8"): b for n, b in model.named_buffers() if n.endswith("weight_int8")}
     tied = model.config.tie_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)  # an int8 head of a tied model is quantized from the embedding below
     seen: set[str] = set()
     for name, t in tensors:
         if tied and name == "lm_head.weight":
@@ -236,6 +242,8 @@ def load_weights(model: GPT, tensors: Iterator[tuple[str, torch.Tensor]], dtype:
         raise CheckpointError(
             f"{origin}: missing tensors {', '.join(missing[:3])}{more} (truncated or incomplete checkpoint?)"
         )
+    if tied and isinstance(model._modules.get("lm_head"), Int8Linear):
+        model.lm_head.set_weight(model.model.embed_tokens.weight.detach())
     for module in model.modules():
         if isinstance(module, Int8Linear) and module.bias is not None:
             module.bias = nn.Parameter(module.bias.to(dtype))

@@ -507,6 +507,13 @@ class GPT(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
+        """The head's weight (vocab_size, n_embd): the tied embedding or lm_head's; an int8 head's dequantized copy
+        (made per call, in the embedding's dtype), so every path projects with the values the head module uses."""
+        from llamaherd.quantize import Int8Linear
+
+        head = self._modules.get("lm_head")
+        if isinstance(head, Int8Linear):
+            return head.dequantized(self.model.embed_tokens.weight.dtype)
         return self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -612,8 +619,9 @@ class GPT(nn.Module):
                                positions=cache.positions[:, 0])
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits for final-norm hidden states: the tied embedding, or the lm_head module (so LoRA/int8 take part)."""
-        return linear(h, self.output_weight) if self.config.tie_embeddings else self.lm_head(h)
+        """Logits for final-norm hidden states: the lm_head module when there is one (untied, or the int8 copy of a
+        tied embedding; so LoRA/int8 take part), else the tied embedding."""
+        return linear(h, self.output_weight) if self._modules.get("lm_head") is None else self.lm_head(h)
 
     @staticmethod
     def _attention_mask(attn_mask: torch.Tensor, past: int, T: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ MIN_BUCKET = 64  # key positions a graph reads at least
 def capturable(model: GPT) -> bool:
     """Whether the model's decode step can be captured: it is on a CUDA device, and its RoPE is not dynamic NTK
     (which reads the longest position on the host at every step)."""
-    return model.output_weight.device.type == "cuda" and not model.rope.dynamic
+    return model.model.embed_tokens.weight.device.type == "cuda" and not model.rope.dynamic
 
 
 class _Graph:

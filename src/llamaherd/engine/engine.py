@@ -64,12 +64,12 @@ class Engine:
         if fuse:
             fuse_projections(model)  # q/k/v and gate/up as one product each: fewer, larger products per step
             place_on_huge_pages(model)  # on the CPU: weights stream faster (a no-op after the first engine)
-        if model.output_weight.device.type == "cpu":
+        weight = model.model.embed_tokens.weight  # the model's device and activation dtype
+        if weight.device.type == "cpu":
             native_ops()  # built now if it must be (a server's start-up), not in the first request
         self.max_len = max_len or model.config.block_size
         self.prefill_chunk, self.prefix_reuse = prefill_chunk, prefix_reuse
         self.isolate_faults = isolate_faults  # a server's choice: one sequence's exception ends only that sequence
-        weight = model.output_weight
         self.device = weight.device
         graphs = cuda_graphs and capturable(model)
         with torch.inference_mode():  # with graphs, one more row: the scratch row their padding rows write

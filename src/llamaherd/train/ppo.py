@@ -267,7 +267,7 @@ class PPOObjective(Objective):
         targets = batch["targets"][:, None]
         out = {k: torch.empty(len(h), device=h.device) for k in ("logprobs", "raw_logprobs", "entropy",
                                                                  "ref_logprobs", "kl_exact")}
-        rows = max(1, SLICE_BYTES // (8 * self.model.output_weight.shape[0]))
+        rows = max(1, SLICE_BYTES // (8 * self.model.config.vocab_size))
         for s in range(0, len(h), rows):
             sl = slice(s, s + rows)
             logits = _head_logits(self.model, h[sl] / self.temperature)

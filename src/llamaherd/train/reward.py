@@ -40,12 +40,12 @@ ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "falcon": "FalconFor
 def add_score_head(model: GPT) -> GPT:
     """Give the decoder its reward head, in place (returns `model`): `score`, Linear(n_embd, 1, bias=False) as in
     LlamaForSequenceClassification, drawn from N(0, 0.02²) as transformers initialises it (left empty on the
-    meta device, where the loader fills it). An untied lm_head is dropped: a sequence classifier has none."""
+    meta device, where the loader fills it). An lm_head module is dropped: a sequence classifier has none."""
     ref = model.model.embed_tokens.weight
     model.score = Linear(model.config.n_embd, 1, bias=False, device=ref.device, dtype=ref.dtype)
     if ref.device.type != "meta":
         nn.init.normal_(model.score.weight, std=SCORE_INIT_STD)
-    if not model.config.tie_embeddings:
+    if "lm_head" in model._modules:  # untied, or an int8 copy of a tied embedding
         del model.lm_head
     return model
 

@@ -152,7 +152,8 @@ def merged_state(model: GPT, state: dict[str, torch.Tensor], cfg: TrainConfig) -
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):
             del merged[f"{name}.weight_int8"], merged[f"{name}.scale"]
-            merged[f"{name}.weight"] = module.dequantized(torch.float32)
+            if not (name == "lm_head" and model.config.tie_embeddings):  # a tied model exports its embedding only
+                merged[f"{name}.weight"] = module.dequantized(torch.float32)
     return merged
 
 
