@@ -1,8 +1,8 @@
 """How much memory fine-tuning (full, LoRA, QLoRA) or inference needs, from the model's shapes alone.
 
 What is counted, per component:
-  weights      every parameter in its dtype (a QLoRA base: int8 rows + one scale each, or NF4 with one
-               fp32 absmax per 64 values), plus the LoRA matrices.
+  weights      every parameter in its dtype (a QLoRA base: int8 rows + one scale each, the output head too,
+               or NF4 with one fp32 absmax per 64 values), plus the LoRA matrices.
   gradients    one per trainable parameter, in its dtype.
   optimizer    AdamW: two moments per trainable parameter, in the parameter dtype (as torch.optim keeps them).
   activations  the tensors this model's autograd graph saves for backward, counted per layer from what each
@@ -241,6 +241,8 @@ def estimate(
     if quantize == "int8":
         rows = config.n_layer * sum(o for _, o in shapes.values())
         weight_bytes = linear_n + rows * wb + (n_params - linear_n) * wb
+        head = config.vocab_size * config.n_embd  # int8 too: in place of the untied head, or a tied one's copy
+        weight_bytes += head + config.vocab_size * wb - (0 if config.tie_embeddings else head * wb)
     elif quantize == "nf4":
         weight_bytes = linear_n // 2 + linear_n // NF4_BLOCK * 4 + (n_params - linear_n) * wb
     else:

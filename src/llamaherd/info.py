@@ -17,12 +17,16 @@ def quantizable_params(config: Config) -> int:
 
 
 def weight_bytes(config: Config) -> dict[str, int]:
-    """Bytes for the weights alone, per precision; int8 keeps embeddings and norms in bf16."""
+    """Bytes for the weights alone, per precision; int8 (llamaherd.quantize) has every linear layer and the output
+    head in int8 with one bf16 scale per row, embeddings and norms in bf16 (a tied model adds an int8 copy of
+    its embedding for the head)."""
     n = config.n_params
     out = {k: n * b for k, b in BYTES_PER_PARAM.items()}
     q = quantizable_params(config)
     n_rows = config.n_layer * (config.n_head * config.head_dim * 2 + 2 * config.n_query_groups * config.head_dim)
-    out["int8"] = q + 2 * (n - q) + 2 * n_rows  # int8 weights + bf16 rest + one bf16 scale per output row
+    head = config.vocab_size * config.n_embd
+    head_int8 = head + 2 * config.vocab_size - (0 if config.tie_embeddings else 2 * head)  # in place of bf16
+    out["int8"] = q + 2 * (n - q) + 2 * n_rows + head_int8  # int8 weights + bf16 rest + one bf16 scale per row
     return out
 
 
