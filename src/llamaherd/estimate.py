@@ -25,6 +25,7 @@ from pathlib import Path
 from llamaherd import config as presets
 from llamaherd.config import Config
 from llamaherd.errors import InputError
+from llamaherd.info import int8_head_change
 from llamaherd.lora import TARGETS
 
 METHODS = ("full", "lora", "qlora", "inference")
@@ -241,8 +242,7 @@ def estimate(
     if quantize == "int8":
         rows = config.n_layer * sum(o for _, o in shapes.values())
         weight_bytes = linear_n + rows * wb + (n_params - linear_n) * wb
-        head = config.vocab_size * config.n_embd  # int8 too: in place of the untied head, or a tied one's copy
-        weight_bytes += head + config.vocab_size * wb - (0 if config.tie_embeddings else head * wb)
+        weight_bytes += int8_head_change(config, wb)  # the head is int8 too
     elif quantize == "nf4":
         weight_bytes = linear_n // 2 + linear_n // NF4_BLOCK * 4 + (n_params - linear_n) * wb
     else:

@@ -24,10 +24,16 @@ def weight_bytes(config: Config) -> dict[str, int]:
     out = {k: n * b for k, b in BYTES_PER_PARAM.items()}
     q = quantizable_params(config)
     n_rows = config.n_layer * (config.n_head * config.head_dim * 2 + 2 * config.n_query_groups * config.head_dim)
-    head = config.vocab_size * config.n_embd
-    head_int8 = head + 2 * config.vocab_size - (0 if config.tie_embeddings else 2 * head)  # in place of bf16
-    out["int8"] = q + 2 * (n - q) + 2 * n_rows + head_int8  # int8 weights + bf16 rest + one bf16 scale per row
+    out["int8"] = q + 2 * (n - q) + 2 * n_rows + int8_head_change(config, 2)  # int8 + bf16 rest + bf16 scales
     return out
+
+
+def int8_head_change(config: Config, float_bytes: int) -> int:
+    """Bytes the int8 output head (llamaherd.quantize) adds to a count that holds the head and embedding in
+    `float_bytes` per value: int8 rows and one scale per row, in place of an untied head's float weight, or on
+    top of a tied model's embedding (which the lookup keeps)."""
+    head = config.vocab_size * config.n_embd
+    return head + config.vocab_size * float_bytes - (0 if config.tie_embeddings else head * float_bytes)
 
 
 def human_bytes(n: float) -> str:

@@ -196,12 +196,10 @@ def build_on_meta(config: Config, quantize: str | None = None) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     if quantize == "int8":
-        from llamaherd.quantize import swap_linears_for_int8
+        from llamaherd.quantize import Int8Linear, swap_linears_for_int8
 
         swap_linears_for_int8(model)
         if config.tie_embeddings:  # an int8 copy of the tied embedding for the head; load_weights fills it
-            from llamaherd.quantize import Int8Linear
-
             model.lm_head = Int8Linear(config.n_embd, config.vocab_size, False, torch.device("meta"))
     elif quantize is not None:
         raise InputError(f"unknown quantization {quantize!r}; supported: int8")
