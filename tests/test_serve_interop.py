@@ -247,12 +247,15 @@ def test_herd_serve_command_keeps_the_api_key_out_of_its_logs(tiny, tmp_path):
     assert KEY not in output and KEY[:-1] not in output and KEY[3:12] not in output
 
 
-def start_herd_serve(model, port: int, log, env: dict, *options: str) -> subprocess.Popen:
-    """`herd serve model` (3 rows, one thread) as a process writing to `log`, once its /health answers."""
+HERD = (sys.executable, "-m", "llamaherd.cli")
+
+
+def start_herd_serve(model, port: int, log, env: dict, *options: str, herd: tuple[str, ...] = HERD) -> subprocess.Popen:
+    """`herd serve model` (3 rows, one thread) as a process writing to `log`, once its /health answers (a 2xx;
+    urlopen raises on the rest). `herd` is the command line that runs the CLI."""
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llamaherd.cli", "serve", str(model), "--port", str(port),
-                                 "--max-batch", "3", *options], stdout=out, stderr=subprocess.STDOUT,
-                                env=os.environ | {"OMP_NUM_THREADS": "1"} | env)
+        proc = subprocess.Popen([*herd, "serve", str(model), "--port", str(port), "--max-batch", "3", *options],
+                                stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"} | env)
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -290,19 +293,8 @@ def test_herd_serve_called_from_a_thread_serves(tiny, tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
     script = ("import sys, threading\nfrom llamaherd.cli import main\n"
               "t = threading.Thread(target=main, args=(sys.argv[1:],))\nt.start()\nt.join()\n")
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", script, "serve", str(tiny), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    proc = start_herd_serve(tiny, port, log, {}, herd=(sys.executable, "-c", script))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    assert r.status == 200
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
         body = json.dumps({"prompt": PROMPT, "max_tokens": 3}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                          {"Content-Type": "application/json"})
