@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="threads for all three (default: torch's, one per core)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     precisions = args.precisions.split(",")
     if unknown := set(precisions) - set(PRECISIONS):
         ap.error(f"--precisions: unknown {','.join(sorted(unknown))}; choose from {','.join(PRECISIONS)}")
