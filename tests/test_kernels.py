@@ -199,6 +199,65 @@ def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(tiny, quantize,
     assert all((g - w).abs().max() <= 1e-4 for g, w in zip(got, want))
 
 
+@needs_compiler
+@pytest.mark.parametrize("change", ["lora", "weight data"])
+def test_native_decode_follows_changes_made_after_it_ran(tiny, change, monkeypatch):
+    """The native steps' weights are worked out once (model.DecodePlan). A LoRA injected, or a fused projection's
+    weight given new data, after an engine decoded: that engine and a new one give the logprobs of a model changed
+    the same way that never decoded natively, within 1e-4 (a stale plan would ignore the change)."""
+    _, path = tiny
+    prompt, params = [5, 17, 33], SamplingParams(max_new_tokens=6, stop_ids=frozenset(), logprobs=0)
+
+    def modify(model):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            if change == "lora":
+                inject_lora(model, LoRAConfig(r=2, alpha=4, targets=("v",)))
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_()
+            else:
+                gate = model.model.layers[0].mlp.gate_proj
+                gate.weight.data = gate.weight.data * 2
+
+    def logprobs(engine):
+        request = engine.add_request(prompt, params)
+        list(engine.stream())
+        return torch.tensor([e.logprob for e in request.completions[0].logprobs])
+
+    model = load_gpt(path)
+    engine = Engine(model, max_batch=1, max_len=32, prefix_reuse=False)
+    before = logprobs(engine)
+    assert model._decode_plan.weights is not None  # the steps ran natively
+    modify(model)
+    got, fresh = logprobs(engine), logprobs(Engine(model, max_batch=1, max_len=32))
+    reference = load_gpt(path)
+    modify(reference)
+    monkeypatch.setattr(kernels, "native_ops", lambda: None)
+    want = logprobs(Engine(reference, max_batch=1, max_len=32, fuse=False))
+    assert (got - want).abs().max() <= 1e-4 and (fresh - want).abs().max() <= 1e-4
+    assert (before - want).abs().max() > 1e-3  # the change matters
+
+
+@needs_compiler
+def test_an_fp16_model_decodes_through_its_modules(tiny, monkeypatch):
+    """The kernels read fp32, bf16 and int8 weights, not fp16: an fp16 model's engine steps run the modules (the
+    native block raised 'unsupported weight dtype Half' before) and match the steps with the kernels off."""
+    _, path = tiny
+    params = SamplingParams(max_new_tokens=8, stop_ids=frozenset(), logprobs=0)
+
+    def run():
+        engine = Engine(load_gpt(path, dtype=torch.float16), max_batch=2, max_len=32)
+        requests = [engine.add_request(p, params) for p in ([5, 17, 33], [40])]
+        list(engine.stream())
+        return [torch.tensor([e.logprob for e in r.completions[0].logprobs]) for r in requests]
+
+    got = run()
+    monkeypatch.setattr(kernels, "native_ops", lambda: None)
+    want = run()
+    assert all((g - w).abs().max() <= 1e-3 for g, w in zip(got, want))
+
+
 def test_fusing_keeps_parameter_names_and_values_and_yields_to_lora(tiny):
     _, path = tiny
     model, reference = load_gpt(path), load_gpt(path)

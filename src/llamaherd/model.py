@@ -496,6 +496,60 @@ class DecoderStack(nn.Module):
         self.norm = make_norm(config)
 
 
+_structure_version = 0  # bumped whenever any module, parameter or buffer is assigned (torch's global hooks)
+
+
+def _structure_changed(*_) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_structure_changed)
+nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
+nn.modules.module.register_module_buffer_registration_hook(_structure_changed)
+
+
+class DecodePlan(NamedTuple):
+    """Each block's `llama_decode_block` weight arguments, worked out once rather than at every decode step (looking
+    them up through 30 blocks' modules cost ~1.2 ms a step, 5% of SmolLM2's). The blocks must be LLaMA blocks
+    (RMSNorm, sequential residual, SwiGLU, no biases) whose q/k/v and gate/up are fused (the engine fuses them),
+    with weights the kernels read (fp32, bf16, int8); anything else (Falcon, LoRA, fp16) runs the modules: weights
+    None.
+
+    A plan stays current until a module, parameter or buffer is assigned anywhere (LoRA injected, a projection
+    replaced, `fuse_projections`) or a fused group's weights move (`.to()`, `.data =`); then it is built again."""
+
+    version: int
+    weights: list[tuple] | None
+    fused_sources: list[torch.Tensor]  # the modules' weights that the fused copies stand for
+    pointers: list[int]  # their data pointers when the plan was made
+
+    def current(self) -> bool:
+        return self.version == _structure_version and [t.data_ptr() for t in self.fused_sources] == self.pointers
+
+    @staticmethod
+    def of(model: GPT) -> DecodePlan:
+        version, weights, sources = _structure_version, [], []
+        config = model.config
+        if config.norm_class != "rmsnorm" or config.parallel_residual or config.mlp_class != "swiglu":
+            return DecodePlan(version, None, [], [])
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            qkv, gate_up = getattr(attn.q_proj, "fused", None), getattr(mlp.gate_proj, "fused", None)
+            out, down = _plain_weight(attn.o_proj), _plain_weight(mlp.down_proj)
+            if (qkv is None or gate_up is None or qkv.bias is not None or gate_up.bias is not None
+                    or not qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
+                    or not gate_up.serves((mlp.gate_proj, mlp.up_proj)) or out is None or down is None
+                    or any(w.dtype not in kernels.WEIGHT_DTYPES
+                           for w in (qkv.weight, out[0], gate_up.weight, down[0]))):
+                return DecodePlan(version, None, [], [])
+            sources += [getattr(m, "weight_int8" if f.int8 else "weight") for f in (qkv, gate_up) for m in f.modules]
+            weights.append((block.input_layernorm.weight, qkv.weight, qkv.scale, *out,
+                            block.post_attention_layernorm.weight, gate_up.weight, gate_up.scale, *down,
+                            block.input_layernorm.eps, attn.n_head, attn.n_kv))
+        return DecodePlan(version, weights, sources, [t.data_ptr() for t in sources])
+
+
 class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
@@ -577,11 +631,9 @@ class GPT(nn.Module):
         native = self._native_decode(x, cache)
         if native is not None:  # a decode step, tens of ms: one look at the other processes is enough
             share_cores(x)
-            keys, values = cache.cache.k, cache.cache.v
-            first_slot = -1 if cache.span is None else cache.span.start
+            keys, values = cache.cache.k.unbind(0), cache.cache.v.unbind(0)  # each layer's view, in one op
             for i, weights in enumerate(native.weights):
-                x = native.llama_decode_block(x, *weights, cos, sin, keys[i], values[i], cache.slots,
-                                              native.positions, first_slot, cache.end, mask)
+                x = native.llama_decode_block(x, *weights, cos, sin, keys[i], values[i], cache.slots, native.positions)
         for i, block in enumerate(self.model.layers if native is None else ()):
             share_cores(x)  # per layer, forward and backward: threads for the busy llamaherd processes
             x = block(x, cos, sin, mask, cache, i)
@@ -594,28 +646,16 @@ class GPT(nn.Module):
 
     def _native_decode(self, x: torch.Tensor, cache) -> SimpleNamespace | None:
         """The native ops and each block's weights when this pass is a decode step (engine cache rows, one new
-        position per sequence) that every block can run as one `llama_decode_block` call: LLaMA blocks (RMSNorm,
-        sequential residual, SwiGLU, no biases) whose q/k/v and gate/up are fused (the engine fuses them), plain
-        or int8. Anything else (Falcon, LoRA, training, prefill) runs the modules."""
+        position per sequence) that every block can run as one `llama_decode_block` call (see `DecodePlan`)."""
         ops = kernels.native_ops_for(x) if isinstance(cache, CacheRows) else None  # None unless a decode step
-        config = self.config
-        if ops is None or config.norm_class != "rmsnorm" or config.parallel_residual or config.mlp_class != "swiglu":
+        if ops is None:
             return None
-        weights = []
-        for block in self.model.layers:
-            attn, mlp = block.self_attn, block.mlp
-            qkv, gate_up = getattr(attn.q_proj, "fused", None), getattr(mlp.gate_proj, "fused", None)
-            if (qkv is None or gate_up is None or qkv.bias is not None or gate_up.bias is not None
-                    or not qkv.serves((attn.q_proj, attn.k_proj, attn.v_proj))
-                    or not gate_up.serves((mlp.gate_proj, mlp.up_proj))):
-                return None
-            out, down = _plain_weight(attn.o_proj), _plain_weight(mlp.down_proj)
-            if out is None or down is None:
-                return None
-            weights.append((block.input_layernorm.weight, qkv.weight, qkv.scale, *out,
-                            block.post_attention_layernorm.weight, gate_up.weight, gate_up.scale, *down,
-                            block.input_layernorm.eps, attn.n_head, attn.n_kv))
-        return SimpleNamespace(llama_decode_block=ops.llama_decode_block, weights=weights,
+        plan = self.__dict__.get("_decode_plan")
+        if plan is None or not plan.current():
+            plan = self.__dict__["_decode_plan"] = DecodePlan.of(self)
+        if plan.weights is None:
+            return None
+        return SimpleNamespace(llama_decode_block=ops.llama_decode_block, weights=plan.weights,
                                positions=cache.positions[:, 0])
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

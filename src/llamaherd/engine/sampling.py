@@ -85,8 +85,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     inverse transform sampling: one uniform u per row from `generator`, the first token whose cumulative
     probability (float64) exceeds u times the total. Exact for a categorical distribution, and one random number
     per token instead of the V exponentials `torch.multinomial` draws (0.8 ms per row for a 49k vocabulary)."""
-    if params.temperature == 0:
-        return logits.argmax(-1)
+    if params.temperature == 0:  # max's indices are argmax's (the first maximum), at 28 against 70 us for 49k logits
+        return logits.max(-1).indices
     cdf = warp_logits(logits, params).softmax(-1).double().cumsum(-1)  # (B, V)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=torch.float64)
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # a token of probability 0 is never the first

@@ -32,6 +32,7 @@ inline float widen(uint16_t v) {  // bfloat16 bits -> float32: the high half of 
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+inline float widen(at::Half v) { return static_cast<float>(v); }
 
 inline float round_to(float v, at::ScalarType dtype) {  // float -> bf16/fp16 -> float, round to nearest even
   return dtype == at::kBFloat16 ? static_cast<float>(static_cast<at::BFloat16>(v))
@@ -178,6 +179,45 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
   });
 }
 
+// y (B, N) = x (B, K) @ weight (N, K).T, times scale (N,) per row for int8, plus bias (N,), on raw rows: x is
+// float32 (xf), or bf16 bits (xb) for bf16 x bf16 (read as stored). Shared by matvec and llama_decode_block.
+void product(const float* xf, const uint16_t* xb, const at::Tensor& weight, const float* sp, const float* bp,
+             float* y, int64_t B, int64_t N, int64_t K) {
+  switch (weight.scalar_type()) {
+    case at::kFloat:
+      rows_times(xf, weight.data_ptr<float>(), sp, bp, y, B, N, K);
+      break;
+    case at::kBFloat16: {
+      const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+      if (xb) {  // a bf16 model: bf16 x bf16 products, exact in float32
+        rows_times(xb, wp, sp, bp, y, B, N, K);
+      } else {
+        rows_times(xf, wp, sp, bp, y, B, N, K);
+      }
+      break;
+    }
+    case at::kChar:
+      TORCH_CHECK(sp, "matvec: an int8 weight needs its scale");
+      rows_times(xf, weight.data_ptr<int8_t>(), sp, bp, y, B, N, K);
+      break;
+    default:
+      TORCH_CHECK(false, "matvec: unsupported weight dtype ", weight.scalar_type());
+  }
+}
+
+// A float32 view of a small input (a norm weight, scales, cos/sin, a row of activations): its own data when it
+// is float32 and contiguous, else a converted copy that `keep` holds.
+const float* floats(const at::Tensor& t, at::Tensor& keep) {
+  keep = t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
+// Rounds n float values to `dtype` (bf16/fp16) and back, as storing them in that dtype would; float32: nothing.
+void round_all(float* v, int64_t n, at::ScalarType dtype) {
+  if (dtype == at::kFloat) return;
+  for (int64_t i = 0; i < n; ++i) v[i] = round_to(v[i], dtype);
+}
+
 // x (..., K) in float32 / bfloat16 / float16, weight (N, K) float32 / bfloat16 / int8, scale (N,) for int8,
 // bias (N,) -> (..., N) in x's dtype. The dtype and shape work happens here rather than in Python: a decode
 // step makes some 120 of these calls, and each Python-side op costs microseconds.
@@ -193,125 +233,146 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const std::opti
   const at::Tensor rows = half_pair ? flat.contiguous() : flat.to(at::kFloat).contiguous();
   const int64_t B = rows.size(0);
   at::Tensor s, b;
-  if (scale.has_value()) s = scale->to(at::kFloat).contiguous();
-  if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
-  TORCH_CHECK(!s.defined() || s.numel() == N, "matvec: scale needs one value per output row");
-  TORCH_CHECK(!b.defined() || b.numel() == N, "matvec: bias needs one value per output row");
-  const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* sp = scale.has_value() ? floats(*scale, s) : nullptr;
+  const float* bp = bias.has_value() ? floats(*bias, b) : nullptr;
+  TORCH_CHECK(!sp || s.numel() == N, "matvec: scale needs one value per output row");
+  TORCH_CHECK(!bp || b.numel() == N, "matvec: bias needs one value per output row");
   at::Tensor y = at::empty({B, N}, rows.options().dtype(at::kFloat));
-  const float* xp = half_pair ? nullptr : rows.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (weight.scalar_type()) {
-    case at::kFloat:
-      rows_times(xp, weight.data_ptr<float>(), sp, bp, yp, B, N, K);
-      break;
-    case at::kBFloat16: {
-      const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-      if (half_pair) {  // a bf16 model: bf16 x bf16 products, exact in float32
-        rows_times(reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>()), wp, sp, bp, yp, B, N, K);
-      } else {
-        rows_times(xp, wp, sp, bp, yp, B, N, K);
-      }
-      break;
-    }
-    case at::kChar:
-      TORCH_CHECK(sp, "matvec: an int8 weight needs its scale");
-      rows_times(xp, weight.data_ptr<int8_t>(), sp, bp, yp, B, N, K);
-      break;
-    default:
-      TORCH_CHECK(false, "matvec: unsupported weight dtype ", weight.scalar_type());
-  }
+  product(half_pair ? nullptr : rows.data_ptr<float>(),
+          half_pair ? reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>()) : nullptr, weight, sp, bp,
+          y.data_ptr<float>(), B, N, K);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return y.view(shape).to(x.scalar_type());
 }
 
-// RMSNorm over the last dim for inference, one op instead of the ~10 of its composite: y = x / rms(x) * w,
-// in float32; for a half-precision x the normalized value is rounded to x's dtype before the weight scales it,
-// as Hugging Face's LlamaRMSNorm does (llamaherd.model.RMSNorm).
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(weight.numel() == D, "rms_norm: weight of ", weight.numel(), " values for rows of ", D);
-  const at::Tensor rows = x.reshape({-1, D}).to(at::kFloat).contiguous();
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  const bool half = x.scalar_type() != at::kFloat;
-  at::Tensor y = at::empty_like(rows);
-  const float *xp = rows.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows.size(0), 16, [&](int64_t begin, int64_t end) {
+// RMSNorm of `rows` rows of D values for inference: y = x / rms(x) * w in float32; for a half-precision dtype the
+// normalized value is rounded to it before the weight scales it, and the result is rounded too, as Hugging Face's
+// LlamaRMSNorm does (llamaherd.model.RMSNorm).
+void rms_rows(const float* x, const float* w, float* y, int64_t rows, int64_t D, double eps, at::ScalarType dtype) {
+  const bool half = dtype != at::kFloat;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* xr = xp + r * D;
-      float* yr = yp + r * D;
+      const float* xr = x + r * D;
+      float* yr = y + r * D;
       float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
       for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-      for (int64_t d = 0; d < D; ++d) {
-        float n = xr[d] * inv;
-        if (half) n = round_to(n, x.scalar_type());
-        yr[d] = n * wp[d];
+      if (!half) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * inv * w[d];
+        continue;
       }
+      for (int64_t d = 0; d < D; ++d) yr[d] = round_to(round_to(xr[d] * inv, dtype) * w[d], dtype);
     }
   });
+}
+
+// RMSNorm over the last dim, one op instead of the ~10 of its composite (rms_rows).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.numel() == D, "rms_norm: weight of ", weight.numel(), " values for rows of ", D);
+  at::Tensor rows, w;
+  const float* xp = floats(x.reshape({-1, D}), rows);
+  const float* wp = floats(weight, w);
+  at::Tensor y = at::empty({rows.size(0), D}, rows.options());
+  rms_rows(xp, wp, y.data_ptr<float>(), rows.size(0), D, eps, x.scalar_type());
   return y.view(x.sizes()).to(x.scalar_type());
 }
 
-// RoPE of one decode step's queries and keys in one op (rotate-half layout, as llamaherd.model.apply_rope):
-// q (B, 1, n_head * hd), k (B, 1, n_kv * hd) (views into the fused q/k/v product are fine), cos and sin
-// (B, 1, 1, d) with d <= hd rotated dims -> q (B, n_head, 1, hd), k (B, n_kv, 1, hd) in q's dtype. A half
-// dtype rounds each product and the sum, as the eager ops do.
-at::Tensor rotate(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, int64_t heads) {
-  const int64_t B = x.size(0), hd = x.size(-1) / heads, d = c.size(-1), half_d = d / 2;
-  const at::ScalarType dtype = x.scalar_type();
+// RoPE (rotate-half layout, as llamaherd.model.apply_rope) of B rows of `heads` heads of hd values, the rows
+// `stride` floats apart (views into the fused q/k/v product are fine), with cos and sin (B, d), d <= hd rotated
+// dims: out (B, heads * hd). A half dtype rounds each product and the sum, as the eager ops do.
+void rope_rows(const float* x, int64_t stride, const float* c, const float* s, float* out, int64_t B, int64_t heads,
+               int64_t hd, int64_t d, at::ScalarType dtype) {
+  const int64_t half_d = d / 2;
   const bool half = dtype != at::kFloat;
-  const at::Tensor xf = x.reshape({B, heads, hd}).to(at::kFloat).contiguous();
-  at::Tensor out = at::empty_like(xf);
-  const float *xp = xf.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   auto r = [&](float v) { return half ? round_to(v, dtype) : v; };
   for (int64_t b = 0; b < B; ++b) {
-    const float *cb = cp + b * d, *sb = sp + b * d;
+    const float *cb = c + b * d, *sb = s + b * d;
     for (int64_t h = 0; h < heads; ++h) {
-      const float* xr = xp + (b * heads + h) * hd;
-      float* orow = op + (b * heads + h) * hd;
+      const float* xr = x + b * stride + h * hd;
+      float* orow = out + (b * heads + h) * hd;
       for (int64_t i = 0; i < half_d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(-xr[i + half_d] * sb[i]));
       for (int64_t i = half_d; i < d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(xr[i - half_d] * sb[i]));
       for (int64_t i = d; i < hd; ++i) orow[i] = xr[i];
     }
   }
-  return out.view({B, heads, 1, hd}).to(dtype);
 }
 
+// RoPE of one decode step's queries and keys in one op: q (B, 1, n_head * hd), k (B, 1, n_kv * hd), cos and sin
+// (B, 1, 1, d) -> q (B, n_head, 1, hd) and k (B, n_kv, 1, hd) in q's dtype (rope_rows).
 std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                            const at::Tensor& sin, int64_t n_head, int64_t n_kv) {
   TORCH_CHECK(q.dim() == 3 && q.size(1) == 1 && k.size(0) == q.size(0), "rope_qk: q ", q.sizes(), " and k ",
               k.sizes(), " are not one decode step");
-  const int64_t B = q.size(0);
-  TORCH_CHECK(cos.numel() == B * cos.size(-1) && cos.size(-1) % 2 == 0 && cos.size(-1) <= q.size(-1) / n_head,
-              "rope_qk: cos ", cos.sizes(), " does not fit q ", q.sizes());
-  const at::Tensor c = cos.reshape({B, cos.size(-1)}).to(at::kFloat).contiguous();
-  const at::Tensor s = sin.reshape({B, sin.size(-1)}).to(at::kFloat).contiguous();
-  return {rotate(q, c, s, n_head), rotate(k, c, s, n_kv)};
+  const int64_t B = q.size(0), d = cos.size(-1), hd = q.size(-1) / n_head;
+  TORCH_CHECK(cos.numel() == B * d && d % 2 == 0 && d <= hd, "rope_qk: cos ", cos.sizes(), " does not fit q ",
+              q.sizes());
+  at::Tensor c, s, qf, kf;
+  const float* cp = floats(cos.reshape({B, d}), c);
+  const float* sp = floats(sin.reshape({B, d}), s);
+  auto rotate = [&](const at::Tensor& x, int64_t heads, at::Tensor& keep) {
+    const float* xp = floats(x.reshape({B, heads * hd}), keep);
+    at::Tensor out = at::empty({B, heads, 1, hd}, keep.options());
+    rope_rows(xp, heads * hd, cp, sp, out.data_ptr<float>(), B, heads, hd, d, q.scalar_type());
+    return out.to(q.scalar_type());
+  };
+  return {rotate(q, n_head, qf), rotate(k, n_kv, kf)};
+}
+
+// e^v[i] in place. AVX-512: v = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r by its
+// Taylor series to r^7 / 7! (truncation below 6e-9 relative, under float32's rounding), times 2^n by scalef;
+// within a few ulp of std::exp. Elsewhere std::exp.
+void exp_inplace(float* v, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
+               ln2_lo = _mm512_set1_ps(-2.12194440e-4f), lo = _mm512_set1_ps(-104.f), hi = _mm512_set1_ps(89.f);
+  constexpr float inverse_factorials[8] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
+  for (; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_maskz_loadu_ps(m, v + i), lo), hi);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, x));
+    __m512 p = _mm512_set1_ps(inverse_factorials[7]);
+    for (int j = 6; j >= 0; --j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(inverse_factorials[j]));
+    _mm512_mask_storeu_ps(v + i, m, _mm512_scalef_ps(p, k));
+  }
+#endif
+  for (; i < n; ++i) v[i] = std::exp(v[i]);
+}
+
+// silu(gate) * up for `rows` rows of `cols` values, gate and up rows `gs` and `us` floats apart (halves of the
+// fused gate/up product are fine): out (rows, cols). A half dtype rounds silu's result and the product, as
+// F.silu(gate) * up does.
+void silu_mul_rows(const float* gate, const float* up, int64_t gs, int64_t us, float* out, int64_t rows,
+                   int64_t cols, at::ScalarType dtype) {
+  const bool half = dtype != at::kFloat;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = gate + r * gs, *u = up + r * us;
+    float* y = out + r * cols;
+    for (int64_t i = 0; i < cols; ++i) y[i] = -g[i];
+    exp_inplace(y, cols);  // e^-gate
+    for (int64_t i = 0; i < cols; ++i) {
+      const float a = g[i] / (1.f + y[i]);
+      y[i] = half ? round_to(round_to(a, dtype) * u[i], dtype) : a * u[i];
+    }
+  }
 }
 
 // silu(gate) * up for one decode step (gate and up may be views into the fused gate/up product), in gate's
-// dtype; a half dtype rounds silu's result and the product, as F.silu(gate) * up does.
+// dtype (silu_mul_rows).
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.sizes() == up.sizes(), "silu_mul: gate ", gate.sizes(), " and up ", up.sizes(), " differ");
-  const at::ScalarType dtype = gate.scalar_type();
-  const bool half = dtype != at::kFloat;
-  const at::Tensor g = gate.to(at::kFloat).contiguous(), u = up.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty_like(g);
-  const float *gp = g.data_ptr<float>(), *upp = u.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t n = g.numel();
-  for (int64_t i = 0; i < n; ++i) {
-    float a = gp[i] / (1.f + std::exp(-gp[i]));
-    if (half) a = round_to(a, dtype);
-    yp[i] = a * upp[i];
-  }
-  return y.to(dtype);
+  const int64_t cols = gate.dim() ? gate.size(-1) : 1, rows = cols ? gate.numel() / cols : 0;
+  at::Tensor g, u;
+  const float* gp = floats(gate.reshape({rows, cols}), g);
+  const float* upp = floats(up.reshape({rows, cols}), u);
+  at::Tensor y = at::empty({rows, cols}, g.options());
+  silu_mul_rows(gp, upp, cols, cols, y.data_ptr<float>(), rows, cols, gate.scalar_type());
+  return y.view(gate.sizes()).to(gate.scalar_type());
 }
 
 // Training's SwiGLU backward (llamaherd.lean_autograd): the gradients of silu(gate) * up for the incoming `grad`,
@@ -349,38 +410,40 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_backward(const at::Tensor& gate, con
   return {grad_gate.view(gate.sizes()), grad_up.view(gate.sizes())};
 }
 
-// Attention of one query per row (a decode step) over the first lengths[b] keys of its row, in fp32 whatever the
-// cache's dtype (fp32 or bf16 bits): what at::scaled_dot_product_attention gives with the step's mask, up to
-// rounding, without its per-call set-up (50-70 us a layer for SmolLM2's 9 heads and a short context, a sixth of a
-// layer's non-product time) and without reading the masked keys. q (B, n_head, 1, hd); keys, values
-// (B, n_kv, S, hd) with unit stride in hd (cache views or gathered rows); grouped-query heads share their kv head.
+// Attention of one query per row (a decode step) over keys [0, lengths[b]) of the cache row slots[b], in float32
+// whatever the cache's dtype (float32, bf16 bits, fp16): what at::scaled_dot_product_attention gives with the
+// step's causal mask, up to rounding, without its per-call set-up (50-70 us a layer for SmolLM2's 9 heads and a
+// short context), without gathering the rows, and without reading the hidden keys. q (B, H, hd) float32; cache
+// (max_batch, n_kv, max_len, hd) with unit stride in hd, strides cs; grouped-query heads share their kv head.
+// out (B, H * hd), heads in order (what transpose(1, 2).reshape gives).
 template <typename T>
-void attend_rows(const float* q, const T* k, const T* v, const int64_t* ks, const int64_t* vs,
+void attend_rows(const float* q, const T* k, const T* v, const int64_t* cs, const int64_t* slots,
                  const std::vector<int64_t>& lengths, int64_t H, int64_t n_kv, int64_t hd, float* out) {
   const int64_t group = H / n_kv, B = static_cast<int64_t>(lengths.size());
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p, acc(hd);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H, kv = h / group, n = lengths[b];
+      const int64_t b = i / H, h = i % H, n = lengths[b];
+      const int64_t row = slots[b] * cs[0] + (h / group) * cs[1];
       const float* qi = q + i * hd;
-      const T* kb = k + b * ks[0] + kv * ks[1];
-      const T* vb = v + b * vs[0] + kv * vs[1];
       p.resize(n);
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
-        const T* kj = kb + j * ks[2];
+        const T* kj = k + row + j * cs[2];
         float a = 0.f;
 #pragma omp simd reduction(+ : a)
         for (int64_t d = 0; d < hd; ++d) a += qi[d] * widen(kj[d]);
         p[j] = a * scale;
         top = std::max(top, p[j]);
       }
+      for (int64_t j = 0; j < n; ++j) p[j] -= top;
+      exp_inplace(p.data(), n);
       float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - top));
+      for (int64_t j = 0; j < n; ++j) sum += p[j];
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const T* vj = vb + j * vs[2];
+        const T* vj = v + row + j * cs[2];
         const float w = p[j];
 #pragma omp simd
         for (int64_t d = 0; d < hd; ++d) acc[d] += w * widen(vj[d]);
@@ -390,69 +453,128 @@ void attend_rows(const float* q, const T* k, const T* v, const int64_t* ks, cons
   });
 }
 
-// decode_attention's result, or nullopt for what it does not serve (other dtypes, strided head dims).
-std::optional<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                                           const std::vector<int64_t>& lengths) {
-  const at::ScalarType kt = keys.scalar_type();
-  if ((kt != at::kFloat && kt != at::kBFloat16) || values.scalar_type() != kt || keys.stride(3) != 1 ||
-      values.stride(3) != 1 || q.size(1) % keys.size(1) != 0)
-    return std::nullopt;
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3);
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({B, H, 1, hd}, qf.options());
-  const int64_t ks[3] = {keys.stride(0), keys.stride(1), keys.stride(2)};
-  const int64_t vs[3] = {values.stride(0), values.stride(1), values.stride(2)};
-  if (kt == at::kFloat)
-    attend_rows(qf.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), ks, vs, lengths, H,
-                keys.size(1), hd, out.data_ptr<float>());
-  else
-    attend_rows(qf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(keys.data_ptr<at::BFloat16>()),
-                reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()), ks, vs, lengths, H,
-                keys.size(1), hd, out.data_ptr<float>());
-  return out.to(q.scalar_type());
+inline void store(float v, float* p) { *p = v; }
+inline void store(float v, uint16_t* p) { *p = static_cast<at::BFloat16>(v).x; }
+inline void store(float v, at::Half* p) { *p = static_cast<at::Half>(v); }
+
+// One decode step's keys k (B, n_kv * hd) and values v (B rows `v_stride` floats apart) into the cache rows
+// slots[b] at positions[b], then attention over each row's keys [0, positions[b]] (attend_rows) into out.
+template <typename T>
+void cache_and_attend(const float* q, const float* k, const float* v, int64_t v_stride, T* kc, T* vc,
+                      const int64_t* cs, const int64_t* slots, const int64_t* positions, int64_t B, int64_t H,
+                      int64_t n_kv, int64_t hd, float* out) {
+  std::vector<int64_t> lengths(B);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < n_kv; ++h) {
+      const int64_t at = slots[b] * cs[0] + h * cs[1] + positions[b] * cs[2];
+      for (int64_t d = 0; d < hd; ++d) {
+        store(k[b * n_kv * hd + h * hd + d], kc + at + d);
+        store(v[b * v_stride + h * hd + d], vc + at + d);
+      }
+    }
+    lengths[b] = positions[b] + 1;
+  }
+  attend_rows(q, static_cast<const T*>(kc), static_cast<const T*>(vc), cs, slots, lengths, H, n_kv, hd, out);
+}
+
+// y (B, N) = x (B, K) @ weight.T (times the int8 scales), rounded to the activations' dtype `act` as matvec's
+// result is; a bf16 model's bf16 weights read x as bf16 (its values are bf16 already: exact), through `bits`.
+void project(const float* x, int64_t B, int64_t K, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+             float* y, at::ScalarType act, std::vector<uint16_t>& bits) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.is_contiguous(), "llama_decode_block: weight ",
+              weight.sizes(), " does not take ", K, " inputs, or is not contiguous");
+  const int64_t N = weight.size(0);
+  at::Tensor s;
+  const float* sp = scale.has_value() ? floats(*scale, s) : nullptr;
+  const bool half_pair = weight.scalar_type() == at::kBFloat16 && act == at::kBFloat16;
+  if (half_pair) {
+    bits.resize(B * K);
+    for (int64_t i = 0; i < B * K; ++i) bits[i] = static_cast<at::BFloat16>(x[i]).x;
+  }
+  product(half_pair ? nullptr : x, half_pair ? bits.data() : nullptr, weight, sp, nullptr, y, B, N, K);
+  round_all(y, B * N, act);
 }
 
 // One decode step through a LLaMA block (RMSNorm, fused q/k/v, RoPE, grouped-query attention over the KV cache,
-// output projection, RMSNorm, fused gate/up, SwiGLU, down projection, both residuals) in one call: a decode step
-// of a small model is bound by per-op dispatch from Python otherwise (issue 12). The steps are the ops above
-// and ATen's attention, in the order and precision llamaherd.model.Block runs them.
+// output projection, RMSNorm, fused gate/up, SwiGLU, down projection, both residuals) in one call, on raw float32
+// rows with no ATen op between the products: a decode step of a small model is bound by per-op costs otherwise
+// (issue 12). The steps and their rounding are llamaherd.model.Block's: for a half dtype every step's result is
+// rounded to it, as the eager ops store it.
 // x (B, 1, D); weights as FusedProjections / the modules hold them (int8 with its scales); cos, sin (B, 1, 1, d);
-// k_cache, v_cache: this layer's (max_batch, n_kv, max_len, hd); slots, positions (B,) int64; `first_slot` the
-// first of B neighbouring slots, read as a view, or -1 (gathered); `end` keys are read; `mask` (B, 1, 1, end) bool
-// or none (every row sees all `end` keys). Both come from llamaherd.model.SlotCache.rows. Returns (B, 1, D).
+// k_cache, v_cache: this layer's (max_batch, n_kv, max_len, hd) in x's dtype; slots, positions (B,) int64: row b
+// writes its key and value at positions[b] of slot slots[b] and attends to that slot's keys [0, positions[b]].
+// Returns (B, 1, D) in x's dtype.
 at::Tensor llama_decode_block(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& qkv_w,
                               const std::optional<at::Tensor>& qkv_s, const at::Tensor& o_w,
                               const std::optional<at::Tensor>& o_s, const at::Tensor& norm2, const at::Tensor& gu_w,
                               const std::optional<at::Tensor>& gu_s, const at::Tensor& down_w,
                               const std::optional<at::Tensor>& down_s, double eps, int64_t n_head, int64_t n_kv,
                               const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
-                              const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& positions,
-                              int64_t first_slot, int64_t end, const std::optional<at::Tensor>& mask) {
-  const int64_t B = x.size(0), hd = k_cache.size(3), nq = n_head * hd, nk = n_kv * hd;
-  const at::Tensor qkv = matvec(rms_norm(x, norm1, eps), qkv_w, qkv_s, std::nullopt);  // (B, 1, nq + 2 nk)
-  auto [q, k] = rope_qk(qkv.narrow(2, 0, nq), qkv.narrow(2, nq, nk), cos, sin, n_head, n_kv);
-  const at::Tensor v = qkv.narrow(2, nq + nk, nk).reshape({B, n_kv, 1, hd});
-  const auto slot = slots.accessor<int64_t, 1>();
-  const auto pos = positions.accessor<int64_t, 1>();
-  for (int64_t b = 0; b < B; ++b) {  // each row's new key and value at its own position of its own slot
-    k_cache.select(0, slot[b]).select(1, pos[b]).copy_(k.select(0, b).select(1, 0));
-    v_cache.select(0, slot[b]).select(1, pos[b]).copy_(v.select(0, b).select(1, 0));
+                              const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& positions) {
+  const at::ScalarType act = x.scalar_type();
+  const int64_t B = x.size(0), D = x.size(-1), hd = k_cache.size(3), nq = n_head * hd, nk = n_kv * hd;
+  const int64_t nqkv = nq + 2 * nk, F = gu_w.size(0) / 2, d = cos.size(-1);
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "llama_decode_block: x ", x.sizes(), " is not one decode step");
+  TORCH_CHECK(n_kv > 0 && n_head % n_kv == 0 && k_cache.size(1) == n_kv && qkv_w.size(0) == nqkv,
+              "llama_decode_block: ", n_head, " heads and ", n_kv, " kv heads do not fit q/k/v ", qkv_w.sizes(),
+              " and the cache ", k_cache.sizes());
+  TORCH_CHECK(k_cache.scalar_type() == act && v_cache.scalar_type() == act && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.strides() == v_cache.strides() && k_cache.stride(3) == 1,
+              "llama_decode_block: the cache must be x's dtype with unit stride in the head dim");
+  TORCH_CHECK(cos.numel() == B * d && sin.numel() == B * d && d % 2 == 0 && d <= hd,
+              "llama_decode_block: cos ", cos.sizes(), " does not fit ", B, " rows of head dim ", hd);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong && slots.numel() == B &&
+                  positions.numel() == B, "llama_decode_block: slots and positions must be (B,) int64");
+  const at::Tensor slot_t = slots.contiguous(), pos_t = positions.contiguous();
+  const int64_t *slot = slot_t.data_ptr<int64_t>(), *pos = pos_t.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0) && pos[b] >= 0 && pos[b] < k_cache.size(2),
+                "llama_decode_block: slot ", slot[b], " position ", pos[b], " outside the cache ", k_cache.sizes());
+  at::Tensor keep_x, keep_n1, keep_n2, keep_c, keep_s;
+  const float* xp = floats(x, keep_x);
+  const float *n1 = floats(norm1, keep_n1), *n2 = floats(norm2, keep_n2);
+  const float *cp = floats(cos, keep_c), *sp = floats(sin, keep_s);
+  // Every intermediate in one buffer: normed x, q/k/v, rotated q and k, attention, residual, gate/up, SwiGLU.
+  std::vector<float> buffer(B * (2 * D + nqkv + nq + nk + nq + 2 * F + F));
+  float *normed = buffer.data(), *qkv = normed + B * D, *q = qkv + B * nqkv, *k = q + B * nq, *att = k + B * nk;
+  float *h = att + B * nq, *gu = h + B * D, *swiglu = gu + B * 2 * F;
+  std::vector<uint16_t> bits;
+  at::Tensor out = at::empty({B, 1, D}, keep_x.options());
+  float* y = out.data_ptr<float>();
+
+  rms_rows(xp, n1, normed, B, D, eps, act);
+  project(normed, B, D, qkv_w, qkv_s, qkv, act, bits);
+  rope_rows(qkv, nqkv, cp, sp, q, B, n_head, hd, d, act);
+  rope_rows(qkv + nq, nqkv, cp, sp, k, B, n_kv, hd, d, act);
+  const int64_t cs[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  switch (act) {
+    case at::kFloat:
+      cache_and_attend(q, k, qkv + nq + nk, nqkv, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), cs, slot,
+                       pos, B, n_head, n_kv, hd, att);
+      break;
+    case at::kBFloat16:
+      cache_and_attend(q, k, qkv + nq + nk, nqkv, reinterpret_cast<uint16_t*>(k_cache.data_ptr<at::BFloat16>()),
+                       reinterpret_cast<uint16_t*>(v_cache.data_ptr<at::BFloat16>()), cs, slot, pos, B, n_head,
+                       n_kv, hd, att);
+      break;
+    case at::kHalf:
+      cache_and_attend(q, k, qkv + nq + nk, nqkv, k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), cs,
+                       slot, pos, B, n_head, n_kv, hd, att);
+      break;
+    default:
+      TORCH_CHECK(false, "llama_decode_block: activations of dtype ", act);
   }
-  const bool span = first_slot >= 0;
-  // The first `end` positions only, before any gather: index_select of whole rows copied max_len positions each.
-  const at::Tensor k_read = k_cache.narrow(2, 0, end), v_read = v_cache.narrow(2, 0, end);
-  const at::Tensor keys = span ? k_read.narrow(0, first_slot, B) : k_read.index_select(0, slots);
-  const at::Tensor values = span ? v_read.narrow(0, first_slot, B) : v_read.index_select(0, slots);
-  std::vector<int64_t> lengths(B);  // keys each row sees: up to its own position under a mask, else all `end`
-  for (int64_t b = 0; b < B; ++b) lengths[b] = mask.has_value() ? pos[b] + 1 : end;
-  const std::optional<at::Tensor> own = decode_attention(q, keys, values, lengths);
-  const at::Tensor y = own ? *own
-                           : at::scaled_dot_product_attention(q, keys, values, mask, 0.0, false, std::nullopt,
-                                                              n_kv != n_head);
-  const at::Tensor h = x + matvec(y.transpose(1, 2).reshape({B, 1, nq}), o_w, o_s, std::nullopt);
-  const at::Tensor gu = matvec(rms_norm(h, norm2, eps), gu_w, gu_s, std::nullopt);
-  const int64_t f = gu.size(2) / 2;
-  return h + matvec(silu_mul(gu.narrow(2, 0, f), gu.narrow(2, f, f)), down_w, down_s, std::nullopt);
+  round_all(att, B * nq, act);
+  project(att, B, nq, o_w, o_s, h, act, bits);
+  for (int64_t i = 0; i < B * D; ++i) h[i] = xp[i] + h[i];
+  round_all(h, B * D, act);
+  rms_rows(h, n2, normed, B, D, eps, act);
+  project(normed, B, D, gu_w, gu_s, gu, act, bits);
+  silu_mul_rows(gu, gu + F, 2 * F, 2 * F, swiglu, B, F, act);
+  project(swiglu, B, F, down_w, down_s, y, act, bits);
+  for (int64_t i = 0; i < B * D; ++i) y[i] = h[i] + y[i];
+  round_all(y, B * D, act);
+  return out.to(act);
 }
 
 }  // namespace
@@ -465,9 +587,7 @@ TORCH_LIBRARY(llamaherd, m) {
   m.def("silu_mul_backward(Tensor gate, Tensor up, Tensor sig, Tensor grad) -> (Tensor, Tensor)");
   m.def("llama_decode_block(Tensor x, Tensor norm1, Tensor qkv_w, Tensor? qkv_s, Tensor o_w, Tensor? o_s, "
         "Tensor norm2, Tensor gu_w, Tensor? gu_s, Tensor down_w, Tensor? down_s, float eps, int n_head, int n_kv, "
-        "Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions, int first_slot, "
-        "int end, "
-        "Tensor? mask) -> Tensor");
+        "Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llamaherd, CPU, m) {
   m.impl("matvec", &matvec);
