@@ -7,7 +7,9 @@ The same weights everywhere: the embedded Q4_1 GGUF as llamaherd and transformer
 llama.cpp re-saved it at F32 / F16 / Q8_0 (benchmarks/setup_llamacpp.sh), compared in pairs fp32/F32,
 bf16/F16, int8/Q8_0 (llamaherd's weight-only int8; transformers has no CPU int8 of its own: "—"). The same
 prompt token ids, the same thread count (--threads, default torch's), greedy with EOS ignored. All three are
-timed by wall clock around the whole call, best of --repeats after a warm-up; llama.cpp runs in a subprocess
+timed by wall clock around the whole call, best of --repeats after a warm-up (prefill: one forward over the
+prompt keeping the last position's logits, llamaherd's as its generation engine runs it, within
+`kernels.generating`; llama.cpp's: one eval of the prompt); llama.cpp runs in a subprocess
 with the llama.cpp venv's python (llamacpp_side.py), so the project venv needs no llama.cpp. Without that
 venv the llama.cpp column says how to make it. Prints one table with the ratios, and the fraction of this
 machine's limits llamaherd reaches: decode against the memory read bandwidth (weight bytes read per token x
@@ -29,6 +31,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from llamaherd import kernels
 from llamaherd.embedded import embedded_model_path
 from llamaherd.generate import generate_ids
 from llamaherd.load import load_gpt
@@ -142,8 +145,8 @@ def time_llamaherd(dtype: torch.dtype, quantize: str | None, args: argparse.Name
     def decode():
         generate_ids(ours, short[0].tolist(), max_new_tokens=args.new_tokens, stop_ids=set())
 
-    def prefill():
-        with torch.inference_mode():
+    def prefill():  # one forward over the prompt, as the engine's prefill runs it (kernels.generating)
+        with torch.inference_mode(), kernels.generating():
             ours(long, cache=ours.new_cache(1, args.prompt_tokens + 1), last_only=True)
 
     speeds = (args.new_tokens / best_time(decode, args.repeats), args.prompt_tokens / best_time(prefill, args.repeats))

@@ -81,8 +81,10 @@ def test_rms_norm_equals_transformers(dtype):
     ref = LlamaRMSNorm(67, eps=1e-5).to(dtype)
     with torch.no_grad():
         ref.weight.normal_()
-        x = (torch.randn(4, 1, 67) * 4).to(dtype)
-        got, want = kernels.rms_norm(x, ref.weight, 1e-5), ref(x)
+        x = (torch.randn(4, 3, 67) * 4).to(dtype)  # several positions: a prompt, as in the engine
+        with kernels.generating():
+            got = kernels.rms_norm(x, ref.weight, 1e-5)
+        want = ref(x)
     assert got.dtype == dtype and got.shape == x.shape
     tolerance = 1e-5 if dtype is torch.float32 else 0.0  # bf16: the same two roundings, so the same values
     assert (got.float() - want.float()).abs().max() <= tolerance * want.abs().max()
@@ -91,25 +93,47 @@ def test_rms_norm_equals_transformers(dtype):
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rotated", [16, 10])  # all head dims, or partial rotary (the rest passes through)
-def test_rope_qk_and_silu_mul_equal_the_eager_ops(dtype, rotated):
+@pytest.mark.parametrize("positions", [1, 5])  # a decode step, or a prefill
+def test_rope_qk_and_silu_mul_equal_the_eager_ops(dtype, rotated, positions):
     from llamaherd.model import apply_rope
 
     torch.manual_seed(0)
-    B, n_head, n_kv, hd = 3, 4, 2, 16
-    qkv = torch.randn(B, 1, (n_head + 2 * n_kv) * hd).to(dtype)
+    B, T, n_head, n_kv, hd = 3, positions, 4, 2, 16
+    qkv = torch.randn(B, T, (n_head + 2 * n_kv) * hd).to(dtype)
     q, k, _ = qkv.split([n_head * hd, n_kv * hd, n_kv * hd], dim=-1)  # views, as the fused product gives
-    angles = torch.randn(B, 1, 1, rotated // 2) * 3
+    angles = torch.randn(B, 1, T, rotated // 2) * 3
     cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
-    with torch.no_grad():
+    gate_up = torch.randn(B, T, 80).mul(3)
+    gate_up[0, 0, :6] = torch.tensor([-100.0, 100.0, -1e4, 1e4, 88.0, -88.0])  # exp's clamped range and beyond
+    gate, up = gate_up.to(dtype).split(40, dim=-1)  # 40: the vector loop's tail too
+    with torch.no_grad(), kernels.generating():  # prompts too, as in the engine
         got_q, got_k = kernels.rope_qk(q, k, cos, sin, n_head, n_kv)
-        want_q = apply_rope(q.view(B, 1, n_head, hd).transpose(1, 2), cos, sin)
-        want_k = apply_rope(k.view(B, 1, n_kv, hd).transpose(1, 2), cos, sin)
-        gate, up = torch.randn(2, B, 1, 40).mul(3).to(dtype)
+        want_q = apply_rope(q.view(B, T, n_head, hd).transpose(1, 2), cos, sin)
+        want_k = apply_rope(k.view(B, T, n_kv, hd).transpose(1, 2), cos, sin)
         got_act, want_act = kernels.silu_mul(gate, up), F.silu(gate) * up
     ulp = 1e-6 if dtype is torch.float32 else 2**-7
     for got, want in ((got_q, want_q), (got_k, want_k), (got_act, want_act)):
         assert got.dtype == dtype and got.shape == want.shape
         assert ((got.float() - want.float()).abs() <= ulp * want.float().abs() + 1e-6).all()
+
+
+@needs_compiler
+def test_row_wise_kernels_take_prompts_only_in_the_engine(tiny, monkeypatch):
+    """A plain forward of several positions (evaluation) keeps PyTorch's ops: transformers' logits bit for bit.
+    Within kernels.generating (the engine's steps) rms_norm, rope_qk and silu_mul take the prompt: within 1e-4."""
+    hf, path = tiny
+    model, ids = load_gpt(path), torch.tensor([[5, 17, 33, 9, 60, 71, 23]])
+    real, calls = kernels.native_ops(), []
+    monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(**{
+        n: (lambda op: lambda *a: calls.append(op) or getattr(real, op)(*a))(n)
+        for n in ("matvec", "rms_norm", "rope_qk", "silu_mul")}))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert torch.equal(model(ids), want) and not calls
+        with kernels.generating():
+            got = model(ids)
+    assert {"rms_norm", "rope_qk", "silu_mul"} <= set(calls)
+    assert (got - want).abs().max() <= 1e-4
 
 
 def test_decode_linear_declines_what_it_does_not_serve():

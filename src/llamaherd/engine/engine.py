@@ -20,7 +20,7 @@ from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, 
 from llamaherd.engine.slots import Slots
 from llamaherd.engine.text import StopText
 from llamaherd.errors import InputError
-from llamaherd.kernels import native_ops
+from llamaherd.kernels import generating, native_ops
 from llamaherd.model import GPT, SlotCache, fuse_projections, place_on_huge_pages
 
 
@@ -163,8 +163,9 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot = self.slots.take()
             self.running.append(seq)
-        failed = self._prefill()
-        return failed + self._decode()
+        with generating():  # the row-wise kernels serve prompts too (llamaherd.kernels.generating)
+            failed = self._prefill()
+            return failed + self._decode()
 
     def stream(self) -> Iterator[Event]:
         """Step until every request has finished, yielding events as they come."""

@@ -212,6 +212,15 @@ const float* floats(const at::Tensor& t, at::Tensor& keep) {
   return keep.data_ptr<float>();
 }
 
+// t as `rows` float rows of `cols` values with unit column stride, for ops that take a row stride: its own data
+// when it already is (a row view into a fused product), else a converted copy; `keep` holds the rows (its
+// stride(0) is the row stride).
+const float* float_rows(const at::Tensor& t, int64_t rows, int64_t cols, at::Tensor& keep) {
+  const at::Tensor r = t.reshape({rows, cols});
+  keep = r.scalar_type() == at::kFloat && r.stride(1) == 1 ? r : r.to(at::kFloat).contiguous();
+  return keep.data_ptr<float>();
+}
+
 // Rounds n float values to `dtype` (bf16/fp16) and back, as storing them in that dtype would; float32: nothing.
 void round_all(float* v, int64_t n, at::ScalarType dtype) {
   if (dtype == at::kFloat) return;
@@ -281,65 +290,76 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y.view(x.sizes()).to(x.scalar_type());
 }
 
-// RoPE (rotate-half layout, as llamaherd.model.apply_rope) of B rows of `heads` heads of hd values, the rows
-// `stride` floats apart (views into the fused q/k/v product are fine), with cos and sin (B, d), d <= hd rotated
-// dims: out (B, heads * hd). A half dtype rounds each product and the sum, as the eager ops do.
-void rope_rows(const float* x, int64_t stride, const float* c, const float* s, float* out, int64_t B, int64_t heads,
-               int64_t hd, int64_t d, at::ScalarType dtype) {
+// RoPE (rotate-half layout, as llamaherd.model.apply_rope) of `rows` rows of `heads` heads of hd values, the rows
+// `stride` floats apart (views into the fused q/k/v product are fine), row r with cos and sin c, s + r * d, d <= hd
+// rotated dims: out (rows, heads * hd). A half dtype rounds each product and the sum, as the eager ops do.
+void rope_rows(const float* x, int64_t stride, const float* c, const float* s, float* out, int64_t rows,
+               int64_t heads, int64_t hd, int64_t d, at::ScalarType dtype) {
   const int64_t half_d = d / 2;
   const bool half = dtype != at::kFloat;
   auto r = [&](float v) { return half ? round_to(v, dtype) : v; };
-  for (int64_t b = 0; b < B; ++b) {
-    const float *cb = c + b * d, *sb = s + b * d;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* xr = x + b * stride + h * hd;
-      float* orow = out + (b * heads + h) * hd;
-      for (int64_t i = 0; i < half_d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(-xr[i + half_d] * sb[i]));
-      for (int64_t i = half_d; i < d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(xr[i - half_d] * sb[i]));
-      for (int64_t i = d; i < hd; ++i) orow[i] = xr[i];
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float *cb = c + b * d, *sb = s + b * d;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* xr = x + b * stride + h * hd;
+        float* orow = out + (b * heads + h) * hd;
+        for (int64_t i = 0; i < half_d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(-xr[i + half_d] * sb[i]));
+        for (int64_t i = half_d; i < d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(xr[i - half_d] * sb[i]));
+        for (int64_t i = d; i < hd; ++i) orow[i] = xr[i];
+      }
     }
-  }
+  });
 }
 
-// RoPE of one decode step's queries and keys in one op: q (B, 1, n_head * hd), k (B, 1, n_kv * hd), cos and sin
-// (B, 1, 1, d) -> q (B, n_head, 1, hd) and k (B, n_kv, 1, hd) in q's dtype (rope_rows).
+// RoPE of queries and keys in one op: q (B, T, n_head * hd), k (B, T, n_kv * hd) (views into the fused q/k/v
+// product are fine), cos and sin (B, 1, T, d) -> q (B, n_head, T, hd) and k (B, n_kv, T, hd) in q's dtype, laid
+// out as view(B, T, heads, hd).transpose(1, 2) of a contiguous tensor, as the eager path's are (rope_rows).
 std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                            const at::Tensor& sin, int64_t n_head, int64_t n_kv) {
-  TORCH_CHECK(q.dim() == 3 && q.size(1) == 1 && k.size(0) == q.size(0), "rope_qk: q ", q.sizes(), " and k ",
-              k.sizes(), " are not one decode step");
-  const int64_t B = q.size(0), d = cos.size(-1), hd = q.size(-1) / n_head;
-  TORCH_CHECK(cos.numel() == B * d && d % 2 == 0 && d <= hd, "rope_qk: cos ", cos.sizes(), " does not fit q ",
-              q.sizes());
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.size(0) == q.size(0) && k.size(1) == q.size(1), "rope_qk: q ",
+              q.sizes(), " and k ", k.sizes(), " are not (B, T, heads * hd) of the same positions");
+  const int64_t B = q.size(0), T = q.size(1), d = cos.size(-1), hd = q.size(-1) / n_head;
+  TORCH_CHECK(cos.numel() == B * T * d && sin.numel() == B * T * d && d % 2 == 0 && d <= hd, "rope_qk: cos ",
+              cos.sizes(), " does not fit q ", q.sizes());
   at::Tensor c, s, qf, kf;
-  const float* cp = floats(cos.reshape({B, d}), c);
-  const float* sp = floats(sin.reshape({B, d}), s);
+  const float* cp = floats(cos.reshape({B * T, d}), c);
+  const float* sp = floats(sin.reshape({B * T, d}), s);
   auto rotate = [&](const at::Tensor& x, int64_t heads, at::Tensor& keep) {
-    const float* xp = floats(x.reshape({B, heads * hd}), keep);
-    at::Tensor out = at::empty({B, heads, 1, hd}, keep.options());
-    rope_rows(xp, heads * hd, cp, sp, out.data_ptr<float>(), B, heads, hd, d, q.scalar_type());
-    return out.to(q.scalar_type());
+    const float* xp = float_rows(x, B * T, heads * hd, keep);
+    at::Tensor out = at::empty({B, T, heads, hd}, keep.options());
+    rope_rows(xp, keep.stride(0), cp, sp, out.data_ptr<float>(), B * T, heads, hd, d, q.scalar_type());
+    return out.to(q.scalar_type()).transpose(1, 2);
   };
   return {rotate(q, n_head, qf), rotate(k, n_kv, kf)};
 }
 
-// e^v[i] in place. AVX-512: v = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r by its
-// Taylor series to r^7 / 7! (truncation below 6e-9 relative, under float32's rounding), times 2^n by scalef;
-// within a few ulp of std::exp. Elsewhere std::exp.
+#if defined(__AVX512F__)
+// e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r by its Taylor series
+// to r^7 / 7! (truncation below 6e-9 relative, under float32's rounding), times 2^n by scalef; within a few ulp of
+// std::exp. Inputs are clamped to [-104, 89]: 0 and inf beyond.
+inline __m512 exp16(__m512 x) {
+  constexpr float inverse_factorials[8] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f),
+                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(inverse_factorials[7]);
+  for (int j = 6; j >= 0; --j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(inverse_factorials[j]));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 first(int64_t n) {  // the first min(n, 16) lanes
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+#endif
+
+// e^v[i] in place: exp16 with AVX-512, else std::exp.
 void exp_inplace(float* v, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
-               ln2_lo = _mm512_set1_ps(-2.12194440e-4f), lo = _mm512_set1_ps(-104.f), hi = _mm512_set1_ps(89.f);
-  constexpr float inverse_factorials[8] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
-  for (; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_maskz_loadu_ps(m, v + i), lo), hi);
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, x));
-    __m512 p = _mm512_set1_ps(inverse_factorials[7]);
-    for (int j = 6; j >= 0; --j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(inverse_factorials[j]));
-    _mm512_mask_storeu_ps(v + i, m, _mm512_scalef_ps(p, k));
-  }
+  for (; i < n; i += 16) _mm512_mask_storeu_ps(v + i, first(n - i), exp16(_mm512_maskz_loadu_ps(first(n - i), v + i)));
 #endif
   for (; i < n; ++i) v[i] = std::exp(v[i]);
 }
@@ -350,28 +370,40 @@ void exp_inplace(float* v, int64_t n) {
 void silu_mul_rows(const float* gate, const float* up, int64_t gs, int64_t us, float* out, int64_t rows,
                    int64_t cols, at::ScalarType dtype) {
   const bool half = dtype != at::kFloat;
-  for (int64_t r = 0; r < rows; ++r) {
-    const float *g = gate + r * gs, *u = up + r * us;
-    float* y = out + r * cols;
-    for (int64_t i = 0; i < cols; ++i) y[i] = -g[i];
-    exp_inplace(y, cols);  // e^-gate
-    for (int64_t i = 0; i < cols; ++i) {
-      const float a = g[i] / (1.f + y[i]);
-      y[i] = half ? round_to(round_to(a, dtype) * u[i], dtype) : a * u[i];
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *g = gate + r * gs, *u = up + r * us;
+      float* y = out + r * cols;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i < cols; i += 16) {  // silu(gate) = gate / (1 + e^-gate), 16 at a time; times up unless half
+        const __mmask16 m = first(cols - i);
+        const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+        const __m512 a = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm512_mask_storeu_ps(y + i, m, half ? a : _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, u + i)));
+      }
+      if (half)
+        for (int64_t j = 0; j < cols; ++j) y[j] = round_to(round_to(y[j], dtype) * u[j], dtype);
+#endif
+      for (; i < cols; ++i) {
+        const float a = g[i] / (1.f + std::exp(-g[i]));
+        y[i] = half ? round_to(round_to(a, dtype) * u[i], dtype) : a * u[i];
+      }
     }
-  }
+  });
 }
 
-// silu(gate) * up for one decode step (gate and up may be views into the fused gate/up product), in gate's
+// silu(gate) * up (gate and up may be the halves of the fused gate/up product: rows read in place), in gate's
 // dtype (silu_mul_rows).
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.sizes() == up.sizes(), "silu_mul: gate ", gate.sizes(), " and up ", up.sizes(), " differ");
   const int64_t cols = gate.dim() ? gate.size(-1) : 1, rows = cols ? gate.numel() / cols : 0;
   at::Tensor g, u;
-  const float* gp = floats(gate.reshape({rows, cols}), g);
-  const float* upp = floats(up.reshape({rows, cols}), u);
+  const float* gp = float_rows(gate, rows, cols, g);
+  const float* upp = float_rows(up, rows, cols, u);
   at::Tensor y = at::empty({rows, cols}, g.options());
-  silu_mul_rows(gp, upp, cols, cols, y.data_ptr<float>(), rows, cols, gate.scalar_type());
+  silu_mul_rows(gp, upp, g.stride(0), u.stride(0), y.data_ptr<float>(), rows, cols, gate.scalar_type());
   return y.view(gate.sizes()).to(gate.scalar_type());
 }
 
