@@ -206,10 +206,12 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
                       f"{r['limit_used']:.0%}")
     Console(width=200).print(table)
     if args.rounds > 1:  # the VM drifts between minutes: each round's own ratio says more than the best of all
-        print("\nllamaherd / llama.cpp in each round (the same minute):")
-        for r in sorted(rows, key=lambda r: r["phase"]):
-            ratios = [ratio(x["llamaherd"], x["llama.cpp"]) for x in r["rounds"]]
-            print(f"  {r['phase']} {r['precision']}: {', '.join(ratios)}")
+        for peer in ("llama.cpp", "transformers"):
+            print(f"\nllamaherd / {peer} in each round (the same minute):")
+            for r in sorted(rows, key=lambda r: r["phase"]):
+                if isinstance(r[peer], float):
+                    ratios = [ratio(x["llamaherd"], x[peer]) for x in r["rounds"]]
+                    print(f"  {r['phase']} {r['precision']}: {', '.join(ratios)}")
 
 
 if __name__ == "__main__":

@@ -74,17 +74,21 @@ def test_matvec_of_a_batch_is_each_row_alone_bit_for_bit(rows, weight_dtype):
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_equals_transformers(dtype):
+@pytest.mark.parametrize("positions", [1, 3])  # a decode step, or a prompt (in the engine: kernels.generating)
+def test_rms_norm_equals_transformers(dtype, positions):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     torch.manual_seed(0)
     ref = LlamaRMSNorm(67, eps=1e-5).to(dtype)
     with torch.no_grad():
         ref.weight.normal_()
-        x = (torch.randn(4, 3, 67) * 4).to(dtype)  # several positions: a prompt, as in the engine
+        x = (torch.randn(4, positions, 67) * 4).to(dtype)
         with kernels.generating():
             got = kernels.rms_norm(x, ref.weight, 1e-5)
         want = ref(x)
+    if dtype is torch.bfloat16 and positions > 1:  # bf16 prompts keep ATen's vectorized ops (faster there)
+        assert got is None
+        return
     assert got.dtype == dtype and got.shape == x.shape
     tolerance = 1e-5 if dtype is torch.float32 else 0.0  # bf16: the same two roundings, so the same values
     assert (got.float() - want.float()).abs().max() <= tolerance * want.abs().max()
@@ -106,11 +110,14 @@ def test_rope_qk_and_silu_mul_equal_the_eager_ops(dtype, rotated, positions):
     gate_up = torch.randn(B, T, 80).mul(3)
     gate_up[0, 0, :6] = torch.tensor([-100.0, 100.0, -1e4, 1e4, 88.0, -88.0])  # exp's clamped range and beyond
     gate, up = gate_up.to(dtype).split(40, dim=-1)  # 40: the vector loop's tail too
-    with torch.no_grad(), kernels.generating():  # prompts too, as in the engine
-        got_q, got_k = kernels.rope_qk(q, k, cos, sin, n_head, n_kv)
+    with torch.no_grad(), kernels.generating():  # fp32 prompts too, as in the engine
+        got_q, got_k = kernels.rope_qk(q, k, cos, sin, n_head, n_kv) or (None, None)
         want_q = apply_rope(q.view(B, T, n_head, hd).transpose(1, 2), cos, sin)
         want_k = apply_rope(k.view(B, T, n_kv, hd).transpose(1, 2), cos, sin)
         got_act, want_act = kernels.silu_mul(gate, up), F.silu(gate) * up
+    if dtype is torch.bfloat16 and positions > 1:  # bf16 prompts keep ATen's vectorized ops (faster there)
+        assert got_q is got_k is got_act is None
+        return
     ulp = 1e-6 if dtype is torch.float32 else 2**-7
     for got, want in ((got_q, want_q), (got_k, want_k), (got_act, want_act)):
         assert got.dtype == dtype and got.shape == want.shape

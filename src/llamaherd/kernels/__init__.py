@@ -136,7 +136,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 @contextlib.contextmanager
 def generating():
     """Within this block (the generation engine's steps), the row-wise kernels (rms_norm, rope_qk, silu_mul) also
-    serve prompts of any length, not only decode steps: 5-10% off a 512-token fp32 prefill of SmolLM2. Outside it
+    serve fp32 prompts of any length, not only decode steps: a 512-token prefill of SmolLM2 went from 1,028 to
+    1,118 tok/s (fp32) and 987 to 1,021 (int8), alternating in one process. Outside it
     (evaluation, training, a plain forward) a pass of several positions keeps PyTorch's own ops, whose logits are
     bit for bit transformers' (the kernels' rounding differs by ~1e-6 relative)."""
     token = _generating.set(True)
@@ -148,10 +149,13 @@ def generating():
 
 def native_ops_for(x: torch.Tensor, rows_apart: bool = False):
     """The native ops when x is an input they serve (no grad mode, CPU, float dtype): a decode step's (see
-    `decode_step`), or with rows_apart, within `generating`, any number of positions (ops that compute each row
-    on its own, so a row's result does not depend on what else is in the batch); else None."""
+    `decode_step`), or with rows_apart, within `generating`, fp32 rows of any number of positions (ops that
+    compute each row on its own, so a row's result does not depend on what else is in the batch; for bf16 prompts
+    ATen's vectorized ops are faster than their rounding emulated per value: 2,817 against 2,621 tok/s); else
+    None."""
+    prompt = rows_apart and x.dtype == torch.float32 and _generating.get()
     if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in INPUT_DTYPES
-            or not (rows_apart and _generating.get() or decode_step(x)) or torch.is_autocast_enabled("cpu")):
+            or not (prompt or decode_step(x)) or torch.is_autocast_enabled("cpu")):
         return None
     return native_ops()
 
