@@ -59,6 +59,34 @@ def test_greedy_batch_with_joins_equals_transformers_one_at_a_time(models):
     assert [r.completions[0].token_ids for r in many] == [hf_greedy(hf, p, 6) for p in PROMPTS[:3]]
 
 
+def test_a_burst_of_prompts_is_prefilled_in_one_pass(models):
+    """Prompts waiting together run their chunks as one forward pass, rows padded to the longest chunk (within the
+    chunk budget; a prompt of 30 ids and one of 1 share it): one pass, and each output still equals transformers'
+    greedy generate of that prompt alone. With a budget of 8 (ids to compute: 6, 0, 2, 29, 8), by hand: [6],
+    [2, 4 of 29], [8], [8], [8], [1, 4 of 8], [4]: 7 passes."""
+    hf, ours = models
+
+    class Counting:  # counts the engine's passes over several positions (prefill), forwards everything else
+        def __init__(self):
+            self.passes = 0
+
+        def __call__(self, idx, **kwargs):
+            self.passes += idx.shape[1] > 1
+            return ours(idx, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(ours, name)
+
+    for chunk, passes in ((512, 1), (8, 7)):
+        engine = Engine(ours, max_batch=5, max_len=64, prefill_chunk=chunk)
+        engine.model = counting = Counting()
+        requests = [engine.add_request(p, greedy(4)) for p in PROMPTS]
+        list(engine.stream())
+        assert counting.passes == passes
+        for request, prompt in zip(requests, PROMPTS):
+            assert request.completions[0].token_ids == hf_greedy(hf, prompt, 4)
+
+
 def test_graphed_decode_steps_give_transformers_tokens(models):
     """The CUDA-graph step's static inputs, key buckets (64 then 128 positions) and padding rows (3 running rows
     padded to 4, writing a scratch row), run without the capture (a CPU has no CUDA graphs): each output equals
