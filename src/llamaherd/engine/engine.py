@@ -1,9 +1,10 @@
 """The generation engine: continuous batching over a slot-based KV cache, chunked prefill and prefix reuse.
 
 Each `step` (1) gives free cache rows to waiting sequences, (2) prefills up to `prefill_chunk` prompt tokens,
-first copying the longest prefix some row already holds, and (3) decodes one token for every sequence whose
-prompt is in its row, all rows in one forward pass, each at its own position. A prompt's last token is fed by
-the decode step, so the first sampled token and every later one come from the same code path.
+first copying the longest prefix some row already holds (several prompts' chunks in one pass), and (3) decodes
+one token for every sequence whose prompt is in its row, all rows in one forward pass, each at its own position.
+A prompt's last token is fed by the decode step, so the first sampled token and every later one come from the
+same code path.
 """
 
 from __future__ import annotations
