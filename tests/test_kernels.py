@@ -136,7 +136,9 @@ def test_row_wise_kernels_take_prompts_only_in_the_engine(tiny, monkeypatch):
         for n in ("matvec", "rms_norm", "rope_qk", "silu_mul")}))
     with torch.no_grad():
         want = hf(ids).logits
-        assert torch.equal(model(ids), want) and not calls
+        plain = model(ids)
+        assert not calls  # bit for bit transformers' on the test VM; 1e-6 leaves room for another CPU's ATen
+        assert (plain - want).abs().max() <= 1e-6
         with kernels.generating():
             got = model(ids)
     assert {"rms_norm", "rope_qk", "silu_mul"} <= set(calls)
