@@ -18,7 +18,7 @@ import torch
 from llamaherd.engine.cuda_graphs import GraphedDecode, capturable
 from llamaherd.engine.request import Completion, Event, Request, TokenLogprob
 from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, sample_next
-from llamaherd.engine.slots import Slots
+from llamaherd.engine.slots import Slots, common_prefix
 from llamaherd.engine.text import StopText
 from llamaherd.errors import InputError
 from llamaherd.kernels import generating, native_ops
@@ -225,10 +225,8 @@ class Engine:
         """Prefill these (sequence, chunk length) pairs, together when there are several; with isolate_faults a
         pass that raises is retried one sequence at a time, so that only the sequence that raises ends."""
         try:
-            if len(group) > 1:
+            if group:
                 self._prefill_rows(group)
-            elif group:
-                self._prefill_chunk(*group[0])
             return []
         except Exception as error:
             if not self.isolate_faults:
@@ -248,27 +246,12 @@ class Engine:
         self.slots.tokens[seq.slot] = seq.ids[:length]
         seq.computed = length
 
-    def _prefill_chunk(self, seq: _Sequence, n: int) -> None:
-        start = seq.computed
-        chunk = seq.ids[start:start + n]
-        idx = torch.tensor([chunk], device=self.device)
-        rows = self.cache.rows(torch.tensor([seq.slot], device=self.device),
-                               torch.arange(start, start + n, device=self.device)[None])
-        if seq.scores_prompt:
-            logprobs = self.model(idx, cache=rows)[0].float().log_softmax(-1)  # (n, V)
-            targets = seq.ids[start + 1:start + n + 1]
-            seq.request.prompt_logprobs.extend(_entries(logprobs, targets, seq.request.params.logprobs))
-        else:
-            self.model(idx, cache=rows, last_only=True, return_hidden=True)  # keys/values only: skip the head
-        seq.computed += n
-        self.slots.tokens[seq.slot].extend(chunk)
-        self.computed_tokens += n
-
     def _prefill_rows(self, group: list[tuple[_Sequence, int]]) -> None:
-        """Prompt chunks of several sequences in one pass (keys and values only), each row padded to the longest
-        chunk. A padding position lies past its row's chunk (clamped into the row): its key is never read, as
-        every later query of the row writes its own position before reading it, and `Slots.tokens` (what prefix
-        reuse copies) holds only real ids."""
+        """Prompt chunks of one or several sequences in one pass, each row padded to the longest chunk: keys and
+        values only, or for a lone sequence that scores its prompt every position's log-probabilities. A padding
+        position lies past its row's chunk (clamped into the row): its key is never read, as every later query of
+        the row writes its own position before reading it, and `Slots.tokens` (what prefix reuse copies) holds
+        only real ids."""
         width = max(n for _, n in group)
         ids, positions = [], []
         for seq, n in group:
@@ -277,7 +260,14 @@ class Engine:
             positions.append([min(p, self.max_len - 1) for p in range(seq.computed, seq.computed + width)])
         slots = torch.tensor([seq.slot for seq, _ in group], device=self.device)
         rows = self.cache.rows(slots, torch.tensor(positions, device=self.device))
-        self.model(torch.tensor(ids, device=self.device), cache=rows, last_only=True, return_hidden=True)
+        idx = torch.tensor(ids, device=self.device)
+        seq, n = group[0]
+        if len(group) == 1 and seq.scores_prompt:  # a scoring sequence always runs alone (`_prefill`)
+            logprobs = self.model(idx, cache=rows)[0].float().log_softmax(-1)  # (n, V)
+            targets = seq.ids[seq.computed + 1:seq.computed + n + 1]
+            seq.request.prompt_logprobs.extend(_entries(logprobs, targets, seq.request.params.logprobs))
+        else:
+            self.model(idx, cache=rows, last_only=True, return_hidden=True)  # keys/values only: skip the head
         for seq, n in group:
             self.slots.tokens[seq.slot].extend(seq.ids[seq.computed:seq.computed + n])
             seq.computed += n
@@ -358,13 +348,7 @@ class Engine:
 
 def _shared(seq: _Sequence, other: _Sequence, n: int) -> int:
     """How many leading prompt ids (less the last) seq shares with what other holds after its chunk of n."""
-    held = other.ids[:other.computed + n]
-    shared = 0
-    for a, b in zip(seq.ids[:len(seq.request.prompt_ids) - 1], held):
-        if a != b:
-            break
-        shared += 1
-    return shared
+    return common_prefix(seq.ids[:len(seq.request.prompt_ids) - 1], other.ids[:other.computed + n])
 
 
 def _entries(logprobs: torch.Tensor, targets: list[int], top: int | None) -> list[TokenLogprob]:

@@ -27,11 +27,16 @@ class Slots:
         """(row, length) of the row holding the longest prefix of ids; (-1, 0) when none shares a first id."""
         best, best_len = -1, 0
         for slot, held in enumerate(self.tokens):
-            n = 0
-            for a, b in zip(held, ids):
-                if a != b:
-                    break
-                n += 1
-            if n > best_len:
+            if (n := common_prefix(held, ids)) > best_len:
                 best, best_len = slot, n
         return best, best_len
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
