@@ -172,6 +172,15 @@ def decode_logits(model, prompt: list[int], n: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def engine_logprobs(engine: Engine, prompts: list[list[int]], n: int) -> list[torch.Tensor]:
+    """Each prompt's log-probabilities of its n greedy tokens (no stop ids), all prompts added before the engine
+    runs."""
+    params = SamplingParams(max_new_tokens=n, stop_ids=frozenset(), logprobs=0)
+    requests = [engine.add_request(p, params) for p in prompts]
+    list(engine.stream())
+    return [torch.tensor([e.logprob for e in r.completions[0].logprobs]) for r in requests]
+
+
 @needs_compiler
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_fused_kernel_decode_equals_eager(tiny, quantize, monkeypatch):
@@ -205,8 +214,9 @@ def test_engine_with_kernels_gives_transformers_logprobs(tiny):
 @needs_compiler
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(tiny, quantize, monkeypatch):
-    """The engine's decode steps through llama_decode_block (rows at different positions, so a mask; rows that
-    are not neighbours, so gathered) give the logprobs of the module-by-module PyTorch path within 1e-4."""
+    """The engine's decode steps through llama_decode_block (rows at different positions, each attending to its own
+    length; rows that are not neighbours, each read in its own slot) give the logprobs of the module-by-module
+    PyTorch path within 1e-4."""
     _, path = tiny
     prompts = [[5, 17, 33, 9, 60], [40], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
@@ -215,10 +225,7 @@ def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(tiny, quantize,
         first = engine.add_request([1, 2], SamplingParams(max_new_tokens=1, stop_ids=frozenset()))
         engine.step()  # row 0 is taken and freed: the others sit in rows 1..3, or later with gaps
         assert first.done
-        params = SamplingParams(max_new_tokens=10, stop_ids=frozenset(), logprobs=0)
-        requests = [engine.add_request(p, params) for p in prompts]
-        list(engine.stream())
-        return [torch.tensor([e.logprob for e in r.completions[0].logprobs]) for r in requests]
+        return engine_logprobs(engine, prompts, 10)
 
     calls = []
     real = kernels.native_ops()
@@ -239,7 +246,6 @@ def test_native_decode_follows_changes_made_after_it_ran(tiny, change, monkeypat
     weight given new data, after an engine decoded: that engine and a new one give the logprobs of a model changed
     the same way that never decoded natively, within 1e-4 (a stale plan would ignore the change)."""
     _, path = tiny
-    prompt, params = [5, 17, 33], SamplingParams(max_new_tokens=6, stop_ids=frozenset(), logprobs=0)
 
     def modify(model):
         torch.manual_seed(1)
@@ -254,9 +260,7 @@ def test_native_decode_follows_changes_made_after_it_ran(tiny, change, monkeypat
                 gate.weight.data = gate.weight.data * 2
 
     def logprobs(engine):
-        request = engine.add_request(prompt, params)
-        list(engine.stream())
-        return torch.tensor([e.logprob for e in request.completions[0].logprobs])
+        return engine_logprobs(engine, [[5, 17, 33]], 6)[0]
 
     model = load_gpt(path)
     engine = Engine(model, max_batch=1, max_len=32, prefix_reuse=False)
@@ -277,13 +281,10 @@ def test_an_fp16_model_decodes_through_its_modules(tiny, monkeypatch):
     """The kernels read fp32, bf16 and int8 weights, not fp16: an fp16 model's engine steps run the modules (the
     native block raised 'unsupported weight dtype Half' before) and match the steps with the kernels off."""
     _, path = tiny
-    params = SamplingParams(max_new_tokens=8, stop_ids=frozenset(), logprobs=0)
 
     def run():
-        engine = Engine(load_gpt(path, dtype=torch.float16), max_batch=2, max_len=32)
-        requests = [engine.add_request(p, params) for p in ([5, 17, 33], [40])]
-        list(engine.stream())
-        return [torch.tensor([e.logprob for e in r.completions[0].logprobs]) for r in requests]
+        return engine_logprobs(Engine(load_gpt(path, dtype=torch.float16), max_batch=2, max_len=32),
+                               [[5, 17, 33], [40]], 8)
 
     got = run()
     monkeypatch.setattr(kernels, "native_ops", lambda: None)

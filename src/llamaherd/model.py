@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return RMSNormFunction.apply(x, self.weight, self.eps)
-        if (y := kernels.rms_norm(x, self.weight, self.eps)) is not None:  # decoding: one pass
+        if (y := kernels.rms_norm(x, self.weight, self.eps)) is not None:  # decoding, engine prompts: one pass
             return y
         if x.dtype == self.weight.dtype == torch.float32:  # no kernels (a GPU, grad mode on frozen weights)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -405,7 +405,7 @@ class Attention(nn.Module):
         B, T, _ = x.x.shape
         q, k, v = x.project(self.q_proj, self.k_proj, self.v_proj)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        if (rotated := kernels.rope_qk(q, k, cos, sin, self.n_head, self.n_kv)) is not None:  # decoding: one op
+        if (rotated := kernels.rope_qk(q, k, cos, sin, self.n_head, self.n_kv)) is not None:  # decode, engine prompts
             q, k = rotated
         else:
             q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, hd)
@@ -458,7 +458,7 @@ class MLP(nn.Module):
             return self.down_proj(F.gelu(up))
         gate, up = x.project(self.gate_proj, self.up_proj)
         if not torch.is_grad_enabled():  # inference: no graph
-            act = kernels.silu_mul(gate, up)  # decoding: one op
+            act = kernels.silu_mul(gate, up)  # decoding, engine prompts: one op
             return self.down_proj(F.silu(gate) * up if act is None else act)
         if lean_training(gate, self.down_proj):
             return SwiGLUDown.apply(gate, up, self.down_proj.weight)
