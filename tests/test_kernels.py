@@ -409,3 +409,41 @@ def test_bf16_steps_beyond_four_rows_go_to_the_matrix_units_when_there_are_some(
     if kernels.native_ops() is not None:
         assert four is not None
     assert (five is None) == kernels.half_matrix_units(torch.bfloat16) or kernels.native_ops() is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (5, 1, 64), (3, 3, 64), (4, 2, 128)])
+def test_native_attention_at_real_head_dims_gives_transformers_logprobs(heads, kv_heads, head_dim, tmp_path,
+                                                                       monkeypatch):
+    """Head dims of 64 and 128 take the native block's grouped attention (query heads of one kv head together,
+    16 keys' scores reduced at once). Four rows of 1, 16, 17 and 40 prompt ids decode in one batch, so their
+    contexts cross the 16-key blocks at different steps; the chosen tokens' logprobs equal transformers' forward
+    over each whole sequence within 1e-4. Groups of 3 and 5 (chunks of at most 4) and plain multi-head."""
+    from hf_tiny import make_hf_model
+
+    hf = make_hf_model("llama-gqa", hidden_size=heads * head_dim, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, head_dim=head_dim, num_hidden_layers=1, intermediate_size=64)
+    with torch.no_grad():  # milder weights than hf_tiny's: 384-wide activations stay in a softmax's useful range
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(0.25)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_gpt(tmp_path)
+    assert model.config.head_dim == head_dim
+    calls, real = [], kernels.native_ops()
+    monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(
+        **{n: getattr(real, n) for n in ("matvec", "rms_norm", "rope_qk", "silu_mul")},
+        llama_decode_block=lambda *a: calls.append(1) or real.llama_decode_block(*a)))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (1, 16, 17, 40)]
+    engine = Engine(model, max_batch=4, max_len=64)
+    params = SamplingParams(max_new_tokens=6, stop_ids=frozenset(), logprobs=0)
+    requests = [engine.add_request(p, params) for p in prompts]
+    list(engine.stream())
+    assert calls  # the native block ran
+    for prompt, request in zip(prompts, requests):
+        out = request.completions[0]
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)
+        want = ref[len(prompt) - 1:-1].gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        assert (torch.tensor([e.logprob for e in out.logprobs]) - want).abs().max() <= 1e-4
