@@ -87,6 +87,38 @@ def test_a_burst_of_prompts_is_prefilled_in_one_pass(models):
             assert request.completions[0].token_ids == hf_greedy(hf, prompt, 4)
 
 
+def test_a_chunk_that_would_pad_a_pass_too_much_gets_a_pass_of_its_own(models):
+    """Chunks of 4 and 60 ids: padding the short row to 60 would add 56 rows (> PAD_ROWS = 48), so they run as two
+    passes in the same step; 4 and 40 (36 rows of padding) still share one. Each output equals transformers'
+    greedy generate alone."""
+    from llamaherd.engine.engine import PAD_ROWS
+
+    hf, ours = models
+    assert PAD_ROWS == 48  # the counts below are worked out for it
+    widths = []
+
+    class Recording:  # the widths of the engine's passes over several positions (prefill)
+        def __call__(self, idx, **kwargs):
+            if idx.shape[1] > 1:
+                widths.append((idx.shape[0], idx.shape[1]))
+            return ours(idx, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(ours, name)
+
+    for long, want in ((61, [(1, 4), (1, 60)]), (41, [(2, 40)])):
+        widths.clear()
+        prompts = [[9, 8, 7, 6, 5], [t % 90 + 3 for t in range(long)]]
+        engine = Engine(ours, max_batch=2, max_len=64)
+        engine.model = Recording()
+        requests = [engine.add_request(p, greedy(3)) for p in prompts]
+        engine.step()
+        assert widths == want
+        list(engine.stream())
+        for request, prompt in zip(requests, prompts):
+            assert request.completions[0].token_ids == hf_greedy(hf, prompt, 3)
+
+
 def test_graphed_decode_steps_give_transformers_tokens(models):
     """The CUDA-graph step's static inputs, key buckets (64 then 128 positions) and padding rows (3 running rows
     padded to 4, writing a scratch row), run without the capture (a CPU has no CUDA graphs): each output equals
