@@ -127,7 +127,9 @@ def test_rope_qk_and_silu_mul_equal_the_eager_ops(dtype, rotated, positions):
 @needs_compiler
 def test_row_wise_kernels_take_prompts_only_in_the_engine(tiny, monkeypatch):
     """A plain forward of several positions (evaluation) keeps PyTorch's ops: transformers' logits bit for bit.
-    Within kernels.generating (the engine's steps) rms_norm, rope_qk and silu_mul take the prompt: within 1e-4."""
+    Within kernels.generating (the engine's steps) rms_norm, rope_qk and silu_mul take the prompt, and the
+    products too while it has at most KERNEL_ROWS positions: within 1e-4. A longer chunk's products stay ATen's
+    GEMMs."""
     hf, path = tiny
     model, ids = load_gpt(path), torch.tensor([[5, 17, 33, 9, 60, 71, 23]])
     real, calls = kernels.native_ops(), []
@@ -141,8 +143,14 @@ def test_row_wise_kernels_take_prompts_only_in_the_engine(tiny, monkeypatch):
         assert (plain - want).abs().max() <= 1e-6
         with kernels.generating():
             got = model(ids)
-    assert {"rms_norm", "rope_qk", "silu_mul"} <= set(calls)
-    assert (got - want).abs().max() <= 1e-4
+        assert {"matvec", "rms_norm", "rope_qk", "silu_mul"} <= set(calls)
+        assert (got - want).abs().max() <= 1e-4
+        calls.clear()
+        long = torch.arange(kernels.KERNEL_ROWS + 1)[None] % 90 + 3
+        with kernels.generating():
+            got = model(long)
+        assert "matvec" not in calls and "silu_mul" in calls
+        assert (got - hf(long).logits).abs().max() <= 1e-4
 
 
 def test_decode_linear_declines_what_it_does_not_serve():
@@ -151,6 +159,10 @@ def test_decode_linear_declines_what_it_does_not_serve():
     with torch.no_grad():
         assert kernels.decode_linear(torch.randn(kernels.KERNEL_ROWS + 1, 1, 4), w) is None  # a GEMM for ATen
         assert kernels.decode_linear(torch.randn(1, 2, 4), w) is None  # two positions: a prefill or a scoring pass
+        with kernels.generating():  # the engine's short prompt chunks take it, longer ones do not
+            assert (kernels.decode_linear(torch.randn(1, kernels.KERNEL_ROWS, 4), w) is None) \
+                == (kernels.native_ops() is None)
+            assert kernels.decode_linear(torch.randn(1, kernels.KERNEL_ROWS + 1, 4), w) is None
         assert kernels.decode_linear(x, w.half()) is None
         assert kernels.decode_linear(x, torch.zeros(8, 4, dtype=torch.int8)) is None  # int8 needs its scale
 
