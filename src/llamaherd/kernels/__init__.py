@@ -10,7 +10,9 @@ SwiGLU's silu(gate) * up are one op each there (`rms_norm`, `rope_qk`, `silu_mul
 decode step is one call (`llama_decode_block`, used by `llamaherd.model.GPT` when every block qualifies) that runs
 on raw rows with no ATen op between its products: it writes the cache and attends to each row's own slot in
 place (no gather) and uses a vectorized exp for SwiGLU and softmax (with `model.DecodePlan`, a SmolLM2 fp32
-step went from 26.9 to 22.9 ms).
+step went from 26.9 to 22.9 ms). Several sequences decoding together share each loaded weight (4 x 4 register
+tiles) and each cached key (the query heads of one kv head attend together): 16 rows of SmolLM2 fp32 at 512
+positions, 102.6 -> 62.5 ms a step.
 
 The kernel is compiled for this CPU on first use (`-O3 -march=native`, about 20 s, kept under
 `$XDG_CACHE_HOME/llamaherd/kernels`). Without a compiler, or when the build fails, a one-line notice says so and
