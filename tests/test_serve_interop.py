@@ -266,6 +266,34 @@ def start_herd_serve(model, port: int, log, env: dict, *options: str, herd: tupl
             time.sleep(0.2)
 
 
+def test_herd_serve_on_port_0_names_the_port_it_serves_on(tiny, tmp_path):
+    """--port 0: the system picks a free port, and the banner gives that port (not 0); /health answers there."""
+    import re
+
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*HERD, "serve", str(tiny), "--port", "0", "--max-batch", "1"], stdout=out,
+                                stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"on http://127\.0\.0\.1:(\d+)/v1", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        port = int(found.group(1))
+        assert port != 0
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                    assert answer.status == 200
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_herd_serve_finishes_the_streams_in_flight_on_sigterm_or_ctrl_c_then_exits_0(tiny, tmp_path, sig):
     """The command runs the engine on its main thread and uvicorn on another, so it handles the signals itself:

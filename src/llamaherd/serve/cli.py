@@ -66,8 +66,9 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """InputError naming the address when nothing can listen on host:port (in use, or not this machine's)."""
+def _check_port_free(host: str, port: int) -> int:
+    """The port to serve on: `port`, or for 0 one the system picks now (so the banner names the real address);
+    InputError naming the address when nothing can listen on host:port (in use, or not this machine's)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
@@ -76,6 +77,7 @@ def _check_port_free(host: str, port: int) -> None:
         except OSError as e:
             raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port, or --host "
                              "an address of this machine") from None
+        return probe.getsockname()[1]
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -91,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> None:
                              f"got {getattr(args, name)}")
     if args.port > 65535:
         raise InputError(f"--port must be between 0 and 65535, got {args.port}")
-    _check_port_free(args.host, args.port)  # before the model loads: a busy port is a one-line error, at once
+    port = _check_port_free(args.host, args.port)  # before the model loads: a busy port is a one-line error
     loaded = _load(args, device=_device(args.device))
     block = loaded.config.block_size
     max_len = args.max_len or min(block, DEFAULT_MAX_LEN)
@@ -105,12 +107,12 @@ def run_serve(args: argparse.Namespace) -> None:
     cache = server.engine.cache
     size = 2 * cache.k.numel() * cache.k.element_size()
     scratch = " + 1 scratch row (CUDA graphs)" if cache.k.shape[1] > args.max_batch else ""
-    print(printable(f"serving {server.model_id} ({loaded.source.path}) on http://{args.host}:{args.port}/v1"),
+    print(printable(f"serving {server.model_id} ({loaded.source.path}) on http://{args.host}:{port}/v1"),
           file=sys.stderr)
     print(f"KV cache: {args.max_batch} rows{scratch} x {max_len} positions, {size / 2**20:.1f} MiB ({cache.k.dtype}); "
           f"queue up to {args.max_queue} requests; API key {'required' if api_key else 'not required'}",
           file=sys.stderr)
-    _serve(app, server.runner, uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    _serve(app, server.runner, uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level))
 
 
 def _serve(app, runner, config) -> None:
