@@ -222,10 +222,11 @@ class Engine:
             group = passes[-1]
             k = len(group)
             n = min(remaining, (budget + k * width) // (k + 1))  # the widest chunk the padded pass has room for
-            if k and (k + 1) * max(width, n) - k * width - n > PAD_ROWS:
+            cost = (k + 1) * max(width, n) - k * width  # its rows and the padding it adds
+            if k and cost - n > PAD_ROWS:
                 passes.append(group := [])
-                k, width, n = 0, 0, min(remaining, budget)
-            cost = (k + 1) * max(width, n) - k * width
+                k, width = 0, 0
+                n = cost = min(remaining, budget)
             if n < 1 or cost > budget:
                 break
             group.append((seq, n))

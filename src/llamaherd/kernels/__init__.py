@@ -115,11 +115,16 @@ def max_rows(dtype: torch.dtype) -> int:
     return 4 if dtype == torch.bfloat16 and half_matrix_units(dtype) else KERNEL_ROWS
 
 
+def few_rows(x: torch.Tensor) -> bool:
+    """x (..., D) with at most `max_rows` rows of D values in all."""
+    return x.dim() >= 2 and x.numel() <= max_rows(x.dtype) * x.shape[-1]
+
+
 def decode_step(x: torch.Tensor) -> bool:
     """x (..., 1, D) with at most `max_rows` rows: one new position per sequence. Outside `generating` only
     decode steps take the kernels, so a prefill and an evaluation (several positions per row) keep PyTorch's own
     rounding, whatever their size (evaluation results must not depend on batch size, tests/test_eval_engine.py)."""
-    return x.dim() >= 2 and x.shape[-2] == 1 and x.numel() <= max_rows(x.dtype) * x.shape[-1]
+    return few_rows(x) and x.shape[-2] == 1
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -131,7 +136,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if weight.dtype not in WEIGHT_DTYPES or (weight.dtype == torch.int8) != (scale is not None) \
             or not weight.is_contiguous():
         return None
-    ops = native_ops_for(x, few_rows=True)
+    ops = native_ops_for(x, short_prompt=True)
     return None if ops is None else ops.matvec(x, weight, scale, bias)
 
 
@@ -149,16 +154,16 @@ def generating():
         _generating.reset(token)
 
 
-def native_ops_for(x: torch.Tensor, rows_apart: bool = False, few_rows: bool = False):
+def native_ops_for(x: torch.Tensor, rows_apart: bool = False, short_prompt: bool = False):
     """The native ops when x is an input they serve (no grad mode, CPU, float dtype): a decode step's (see
     `decode_step`), or within `generating`: with rows_apart, fp32 rows of any number of positions (ops that
     compute each row on its own, so a row's result does not depend on what else is in the batch; for bf16 prompts
     ATen's vectorized ops are faster than their rounding emulated per value: 2,817 against 2,621 tok/s); with
-    few_rows, at most `max_rows` rows in all (a short prompt chunk: the products' kernel computes each row on its
-    own too, and at 15 rows streams the weights twice as fast as ATen's GEMM); else None."""
+    short_prompt, a prompt chunk of at most `max_rows` rows in all (`few_rows`; the products' kernel computes each
+    row on its own too, and at 15 rows streams the weights twice as fast as ATen's GEMM); else None."""
     prompt = _generating.get() and (
         (rows_apart and x.dtype == torch.float32)
-        or (few_rows and x.dim() >= 2 and x.numel() <= max_rows(x.dtype) * x.shape[-1]))
+        or (short_prompt and few_rows(x)))
     if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in INPUT_DTYPES
             or not (prompt or decode_step(x)) or torch.is_autocast_enabled("cpu")):
         return None

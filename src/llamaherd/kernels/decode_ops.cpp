@@ -102,17 +102,17 @@ inline void dots(const W* const* rows, const X* x, int64_t K, float* out) {
 }
 
 #if defined(__AVX512F__)
-// R weight rows times C inputs at once (R x C accumulators), for several sequences decoding together: each loaded
-// weight vector serves C inputs and each input vector R rows, so the multiply-adds rather than the loads set the
-// pace (dots reloads x per row block: 16 inputs ran at 38 ms per SmolLM2 step against 14 for one). Each
-// (row, input) sum runs in the same lanes and k order as dots' and ends in the same reduction, so a sequence's
-// result is bit for bit what it gets alone: its tokens do not depend on the rest of the batch. K % 16 == 0.
 struct Ahead {  // cache lines to fetch into L2 while tiles compute: the next block's weights
   const char* next;
   const char* end;
   int64_t per_step;  // lines per step of 16 k
 };
 
+// R weight rows times C inputs at once (R x C accumulators), for several sequences decoding together: each loaded
+// weight vector serves C inputs and each input vector R rows, so the multiply-adds rather than the loads set the
+// pace (dots reloads x per row block: 16 inputs ran at 38 ms per SmolLM2 step against 14 for one). Each
+// (row, input) sum runs in the same lanes and k order as dots' and ends in the same reduction, so a sequence's
+// result is bit for bit what it gets alone: its tokens do not depend on the rest of the batch. K % 16 == 0.
 template <typename W, int R, int C>
 inline void dots_tile(const W* const* rows, const float* const* xs, int64_t K, float* out, Ahead& ahead) {
   __m512 acc[R][C];
@@ -161,7 +161,7 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
         if (K % 16 == 0) {
           float tile[16];
           // fp32: fetch the next block's rows (K / 2 lines) a few per step of this block's tiles, so the weights
-          // stream while the tiles compute (16 rows, SmolLM2's 121 products: 48.8 -> 36.8 ms); bf16 and int8
+          // stream while the tiles compute (16 rows, SmolLM2's 121 products: 48.8 -> 34.8 ms); bf16 and int8
           // fetch ahead above
           const int64_t steps = B / 4 * 2 * (K / 16);
           Ahead ahead{reinterpret_cast<const char*>(w + (o + 8) * K),
@@ -508,7 +508,10 @@ void attend_heads(const float* const* qs, const T* k, const T* v, int64_t stride
   for (int g = 0; g < G; ++g) {  // softmax numerators in place; their sum divides at the end
     float* pg = p + g * n;
     __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < n; j += 16) top = _mm512_mask_max_ps(top, first(n - j), top, _mm512_maskz_loadu_ps(first(n - j), pg + j));
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mask = first(n - j);
+      top = _mm512_mask_max_ps(top, mask, top, _mm512_maskz_loadu_ps(mask, pg + j));
+    }
     const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
     __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
