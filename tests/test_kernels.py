@@ -184,6 +184,25 @@ def decode_logits(model, prompt: list[int], n: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def assert_transformers_logprobs(hf, prompt: list[int], out) -> torch.Tensor:
+    """The completion's chosen-token logprobs are transformers' forward over prompt + output within 1e-4; returns
+    transformers' log-probabilities (len(output), V) at the positions that chose them."""
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)[len(prompt) - 1:-1]
+    want = ref.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert (torch.tensor([e.logprob for e in out.logprobs]) - want).abs().max() <= 1e-4
+    return ref
+
+
+def count_decode_blocks(monkeypatch) -> list:
+    """From here on the native ops run as before, and each llama_decode_block call appends to the list returned."""
+    calls, real = [], kernels.native_ops()
+    monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(
+        **{n: getattr(real, n) for n in ("matvec", "rms_norm", "rope_qk", "silu_mul")},
+        llama_decode_block=lambda *a: calls.append(1) or real.llama_decode_block(*a)))
+    return calls
+
+
 def engine_logprobs(engine: Engine, prompts: list[list[int]], n: int) -> list[torch.Tensor]:
     """Each prompt's log-probabilities of its n greedy tokens (no stop ids), all prompts added before the engine
     runs."""
@@ -216,11 +235,8 @@ def test_engine_with_kernels_gives_transformers_logprobs(tiny):
     request = engine.add_request(prompt, SamplingParams(max_new_tokens=10, stop_ids=frozenset(), logprobs=0))
     list(engine.stream())
     out = request.completions[0]
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)
-    want = ref[len(prompt) - 1:-1].gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
-    assert (torch.tensor([e.logprob for e in out.logprobs]) - want).abs().max() <= 1e-4
-    assert out.token_ids == ref[len(prompt) - 1:-1].argmax(-1).tolist()
+    ref = assert_transformers_logprobs(hf, prompt, out)
+    assert out.token_ids == ref.argmax(-1).tolist()
 
 
 @needs_compiler
@@ -239,11 +255,7 @@ def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(tiny, quantize,
         assert first.done
         return engine_logprobs(engine, prompts, 10)
 
-    calls = []
-    real = kernels.native_ops()
-    monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(
-        **{n: getattr(real, n) for n in ("matvec", "rms_norm", "rope_qk", "silu_mul")},
-        llama_decode_block=lambda *a: calls.append(1) or real.llama_decode_block(*a)))
+    calls = count_decode_blocks(monkeypatch)
     got = run()
     assert calls  # the native block ran
     monkeypatch.setattr(kernels, "native_ops", lambda: None)
@@ -442,10 +454,7 @@ def test_native_attention_at_real_head_dims_gives_transformers_logprobs(heads, k
     hf.save_pretrained(tmp_path, safe_serialization=True)
     model = load_gpt(tmp_path)
     assert model.config.head_dim == head_dim
-    calls, real = [], kernels.native_ops()
-    monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(
-        **{n: getattr(real, n) for n in ("matvec", "rms_norm", "rope_qk", "silu_mul")},
-        llama_decode_block=lambda *a: calls.append(1) or real.llama_decode_block(*a)))
+    calls = count_decode_blocks(monkeypatch)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (1, 16, 17, 40)]
     engine = Engine(model, max_batch=4, max_len=64)
@@ -454,8 +463,4 @@ def test_native_attention_at_real_head_dims_gives_transformers_logprobs(heads, k
     list(engine.stream())
     assert calls  # the native block ran
     for prompt, request in zip(prompts, requests):
-        out = request.completions[0]
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)
-        want = ref[len(prompt) - 1:-1].gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
-        assert (torch.tensor([e.logprob for e in out.logprobs]) - want).abs().max() <= 1e-4
+        assert_transformers_logprobs(hf, prompt, request.completions[0])
