@@ -59,6 +59,22 @@ def test_greedy_batch_with_joins_equals_transformers_one_at_a_time(models):
     assert [r.completions[0].token_ids for r in many] == [hf_greedy(hf, p, 6) for p in PROMPTS[:3]]
 
 
+class PrefillPasses:
+    """Stands in for the engine's model: records the (rows, positions) of each pass over several positions (a
+    prefill) and forwards everything to the model."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __call__(self, idx, **kwargs):
+        if idx.shape[1] > 1:
+            self.shapes.append((idx.shape[0], idx.shape[1]))
+        return self.model(idx, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 def test_a_burst_of_prompts_is_prefilled_in_one_pass(models):
     """Prompts waiting together run their chunks as one forward pass, rows padded to the longest chunk (within the
     chunk budget; a prompt of 30 ids and one of 1 share it): one pass, and each output still equals transformers'
@@ -66,23 +82,12 @@ def test_a_burst_of_prompts_is_prefilled_in_one_pass(models):
     [2, 4 of 29], [8], [8], [8], [1, 4 of 8], [4]: 7 passes."""
     hf, ours = models
 
-    class Counting:  # counts the engine's passes over several positions (prefill), forwards everything else
-        def __init__(self):
-            self.passes = 0
-
-        def __call__(self, idx, **kwargs):
-            self.passes += idx.shape[1] > 1
-            return ours(idx, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(ours, name)
-
     for chunk, passes in ((512, 1), (8, 7)):
         engine = Engine(ours, max_batch=5, max_len=64, prefill_chunk=chunk)
-        engine.model = counting = Counting()
+        engine.model = recording = PrefillPasses(ours)
         requests = [engine.add_request(p, greedy(4)) for p in PROMPTS]
         list(engine.stream())
-        assert counting.passes == passes
+        assert len(recording.shapes) == passes
         for request, prompt in zip(requests, PROMPTS):
             assert request.completions[0].token_ids == hf_greedy(hf, prompt, 4)
 
@@ -95,25 +100,13 @@ def test_a_chunk_that_would_pad_a_pass_too_much_gets_a_pass_of_its_own(models):
 
     hf, ours = models
     assert PAD_ROWS == 48  # the counts below are worked out for it
-    widths = []
-
-    class Recording:  # the widths of the engine's passes over several positions (prefill)
-        def __call__(self, idx, **kwargs):
-            if idx.shape[1] > 1:
-                widths.append((idx.shape[0], idx.shape[1]))
-            return ours(idx, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(ours, name)
-
     for long, want in ((61, [(1, 4), (1, 60)]), (41, [(2, 40)])):
-        widths.clear()
         prompts = [[9, 8, 7, 6, 5], [t % 90 + 3 for t in range(long)]]
         engine = Engine(ours, max_batch=2, max_len=64)
-        engine.model = Recording()
+        engine.model = recording = PrefillPasses(ours)
         requests = [engine.add_request(p, greedy(3)) for p in prompts]
         engine.step()
-        assert widths == want
+        assert recording.shapes == want
         list(engine.stream())
         for request, prompt in zip(requests, prompts):
             assert request.completions[0].token_ids == hf_greedy(hf, prompt, 3)
