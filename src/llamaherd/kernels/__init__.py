@@ -111,8 +111,20 @@ def half_matrix_units(dtype: torch.dtype) -> bool:
 def max_rows(dtype: torch.dtype) -> int:
     """Sequences per decode step that the kernels serve for activations of `dtype`: KERNEL_ROWS, but 4 for bf16
     where oneDNN's matrix units do better from 8 rows on (SmolLM2's 120 layer products: 8 rows 23 vs 25 ms,
-    16 rows 23 vs 37 ms; fp32 stays ahead of ATen up to 16, 40 vs 48 ms)."""
-    return 4 if dtype == torch.bfloat16 and half_matrix_units(dtype) else KERNEL_ROWS
+    16 rows 23 vs 37 ms; fp32 stays ahead of ATen up to 16, 40 vs 48 ms), unless the kernel runs bf16 products
+    on those units itself (`bf16_tiles`)."""
+    if dtype == torch.bfloat16 and half_matrix_units(dtype) and not bf16_tiles():
+        return 4
+    return KERNEL_ROWS
+
+
+@functools.cache
+def bf16_tiles() -> bool:
+    """Whether the kernel multiplies bf16 weights by bf16 activations on the CPU's AMX tile unit (compiled for a
+    CPU with AMX-BF16, and Linux grants this process the tile registers). 16 decode rows of SmolLM2 bf16 then
+    cost about what one row does: the products 41.8 -> 22.0 ms (one row 14.7 ms either way)."""
+    ops = native_ops()
+    return ops is not None and bool(ops.bf16_tiles())
 
 
 def few_rows(x: torch.Tensor) -> bool:
