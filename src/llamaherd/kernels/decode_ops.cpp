@@ -61,6 +61,17 @@ inline __m512 load16(const uint16_t* p) {
 inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+
+// 16 floats rounded to bf16 and back, bit for bit as c10::BFloat16 rounds one (round_to_nearest_even: add
+// 0x7FFF plus the kept part's lowest bit, drop the low 16 bits; NaN becomes 0x7FC0).
+inline __m512 round_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  return _mm512_castsi512_ps(r);
+}
 #endif
 
 // out[i] = sum_k rows[i][k] * x[k] for R weight rows: R independent sums hide the latency of the fused
@@ -404,7 +415,12 @@ const float* float_rows(const at::Tensor& t, int64_t rows, int64_t cols, at::Ten
 // Rounds n float values to `dtype` (bf16/fp16) and back, as storing them in that dtype would; float32: nothing.
 void round_all(float* v, int64_t n, at::ScalarType dtype) {
   if (dtype == at::kFloat) return;
-  for (int64_t i = 0; i < n; ++i) v[i] = round_to(v[i], dtype);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if (dtype == at::kBFloat16)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, round_bf16(_mm512_loadu_ps(v + i)));
+#endif
+  for (; i < n; ++i) v[i] = round_to(v[i], dtype);
 }
 
 // x (..., K) in float32 / bfloat16 / float16, weight (N, K) float32 / bfloat16 / int8, scale (N,) for int8,
@@ -453,7 +469,17 @@ void rms_rows(const float* x, const float* w, float* y, int64_t rows, int64_t D,
         for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * inv * w[d];
         continue;
       }
-      for (int64_t d = 0; d < D; ++d) yr[d] = round_to(round_to(xr[d] * inv, dtype) * w[d], dtype);
+      int64_t d = 0;
+#if defined(__AVX512F__)
+      if (dtype == at::kBFloat16) {
+        const __m512 iv = _mm512_set1_ps(inv);
+        for (; d + 16 <= D; d += 16) {
+          const __m512 normed = round_bf16(_mm512_mul_ps(_mm512_loadu_ps(xr + d), iv));
+          _mm512_storeu_ps(yr + d, round_bf16(_mm512_mul_ps(normed, _mm512_loadu_ps(w + d))));
+        }
+      }
+#endif
+      for (; d < D; ++d) yr[d] = round_to(round_to(xr[d] * inv, dtype) * w[d], dtype);
     }
   });
 }
@@ -484,8 +510,23 @@ void rope_rows(const float* x, int64_t stride, const float* c, const float* s, f
       for (int64_t h = 0; h < heads; ++h) {
         const float* xr = x + b * stride + h * hd;
         float* orow = out + (b * heads + h) * hd;
-        for (int64_t i = 0; i < half_d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(-xr[i + half_d] * sb[i]));
-        for (int64_t i = half_d; i < d; ++i) orow[i] = r(r(xr[i] * cb[i]) + r(xr[i - half_d] * sb[i]));
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        if (dtype == at::kBFloat16) {  // the same roundings, 16 dims at a time (the scalar loops finish a tail)
+          const __m512 minus = _mm512_set1_ps(-1.f);
+          for (; i + 16 <= half_d; i += 16) {
+            const __m512 lo = _mm512_loadu_ps(xr + i), hi = _mm512_loadu_ps(xr + i + half_d);
+            const __m512 c1 = _mm512_loadu_ps(cb + i), s1 = _mm512_loadu_ps(sb + i);
+            const __m512 c2 = _mm512_loadu_ps(cb + i + half_d), s2 = _mm512_loadu_ps(sb + i + half_d);
+            _mm512_storeu_ps(orow + i, round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(lo, c1)),
+                                                                round_bf16(_mm512_mul_ps(_mm512_mul_ps(hi, minus), s1)))));
+            _mm512_storeu_ps(orow + i + half_d, round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(hi, c2)),
+                                                                         round_bf16(_mm512_mul_ps(lo, s2)))));
+          }
+        }
+#endif
+        for (int64_t j = i; j < half_d; ++j) orow[j] = r(r(xr[j] * cb[j]) + r(-xr[j + half_d] * sb[j]));
+        for (int64_t j = half_d + i; j < d; ++j) orow[j] = r(r(xr[j] * cb[j]) + r(xr[j - half_d] * sb[j]));
         for (int64_t i = d; i < hd; ++i) orow[i] = xr[i];
       }
     }
@@ -563,8 +604,13 @@ void silu_mul_rows(const float* gate, const float* up, int64_t gs, int64_t us, f
         const __m512 a = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
         _mm512_mask_storeu_ps(y + i, m, half ? a : _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, u + i)));
       }
-      if (half)
-        for (int64_t j = 0; j < cols; ++j) y[j] = round_to(round_to(y[j], dtype) * u[j], dtype);
+      if (half) {
+        int64_t j = 0;
+        if (dtype == at::kBFloat16)
+          for (; j + 16 <= cols; j += 16)
+            _mm512_storeu_ps(y + j, round_bf16(_mm512_mul_ps(round_bf16(_mm512_loadu_ps(y + j)), _mm512_loadu_ps(u + j))));
+        for (; j < cols; ++j) y[j] = round_to(round_to(y[j], dtype) * u[j], dtype);
+      }
 #endif
       for (; i < cols; ++i) {
         const float a = g[i] / (1.f + std::exp(-g[i]));
