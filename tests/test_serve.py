@@ -373,6 +373,32 @@ def test_a_full_queue_answers_429_with_retry_after(loaded, monkeypatch):
         assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
 
 
+
+def test_the_queue_counts_sequences_not_requests(loaded, monkeypatch):
+    """Each of a request's n completions holds a row, so --max-batch + --max-queue bounds sequences: with room
+    for 3, one request of n=4 is refused outright (400, naming n), and while a request of n=2 runs, another of
+    n=2 gets 429 (counting requests, both would have been let in); when it ends, the count is back to 0."""
+    gate = threading.Event()
+    on_sampling(monkeypatch, HOLD_SEED, lambda: gate.wait(30))
+    with serve(loaded, max_batch=1, max_queue=2) as c:
+        server, codes = c.app.state.server, []
+        error = assert_openai_error(c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "n": 4}),
+                                    400, "4 sequences", "at most 3")
+        assert error["param"] == "n" and server.outstanding == 0
+        held = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "seed": HOLD_SEED, "n": 2}
+        thread = threading.Thread(target=lambda: codes.append(c.post("/v1/completions", json=held).status_code))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while server.outstanding < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.outstanding == 2
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "n": 2})
+        assert_openai_error(r, 429, "2 sequence(s)", "at most 3")
+        gate.set()
+        thread.join(30)
+        assert codes == [200] and server.outstanding == 0
+        assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "n": 2}).status_code == 200
+
 # ---- faults and fuzz --------------------------------------------------------------------------------------------
 
 FAULT_SEED, HOLD_SEED = 666, 777

@@ -165,7 +165,7 @@ def test_clients_that_hang_up_mid_stream_free_their_rows(served, monkeypatch):
         deadline = time.monotonic() + 30
         while True:
             m = _metrics(served.base_url)
-            if (m["llamaherd_requests_in_flight"], m["llamaherd_running_sequences"], m["llamaherd_queue_length"],
+            if (m["llamaherd_sequences_in_flight"], m["llamaherd_running_sequences"], m["llamaherd_queue_length"],
                     m["llamaherd_kv_rows_free"]) == (0, 0, 0, 4) or time.monotonic() > deadline:
                 return m
             time.sleep(0.05)
@@ -175,7 +175,7 @@ def test_clients_that_hang_up_mid_stream_free_their_rows(served, monkeypatch):
     rss_before = process.memory_info().rss
     assert asyncio.run(hang_up(50)) == [3] * 50
     after = settled()
-    assert (after["llamaherd_requests_in_flight"], after["llamaherd_running_sequences"],
+    assert (after["llamaherd_sequences_in_flight"], after["llamaherd_running_sequences"],
             after["llamaherd_queue_length"], after["llamaherd_kv_rows_free"]) == (0, 0, 0, 4)
     generated = after["llamaherd_generation_tokens_total"] - before["llamaherd_generation_tokens_total"]
     assert 150 <= generated < 50 * max_tokens / 4  # each stream was cut short, not run to max_tokens
@@ -203,7 +203,7 @@ def test_a_client_that_hangs_up_before_a_plain_response_is_cancelled(served, mon
     deadline = time.monotonic() + 30
     while True:
         m = _metrics(served.base_url)
-        state = (m["llamaherd_requests_in_flight"], m["llamaherd_running_sequences"], m["llamaherd_kv_rows_free"])
+        state = (m["llamaherd_sequences_in_flight"], m["llamaherd_running_sequences"], m["llamaherd_kv_rows_free"])
         if state == (0, 0, 4) or time.monotonic() > deadline:
             break
         time.sleep(0.02)

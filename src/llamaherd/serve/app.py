@@ -57,8 +57,8 @@ class _Failed(Exception):
 
 @dataclass
 class ServeConfig:
-    """What `herd serve` was started with. max_queue: requests that may wait for a row beyond the max_batch
-    running ones; model_id: the name clients send as `model` (default: the model's name)."""
+    """What `herd serve` was started with. max_queue: sequences (prompts x n completions) that may wait for a row
+    beyond the max_batch running ones; model_id: the name clients send as `model` (default: the model's name)."""
 
     max_batch: int = 8
     max_len: int | None = None
@@ -82,8 +82,8 @@ class Server:
         self.model_id = config.model_id or loaded.source.name
         self.identity = model_identity(loaded.source)
         self.created = int(time.time())
-        self.capacity = config.max_batch + config.max_queue  # engine requests in flight at most
-        self.outstanding = 0  # engine requests submitted and not yet ended; event loop thread only
+        self.capacity = config.max_batch + config.max_queue  # sequences in flight at most (each takes a row)
+        self.outstanding = 0  # sequences submitted and not yet ended; event loop thread only
         self.http_requests: dict[tuple[str, int], int] = {}
         chat_format = config.chat_format or loaded.chat_format
         self.chat_format = None if chat_format is None else get_chat_format(
@@ -121,12 +121,14 @@ class Server:
             raise ApiError(400, f"{param}: {e}", param) from None
 
     def admit(self, k: int) -> None:
-        """Take k engine requests into the queue, or 429 when --max-queue is reached."""
+        """Take k sequences (prompts x n: each needs a row of its own) into the queue, or 429 when --max-queue is
+        reached; 400 when one request alone holds more than the server ever takes at once."""
         if k > self.capacity:
-            raise ApiError(400, f"{k} prompts in one request; this server takes at most {self.capacity} at once "
-                                "(--max-batch + --max-queue)", "prompt")
+            raise ApiError(400, f"{k} sequences (prompts x n) in one request; this server takes at most "
+                                f"{self.capacity} at once (--max-batch + --max-queue); send fewer prompts or a "
+                                "smaller n", "n")
         if self.outstanding + k > self.capacity:
-            raise ApiError(429, f"the server is busy: {self.outstanding} request(s) running or queued (at most "
+            raise ApiError(429, f"the server is busy: {self.outstanding} sequence(s) running or queued (at most "
                                 f"{self.capacity}); retry after a second", None, "rate_limit_exceeded",
                            "requests", {"Retry-After": "1"})
         self.outstanding += k
@@ -175,7 +177,7 @@ class Server:
 
     # ---- running requests -----------------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], n: int) -> list[Stream]:
-        self.admit(len(prompts))
+        self.admit(len(prompts) * n)
         events: asyncio.Queue = asyncio.Queue()
         return [self.runner.submit(ids, p, n, events) for ids, p in zip(prompts, params)]
 
@@ -183,7 +185,7 @@ class Server:
         """The HTTP side is done with these requests: cancel any still running (a no-op for finished ones)."""
         for stream in streams:
             self.runner.cancel(stream.request_id)
-        self.outstanding -= len(streams)
+        self.outstanding -= sum(stream.n for stream in streams)
 
     async def events(self, streams: list[Stream]) -> AsyncIterator[Event]:
         """The streams' events in the order the engine made them, until every completion has finished."""
@@ -229,7 +231,7 @@ class Server:
         metric("llamaherd_queue_length", "gauge", "Sequences waiting for a KV-cache row.", [("", r.waiting)])
         metric("llamaherd_running_sequences", "gauge", "Sequences holding a KV-cache row.", [("", r.running)])
         metric("llamaherd_kv_rows_free", "gauge", "KV-cache rows free.", [("", r.free_slots)])
-        metric("llamaherd_requests_in_flight", "gauge", "Engine requests admitted and not finished.",
+        metric("llamaherd_sequences_in_flight", "gauge", "Sequences (prompts x n) admitted and not finished.",
                [("", self.outstanding)])
         metric("llamaherd_generation_tokens_per_second", "gauge",
                "Generated tokens per second over the last 10 seconds.", [("", round(r.tokens_per_second(), 3))])

@@ -34,7 +34,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                    help=f"positions per KV-cache row: prompt + completion (default: the model's context, at most "
                         f"{DEFAULT_MAX_LEN}); the cache of max-batch x max-len is allocated at start")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait for a row beyond the running ones; more get 429 (default: 64)")
+                   help="sequences (prompts x n) that may wait for a row beyond the running ones; more get 429 "
+                        "(default: 64)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, which keeps the key out of "
                         "the process list)")
