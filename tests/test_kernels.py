@@ -188,13 +188,13 @@ def decode_logits(model, prompt: list[int], n: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def assert_transformers_logprobs(hf, prompt: list[int], out) -> torch.Tensor:
-    """The completion's chosen-token logprobs are transformers' forward over prompt + output within 1e-4; returns
-    transformers' log-probabilities (len(output), V) at the positions that chose them."""
+def assert_transformers_logprobs(hf, prompt: list[int], out, tolerance: float = 1e-4) -> torch.Tensor:
+    """The completion's chosen-token logprobs are transformers' forward over prompt + output within `tolerance`;
+    returns transformers' log-probabilities (len(output), V) at the positions that chose them."""
     with torch.no_grad():
         ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)[len(prompt) - 1:-1]
     want = ref.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
-    assert (torch.tensor([e.logprob for e in out.logprobs]) - want).abs().max() <= 1e-4
+    assert (torch.tensor([e.logprob for e in out.logprobs]) - want).abs().max() <= tolerance
     return ref
 
 
@@ -504,11 +504,7 @@ def test_bf16_engine_batch_gives_each_sequence_alone_and_transformers_logprobs(t
     requests = [engine.add_request(p, params) for p in prompts]
     list(engine.stream())
     for prompt, request in zip(prompts, requests):
-        out = request.completions[0]
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt + out.token_ids])).logits[0].float().log_softmax(-1)[len(prompt) - 1:-1]
-        want = ref.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
-        assert (torch.tensor([e.logprob for e in out.logprobs]) - want).abs().max() <= 0.15
+        assert_transformers_logprobs(hf, prompt, request.completions[0], tolerance=0.15)
 
 
 @needs_compiler
