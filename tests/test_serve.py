@@ -376,8 +376,9 @@ def test_a_full_queue_answers_429_with_retry_after(loaded, monkeypatch):
 
 def test_the_queue_counts_sequences_not_requests(loaded, monkeypatch):
     """Each of a request's n completions holds a row, so --max-batch + --max-queue bounds sequences: with room
-    for 3, one request of n=4 is refused outright (400, naming n), and while a request of n=2 runs, another of
-    n=2 gets 429 (counting requests, both would have been let in); when it ends, the count is back to 0."""
+    for 3, one request of n=4 is refused outright (400, naming n; 10,000 prompts: naming the prompt, before any
+    is tokenized), and while a request of n=2 runs, another of n=2 gets 429 (counting requests, both would have
+    been let in); when it ends, the count is back to 0."""
     gate = threading.Event()
     on_sampling(monkeypatch, HOLD_SEED, lambda: gate.wait(30))
     with serve(loaded, max_batch=1, max_queue=2) as c:
@@ -385,6 +386,12 @@ def test_the_queue_counts_sequences_not_requests(loaded, monkeypatch):
         error = assert_openai_error(c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "n": 4}),
                                     400, "4 sequences", "at most 3")
         assert error["param"] == "n" and server.outstanding == 0
+        encoded = []  # a huge prompt list is refused before any of it is tokenized
+        real_encode = server.tokenizer.encode
+        monkeypatch.setattr(server.tokenizer, "encode", lambda *a, **k: encoded.append(1) or real_encode(*a, **k))
+        error = assert_openai_error(c.post("/v1/completions", json={"prompt": [PROMPT] * 10_000, "max_tokens": 2}),
+                                    400, "10000 sequences", "at most 3")
+        assert error["param"] == "prompt" and not encoded
         held = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "seed": HOLD_SEED, "n": 2}
         thread = threading.Thread(target=lambda: codes.append(c.post("/v1/completions", json=held).status_code))
         thread.start()

@@ -120,17 +120,22 @@ class Server:
         except InputError as e:
             raise ApiError(400, f"{param}: {e}", param) from None
 
-    def admit(self, k: int) -> None:
-        """Take k sequences (prompts x n: each needs a row of its own) into the queue, or 429 when --max-queue is
-        reached; 400 when one request alone holds more than the server ever takes at once."""
+    def check_size(self, prompts: int, n: int) -> None:
+        """400 for one request of more sequences (prompts x n, each a KV row) than the server ever takes at once;
+        called before any prompt is tokenized, so that a huge prompt list costs nothing."""
+        k = prompts * n
         if k > self.capacity:
-            raise ApiError(400, f"{k} sequences (prompts x n) in one request; this server takes at most "
-                                f"{self.capacity} at once (--max-batch + --max-queue); send fewer prompts or a "
-                                "smaller n", "n")
+            raise ApiError(400, f"{k} sequences ({prompts} prompt(s) x n={n}) in one request; this server takes at "
+                                f"most {self.capacity} at once (--max-batch + --max-queue); send fewer prompts or a "
+                                "smaller n", "n" if n > 1 else "prompt")
+
+    def admit(self, k: int) -> None:
+        """Take k sequences (prompts x n, bounded by `check_size`) into the queue, or 429 when --max-queue is
+        reached."""
         if self.outstanding + k > self.capacity:
-            raise ApiError(429, f"the server is busy: {self.outstanding} sequence(s) running or queued (at most "
-                                f"{self.capacity}); retry after a second", None, "rate_limit_exceeded",
-                           "requests", {"Retry-After": "1"})
+            raise ApiError(429, f"the server is busy: {self.outstanding} sequence(s) running or queued and {k} more "
+                                f"asked for, at most {self.capacity}; retry after a second", None,
+                           "rate_limit_exceeded", "requests", {"Retry-After": "1"})
         self.outstanding += k
 
     # ---- text of tokens -------------------------------------------------------------------------------------
@@ -417,7 +422,7 @@ def create_app(loaded, config: ServeConfig | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
-        prompts = _completion_prompts(server, body.prompt)
+        prompts = _completion_prompts(server, body.prompt, body.n)
         params = []
         for ids in prompts:
             max_tokens = server.fit(len(ids), body.max_tokens, "prompt")
@@ -471,6 +476,7 @@ def create_app(loaded, config: ServeConfig | None = None) -> FastAPI:
                                 "--chat-format NAME", "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        server.check_size(1, body.n)
         try:
             ids = server.chat_format.encode([m.as_dict() for m in body.messages], server.tokenizer)
         except InputError as e:
@@ -532,14 +538,16 @@ def _usage_of(streams: list[Stream], prompts: list[list[int]]) -> Callable[[], d
                           sum(len(c.token_ids) for s in streams for c in s.handle.completions))
 
 
-def _completion_prompts(server: Server, prompt) -> list[list[int]]:
-    """The prompt field as token id lists (strings encoded with the tokenizer's default BOS)."""
+def _completion_prompts(server: Server, prompt, n: int) -> list[list[int]]:
+    """The prompt field as token id lists (strings encoded with the tokenizer's default BOS), once the request's
+    size (prompts x n) is known to fit the server."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
     if not prompt:
         raise ApiError(400, "prompt: is empty; send a string or token ids", "prompt")
+    server.check_size(len(prompt), n)
     tok = server.tokenizer
     try:
         return [tok.encode(p, add_bos=tok.add_bos_default) if isinstance(p, str) else list(p) for p in prompt]

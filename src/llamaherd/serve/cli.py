@@ -111,7 +111,7 @@ def run_serve(args: argparse.Namespace) -> None:
     print(printable(f"serving {server.model_id} ({loaded.source.path}) on http://{args.host}:{port}/v1"),
           file=sys.stderr)
     print(f"KV cache: {args.max_batch} rows{scratch} x {max_len} positions, {size / 2**20:.1f} MiB ({cache.k.dtype}); "
-          f"queue up to {args.max_queue} requests; API key {'required' if api_key else 'not required'}",
+          f"queue up to {args.max_queue} sequences (prompts x n); API key {'required' if api_key else 'not required'}",
           file=sys.stderr)
     _serve(app, server.runner, uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level))
 
