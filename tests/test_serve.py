@@ -406,6 +406,23 @@ def test_the_queue_counts_sequences_not_requests(loaded, monkeypatch):
         assert codes == [200] and server.outstanding == 0
         assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "n": 2}).status_code == 200
 
+
+def test_a_body_over_the_limit_gets_413_and_the_server_goes_on(loaded, monkeypatch):
+    """MAX_BODY_BYTES (lowered here to 4 KiB) bounds a body by its Content-Length, and a chunked body (no
+    length) as it arrives: parsing gigabytes of JSON would take the server's memory."""
+    import llamaherd.serve.app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 4096)
+    body = json.dumps({"prompt": "x " * 3000, "max_tokens": 2}).encode()
+    with serve(loaded) as c:
+        assert_openai_error(c.post("/v1/completions", content=body, headers={"content-type": "application/json"}),
+                            413, "over 4,096 bytes")
+        pieces = iter([body[i:i + 1000] for i in range(0, len(body), 1000)])
+        chunked = c.post("/v1/completions", content=pieces, headers={"content-type": "application/json"})
+        assert_openai_error(chunked, 413, "over 4,096 bytes")
+        assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+        assert c.app.state.server.outstanding == 0
+
 # ---- faults and fuzz --------------------------------------------------------------------------------------------
 
 FAULT_SEED, HOLD_SEED = 666, 777

@@ -36,6 +36,14 @@ from llamaherd.serve.runner import EngineRunner, Failure, Stream
 
 log = logging.getLogger("llamaherd.serve")
 OPEN_PATHS = ("/health",)  # answered without the API key (liveness probes)
+# A request body's largest size: a full queue of prompts of 2,048 token ids takes ~1 MB, and parsing a JSON list
+# costs ~10x its bytes in Python objects, so a body of gigabytes would take the server's memory with it.
+MAX_BODY_BYTES = 32 * 2**20
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, f"the request body is over {MAX_BODY_BYTES:,} bytes; send fewer or shorter prompts")
 
 
 class ApiError(Exception):
@@ -323,8 +331,9 @@ def _params(body, max_tokens: int, stop: list[str], logprobs: int | None, echo: 
 
 
 class _Observe:
-    """ASGI middleware: the API key (constant-time compare; the key is never logged or echoed) and the
-    per-path request counters of /metrics."""
+    """ASGI middleware: the API key (constant-time compare; the key is never logged or echoed), the body size
+    (MAX_BODY_BYTES: 413 from its Content-Length, or once a chunked body grows past it) and the per-path request
+    counters of /metrics."""
 
     def __init__(self, app, server: Server, paths: set[str]) -> None:
         self.app, self.server, self.paths = app, server, paths
@@ -352,7 +361,20 @@ class _Observe:
                                                    "'Authorization: Bearer <key>' with the key the server was "
                                                    "started with", code="invalid_api_key")
                     return await response(scope, receive, observed)
-            await self.app(scope, receive, observed)
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                return await error_response(413, _BodyTooLarge().detail)(scope, receive, observed)
+            received = 0
+
+            async def bounded():  # a chunked body has no Content-Length: count what arrives
+                nonlocal received
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise _BodyTooLarge()  # FastAPI re-raises HTTP errors met reading the body
+                return message
+
+            await self.app(scope, bounded, observed)
         finally:
             counts = self.server.http_requests
             counts[(path, status)] = counts.get((path, status), 0) + 1
