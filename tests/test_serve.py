@@ -373,7 +373,6 @@ def test_a_full_queue_answers_429_with_retry_after(loaded, monkeypatch):
         assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
 
 
-
 def test_the_queue_counts_sequences_not_requests(loaded, monkeypatch):
     """Each of a request's n completions holds a row, so --max-batch + --max-queue bounds sequences: with room
     for 3, one request of n=4 is refused outright (400, naming n; 10,000 prompts: naming the prompt, before any
@@ -422,6 +421,7 @@ def test_a_body_over_the_limit_gets_413_and_the_server_goes_on(loaded, monkeypat
         assert_openai_error(chunked, 413, "over 4,096 bytes")
         assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
         assert c.app.state.server.outstanding == 0
+
 
 # ---- faults and fuzz --------------------------------------------------------------------------------------------
 
