@@ -20,6 +20,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LLAMAHERD_AVX2 1  // AVX2 + FMA without AVX-512 (AMD Zen 2/3, Intel Haswell to Comet Lake): 8 floats a vector
 #endif
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__)
 #include <sys/syscall.h>
@@ -74,6 +77,34 @@ inline __m512 round_bf16(__m512 v) {
 }
 #endif
 
+#if defined(LLAMAHERD_AVX2)
+// The same for 8 values: widened weights, a sum of lanes, and bf16 rounding bit for bit as c10::BFloat16's.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+inline float sum8(__m256 v) {  // (lanes 0-3 + 4-7), then pairs, then the last two
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256 round_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)),
+                          _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+#endif
+
 // out[i] = sum_k rows[i][k] * x[k] for R weight rows: R independent sums hide the latency of the fused
 // multiply-adds and each loaded x vector serves R rows. AVX-512 by hand (gcc's vectorization of the widening
 // loads measured 2-3x slower), bf16 x bf16 with AVX512-BF16's pair dot products (no widening at all);
@@ -103,6 +134,16 @@ inline void dots(const W* const* rows, const X* x, int64_t K, float* out) {
     }
     for (int i = 0; i < R; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
   }
+#elif defined(LLAMAHERD_AVX2)
+  if constexpr (std::is_same_v<X, float>) {
+    __m256 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(load8(rows[i] + k), xv, acc[i]);
+    }
+    for (int i = 0; i < R; ++i) out[i] = sum8(acc[i]);
+  }
 #endif
   if (k == 0) {
     for (int i = 0; i < R; ++i) {
@@ -117,12 +158,14 @@ inline void dots(const W* const* rows, const X* x, int64_t K, float* out) {
     for (int i = 0; i < R; ++i) out[i] += widen(rows[i][k]) * widen(x[k]);
 }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
 struct Ahead {  // cache lines to fetch into L2 while tiles compute: the next block's weights
   const char* next;
   const char* end;
-  int64_t per_step;  // lines per step of 16 k
+  int64_t per_step;  // lines per step of 16 k (8 with AVX2)
 };
+#endif
+#if defined(__AVX512F__)
 
 // R weight rows times C inputs at once (R x C accumulators), for several sequences decoding together: each loaded
 // weight vector serves C inputs and each input vector R rows, so the multiply-adds rather than the loads set the
@@ -147,6 +190,27 @@ inline void dots_tile(const W* const* rows, const float* const* xs, int64_t K, f
   for (int i = 0; i < R; ++i)
     for (int c = 0; c < C; ++c) out[i * C + c] = _mm512_reduce_add_ps(acc[i][c]);
 }
+#elif defined(LLAMAHERD_AVX2)
+// dots_tile for AVX2's 16 vector registers: R x C sums of 8 lanes, in the same lanes and k order as dots' AVX2
+// loop and the same reduction (sum8), so a sequence's result is again bit for bit what it gets alone. K % 8 == 0.
+template <typename W, int R, int C>
+inline void dots_tile(const W* const* rows, const float* const* xs, int64_t K, float* out, Ahead& ahead) {
+  __m256 acc[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[C];
+    for (int c = 0; c < C; ++c) xv[c] = _mm256_loadu_ps(xs[c] + k);
+    for (int64_t j = 0; j < ahead.per_step && ahead.next < ahead.end; ++j, ahead.next += 64)
+      _mm_prefetch(ahead.next, _MM_HINT_T1);
+    for (int i = 0; i < R; ++i) {
+      const __m256 wv = load8(rows[i] + k);
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm256_fmadd_ps(wv, xv[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) out[i * C + c] = sum8(acc[i][c]);
+}
 #endif
 
 template <typename W, typename X>
@@ -160,7 +224,7 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
     for (; o + 8 <= end; o += 8) {
       const W* rows[8];
       for (int i = 0; i < 8; ++i) rows[i] = w + (o + i) * K;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
       // bf16 / int8: fetch the block after next, so its weights are in cache when their turn comes (int8 went
       // from 9.0 to 11.3 GB/s, bf16 13.1 to 13.9; fp32 streams at the read bandwidth without it, 23% slower with)
       if constexpr (sizeof(W) < 4) {
@@ -190,6 +254,25 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
               for (int i = 0; i < 4; ++i)
                 for (int c = 0; c < 4; ++c)
                   finish<W>(tile[i * 4 + c], o + half + i, scale, bias, y + (b + c) * N + o + half + i);
+            }
+          }
+        }
+      }
+#elif defined(LLAMAHERD_AVX2)
+      if constexpr (std::is_same_v<X, float>) {
+        if (K % 8 == 0) {  // as above with tiles of 4 rows x 2 inputs (8 sums + 2 inputs + 1 weight registers)
+          float tile[8];
+          const int64_t steps = B / 2 * 2 * (K / 8);
+          Ahead ahead{reinterpret_cast<const char*>(w + (o + 8) * K),
+                      reinterpret_cast<const char*>(w + std::min(o + 16, end) * K),
+                      sizeof(W) == 4 && steps ? (K / 2 + steps - 1) / steps : 0};
+          for (; b + 2 <= B; b += 2) {
+            const float* xs[2] = {x + b * K, x + (b + 1) * K};
+            for (int half = 0; half < 8; half += 4) {
+              dots_tile<W, 4, 2>(rows + half, xs, K, tile, ahead);
+              for (int i = 0; i < 4; ++i)
+                for (int c = 0; c < 2; ++c)
+                  finish<W>(tile[i * 2 + c], o + half + i, scale, bias, y + (b + c) * N + o + half + i);
             }
           }
         }
@@ -340,8 +423,17 @@ void amx_rows_times(const uint16_t* x, const uint16_t* w, const float* bias, flo
 }
 #endif
 
+// Whether a bf16 model's products read its bf16 activations as stored (bf16 pairs: AVX512-BF16's dot products or
+// the AMX tiles). Elsewhere they read them widened to float32, which is exact, in the float32 tiles.
+#if defined(__AVX512BF16__) || defined(LLAMAHERD_AMX)
+constexpr bool kBf16Pairs = true;
+#else
+constexpr bool kBf16Pairs = false;
+#endif
+
 // y (B, N) = x (B, K) @ weight (N, K).T, times scale (N,) per row for int8, plus bias (N,), on raw rows: x is
-// float32 (xf), or bf16 bits (xb) for bf16 x bf16 (read as stored). Shared by matvec and llama_decode_block.
+// float32 (xf), or bf16 bits (xb) for bf16 x bf16 (read as stored, kBf16Pairs). Shared by matvec and
+// llama_decode_block.
 void product(const float* xf, const uint16_t* xb, const at::Tensor& weight, const float* sp, const float* bp,
              float* y, int64_t B, int64_t N, int64_t K) {
   switch (weight.scalar_type()) {
@@ -419,6 +511,9 @@ void round_all(float* v, int64_t n, at::ScalarType dtype) {
 #if defined(__AVX512F__)
   if (dtype == at::kBFloat16)
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, round_bf16(_mm512_loadu_ps(v + i)));
+#elif defined(LLAMAHERD_AVX2)
+  if (dtype == at::kBFloat16)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, round_bf16(_mm256_loadu_ps(v + i)));
 #endif
   for (; i < n; ++i) v[i] = round_to(v[i], dtype);
 }
@@ -433,7 +528,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const std::opti
   TORCH_CHECK(weight.is_contiguous(), "matvec: the weight must be contiguous");
   const int64_t K = weight.size(1), N = weight.size(0);
   // bf16 x bf16 reads x as stored; everything else reads a float32 copy of x
-  const bool half_pair = weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16;
+  const bool half_pair = kBf16Pairs && weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16;
   const at::Tensor flat = x.reshape({-1, K});
   const at::Tensor rows = half_pair ? flat.contiguous() : flat.to(at::kFloat).contiguous();
   const int64_t B = rows.size(0);
@@ -476,6 +571,14 @@ void rms_rows(const float* x, const float* w, float* y, int64_t rows, int64_t D,
         for (; d + 16 <= D; d += 16) {
           const __m512 normed = round_bf16(_mm512_mul_ps(_mm512_loadu_ps(xr + d), iv));
           _mm512_storeu_ps(yr + d, round_bf16(_mm512_mul_ps(normed, _mm512_loadu_ps(w + d))));
+        }
+      }
+#elif defined(LLAMAHERD_AVX2)
+      if (dtype == at::kBFloat16) {
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (; d + 8 <= D; d += 8) {
+          const __m256 normed = round_bf16(_mm256_mul_ps(_mm256_loadu_ps(xr + d), iv));
+          _mm256_storeu_ps(yr + d, round_bf16(_mm256_mul_ps(normed, _mm256_loadu_ps(w + d))));
         }
       }
 #endif
@@ -522,6 +625,19 @@ void rope_rows(const float* x, int64_t stride, const float* c, const float* s, f
                                                                 round_bf16(_mm512_mul_ps(_mm512_mul_ps(hi, minus), s1)))));
             _mm512_storeu_ps(orow + i + half_d, round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(hi, c2)),
                                                                          round_bf16(_mm512_mul_ps(lo, s2)))));
+          }
+        }
+#elif defined(LLAMAHERD_AVX2)
+        if (dtype == at::kBFloat16) {  // the same, 8 dims at a time
+          const __m256 minus = _mm256_set1_ps(-1.f);
+          for (; i + 8 <= half_d; i += 8) {
+            const __m256 lo = _mm256_loadu_ps(xr + i), hi = _mm256_loadu_ps(xr + i + half_d);
+            const __m256 c1 = _mm256_loadu_ps(cb + i), s1 = _mm256_loadu_ps(sb + i);
+            const __m256 c2 = _mm256_loadu_ps(cb + i + half_d), s2 = _mm256_loadu_ps(sb + i + half_d);
+            _mm256_storeu_ps(orow + i, round_bf16(_mm256_add_ps(round_bf16(_mm256_mul_ps(lo, c1)),
+                                                                round_bf16(_mm256_mul_ps(_mm256_mul_ps(hi, minus), s1)))));
+            _mm256_storeu_ps(orow + i + half_d, round_bf16(_mm256_add_ps(round_bf16(_mm256_mul_ps(hi, c2)),
+                                                                         round_bf16(_mm256_mul_ps(lo, s2)))));
           }
         }
 #endif
@@ -574,13 +690,32 @@ inline __m512 exp16(__m512 x) {
 inline __mmask16 first(int64_t n) {  // the first min(n, 16) lanes
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
 }
+#elif defined(LLAMAHERD_AVX2)
+// exp16 for 8 floats, lane for lane the same value: AVX2 has no scalef, so 2^n is two exact powers of two built
+// in the exponent field, 2^(n / 2) and 2^(n - n / 2) (each within a normal float's range for n in [-150, 128]),
+// and the second multiplication rounds once, as scalef does.
+inline __m256 exp8(__m256 x) {
+  constexpr float inverse_factorials[8] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.f)), _mm256_set1_ps(89.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f),
+                                    _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
+  __m256 p = _mm256_set1_ps(inverse_factorials[7]);
+  for (int j = 6; j >= 0; --j) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(inverse_factorials[j]));
+  const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  auto power = [](__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); };
+  return _mm256_mul_ps(_mm256_mul_ps(p, power(n1)), power(n2));
+}
 #endif
 
-// e^v[i] in place: exp16 with AVX-512, else std::exp.
+// e^v[i] in place: exp16 with AVX-512 (exp8 with AVX2, std::exp for a tail), else std::exp.
 void exp_inplace(float* v, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i < n; i += 16) _mm512_mask_storeu_ps(v + i, first(n - i), exp16(_mm512_maskz_loadu_ps(first(n - i), v + i)));
+#elif defined(LLAMAHERD_AVX2)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, exp8(_mm256_loadu_ps(v + i)));
 #endif
   for (; i < n; ++i) v[i] = std::exp(v[i]);
 }
@@ -610,6 +745,15 @@ void silu_mul_rows(const float* gate, const float* up, int64_t gs, int64_t us, f
           for (; j + 16 <= cols; j += 16)
             _mm512_storeu_ps(y + j, round_bf16(_mm512_mul_ps(round_bf16(_mm512_loadu_ps(y + j)), _mm512_loadu_ps(u + j))));
         for (; j < cols; ++j) y[j] = round_to(round_to(y[j], dtype) * u[j], dtype);
+      }
+#elif defined(LLAMAHERD_AVX2)
+      if (dtype == at::kFloat || dtype == at::kBFloat16) {  // fp16 takes the scalar loop
+        const __m256 one = _mm256_set1_ps(1.f);
+        for (; i + 8 <= cols; i += 8) {
+          const __m256 gv = _mm256_loadu_ps(g + i), uv = _mm256_loadu_ps(u + i);
+          const __m256 a = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+          _mm256_storeu_ps(y + i, half ? round_bf16(_mm256_mul_ps(round_bf16(a), uv)) : _mm256_mul_ps(a, uv));
+        }
       }
 #endif
       for (; i < cols; ++i) {
@@ -869,7 +1013,7 @@ void project(const float* x, int64_t B, int64_t K, const at::Tensor& weight, con
   const int64_t N = weight.size(0);
   at::Tensor s;
   const float* sp = scale.has_value() ? floats(*scale, s) : nullptr;
-  const bool half_pair = weight.scalar_type() == at::kBFloat16 && act == at::kBFloat16;
+  const bool half_pair = kBf16Pairs && weight.scalar_type() == at::kBFloat16 && act == at::kBFloat16;
   if (half_pair) {
     bits.resize(B * K);
     for (int64_t i = 0; i < B * K; ++i) bits[i] = static_cast<at::BFloat16>(x[i]).x;
