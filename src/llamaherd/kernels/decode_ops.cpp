@@ -105,12 +105,33 @@ inline __m256 round_bf16(__m256 v) {
 }
 #endif
 
+#if defined(LLAMAHERD_AVX2)
+constexpr bool kAvx2 = true;
+#else
+constexpr bool kAvx2 = false;
+#endif
+
+#if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
+struct Ahead {  // cache lines to fetch while this block computes: a later block's weights
+  const char* next;
+  const char* end;
+  int64_t per_step;  // lines per step of 16 k (8 with AVX2)
+  void fetch(int hint) {
+    for (int64_t j = 0; j < per_step && next < end; ++j, next += 64)
+      hint == 0 ? _mm_prefetch(next, _MM_HINT_T0) : _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
+#else
+struct Ahead {};
+#endif
+
 // out[i] = sum_k rows[i][k] * x[k] for R weight rows: R independent sums hide the latency of the fused
 // multiply-adds and each loaded x vector serves R rows. AVX-512 by hand (gcc's vectorization of the widening
 // loads measured 2-3x slower), bf16 x bf16 with AVX512-BF16's pair dot products (no widening at all);
-// elsewhere what gcc makes of the portable loop. x is float32, or bf16 bits when both are bf16.
+// elsewhere what gcc makes of the portable loop. x is float32, or bf16 bits when both are bf16. With AVX2, `ahead`
+// (optional) spreads the prefetch of a later block over the k steps.
 template <typename W, typename X, int R>
-inline void dots(const W* const* rows, const X* x, int64_t K, float* out) {
+inline void dots(const W* const* rows, const X* x, int64_t K, float* out, Ahead* ahead = nullptr) {
   int64_t k = 0;
   for (int i = 0; i < R; ++i) out[i] = 0.f;
 #if defined(__AVX512BF16__)
@@ -139,6 +160,7 @@ inline void dots(const W* const* rows, const X* x, int64_t K, float* out) {
     __m256 acc[R];
     for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
     for (; k + 8 <= K; k += 8) {
+      if (ahead) ahead->fetch(0);
       const __m256 xv = _mm256_loadu_ps(x + k);
       for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(load8(rows[i] + k), xv, acc[i]);
     }
@@ -158,13 +180,6 @@ inline void dots(const W* const* rows, const X* x, int64_t K, float* out) {
     for (int i = 0; i < R; ++i) out[i] += widen(rows[i][k]) * widen(x[k]);
 }
 
-#if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
-struct Ahead {  // cache lines to fetch into L2 while tiles compute: the next block's weights
-  const char* next;
-  const char* end;
-  int64_t per_step;  // lines per step of 16 k (8 with AVX2)
-};
-#endif
 #if defined(__AVX512F__)
 
 // R weight rows times C inputs at once (R x C accumulators), for several sequences decoding together: each loaded
@@ -201,8 +216,7 @@ inline void dots_tile(const W* const* rows, const float* const* xs, int64_t K, f
   for (int64_t k = 0; k < K; k += 8) {
     __m256 xv[C];
     for (int c = 0; c < C; ++c) xv[c] = _mm256_loadu_ps(xs[c] + k);
-    for (int64_t j = 0; j < ahead.per_step && ahead.next < ahead.end; ++j, ahead.next += 64)
-      _mm_prefetch(ahead.next, _MM_HINT_T1);
+    ahead.fetch(1);
     for (int i = 0; i < R; ++i) {
       const __m256 wv = load8(rows[i] + k);
       for (int c = 0; c < C; ++c) acc[i][c] = _mm256_fmadd_ps(wv, xv[c], acc[i][c]);
@@ -228,7 +242,7 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
       // bf16 / int8: fetch the block after next, so its weights are in cache when their turn comes (int8 went
       // from 9.0 to 11.3 GB/s, bf16 13.1 to 13.9; fp32 streams at the read bandwidth without it, 23% slower with)
       if constexpr (sizeof(W) < 4) {
-        if (o + 24 <= end) {
+        if (o + 24 <= end && (!kAvx2 || B > 1)) {
           const char* ahead = reinterpret_cast<const char*>(w + (o + 16) * K);
           for (int64_t off = 0; off < 8 * K * static_cast<int64_t>(sizeof(W)); off += 64)
             _mm_prefetch(ahead + off, _MM_HINT_T0);
@@ -236,6 +250,7 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
       }
 #endif
       int64_t b = 0;
+      Ahead* ahead_p = nullptr;
 #if defined(__AVX512F__)
       if constexpr (std::is_same_v<X, float>) {
         if (K % 16 == 0) {
@@ -259,13 +274,17 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
         }
       }
 #elif defined(LLAMAHERD_AVX2)
+      // One row of bf16 / int8 weights: fetch the block after next a line or two per k step rather than all at once
+      // (one row of SmolLM2's 121 products on a Zen 3, alternating builds: int8 11.4-15.1 -> 6.6-8.5 ms, bf16
+      // 14.4-18.0 -> 11.8-15.6; a standalone loop over 115 MB of int8 rows: 12 GB/s without, 17 all at once, 29
+      // spread). fp32 rows stream at the read bandwidth without it.
+      Ahead ahead{reinterpret_cast<const char*>(w + std::min(o + 16, end) * K),
+                  reinterpret_cast<const char*>(w + std::min(o + 24, end) * K),
+                  static_cast<int64_t>(sizeof(W))};  // a step (8 k of 8 rows) reads sizeof(W) lines
+      if (sizeof(W) < 4 && B == 1) ahead_p = &ahead;
       if constexpr (std::is_same_v<X, float>) {
         if (K % 8 == 0) {  // as above with tiles of 4 rows x 2 inputs (8 sums + 2 inputs + 1 weight registers)
           float tile[8];
-          const int64_t steps = B / 2 * 2 * (K / 8);
-          Ahead ahead{reinterpret_cast<const char*>(w + (o + 8) * K),
-                      reinterpret_cast<const char*>(w + std::min(o + 16, end) * K),
-                      sizeof(W) == 4 && steps ? (K / 2 + steps - 1) / steps : 0};
           for (; b + 2 <= B; b += 2) {
             const float* xs[2] = {x + b * K, x + (b + 1) * K};
             for (int half = 0; half < 8; half += 4) {
@@ -279,7 +298,7 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
       }
 #endif
       for (; b < B; ++b) {
-        dots<W, X, 8>(rows, x + b * K, K, sums);
+        dots<W, X, 8>(rows, x + b * K, K, sums, ahead_p);
         for (int i = 0; i < 8; ++i) finish<W>(sums[i], o + i, scale, bias, y + b * N + o + i);
       }
     }
