@@ -54,6 +54,16 @@ def test_relocated_model_keeps_its_logits_ties_and_parameter_objects(tmp_path):
 
 
 @needs_thp
+def test_a_tensor_listed_twice_and_its_view_keep_their_values():
+    weight = torch.arange(6000.0).view(60, 100)
+    view = weight[10:20, 5:]  # a storage offset: where a second move of `weight` shifted the offset again
+    want, want_view = weight.clone(), view.clone()
+    assert hugepages.relocate([weight, view, weight])
+    assert torch.equal(weight, want) and torch.equal(view, want_view)
+    assert view.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+
+
+@needs_thp
 def test_relocated_parameters_still_train(tmp_path):
     save_hf_model("llama-gqa", tmp_path)
     model = load_gpt(tmp_path)

@@ -48,7 +48,7 @@ def relocate(tensors: Iterable[torch.Tensor]) -> bool:
     first-seen order, and point every tensor at its copy (same sizes, strides, dtype, requires_grad, identity).
     Tensors sharing a storage (views, tied weights) keep sharing it. Returns True when the tensors now live in
     such a region (also when they already did), False when it left them as they were (see `available`)."""
-    tensors = list(tensors)
+    tensors = list({id(t): t for t in tensors}.values())  # once each: a second set_ would shift it again
     if not tensors or not available() or any(t.device.type != "cpu" for t in tensors):
         return False
     storages: dict[int, list[torch.Tensor]] = {}
