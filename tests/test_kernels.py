@@ -58,9 +58,9 @@ def test_matvec_equals_a_float64_product(rows, weight_dtype):
 @pytest.mark.parametrize("rows", [5, 16])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_matvec_of_a_batch_is_each_row_alone_bit_for_bit(rows, weight_dtype):
-    """Several sequences go through the register tiles (4 inputs x 4 weight rows with AVX-512, K % 16 == 0; 2 x 4
-    with AVX2, K % 8 == 0), the rest one at a time: every row's result must be exactly what it gets alone (a sequence's tokens may not depend on its batch)
-    and equal the float64 product."""
+    """Several sequences go through the register tiles (4 inputs x 4 weight rows with AVX-512, K % 16 == 0; 4
+    inputs x 2 rows with AVX2, K % 8 == 0), the rest one at a time: every row's result must be exactly what it
+    gets alone (a sequence's tokens may not depend on its batch) and equal the float64 product."""
     torch.manual_seed(1)
     n, k = 37, 96
     x = torch.randn(rows, 1, k)
