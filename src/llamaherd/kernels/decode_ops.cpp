@@ -289,7 +289,8 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
           float tile[8];
           const int64_t steps = B / 4 * 4 * (K / 8), lines = 8 * K * static_cast<int64_t>(sizeof(W)) / 64;
           Ahead next{reinterpret_cast<const char*>(w + (o + 8) * K),
-                     reinterpret_cast<const char*>(w + std::min(o + 16, end) * K), steps ? (lines + steps - 1) / steps : 0};
+                     reinterpret_cast<const char*>(w + std::min(o + 16, end) * K),
+                     steps ? (lines + steps - 1) / steps : 0};
           for (; b + 4 <= B; b += 4) {
             const float* xs[4] = {x + b * K, x + (b + 1) * K, x + (b + 2) * K, x + (b + 3) * K};
             for (int pair = 0; pair < 8; pair += 2) {
@@ -658,8 +659,9 @@ void rope_rows(const float* x, int64_t stride, const float* c, const float* s, f
             const __m256 lo = _mm256_loadu_ps(xr + i), hi = _mm256_loadu_ps(xr + i + half_d);
             const __m256 c1 = _mm256_loadu_ps(cb + i), s1 = _mm256_loadu_ps(sb + i);
             const __m256 c2 = _mm256_loadu_ps(cb + i + half_d), s2 = _mm256_loadu_ps(sb + i + half_d);
+            const __m256 minus_hi_s1 = _mm256_mul_ps(_mm256_mul_ps(hi, minus), s1);
             _mm256_storeu_ps(orow + i, round_bf16(_mm256_add_ps(round_bf16(_mm256_mul_ps(lo, c1)),
-                                                                round_bf16(_mm256_mul_ps(_mm256_mul_ps(hi, minus), s1)))));
+                                                                round_bf16(minus_hi_s1))));
             _mm256_storeu_ps(orow + i + half_d, round_bf16(_mm256_add_ps(round_bf16(_mm256_mul_ps(hi, c2)),
                                                                          round_bf16(_mm256_mul_ps(lo, s2)))));
           }
@@ -715,9 +717,9 @@ inline __mmask16 first(int64_t n) {  // the first min(n, 16) lanes
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
 }
 #elif defined(LLAMAHERD_AVX2)
-// exp16 for 8 floats, lane for lane the same value: AVX2 has no scalef, so 2^n is two exact powers of two built
-// in the exponent field, 2^(n / 2) and 2^(n - n / 2) (each within a normal float's range for n in [-150, 128]),
-// and the second multiplication rounds once, as scalef does.
+// exp16's steps for 8 floats. AVX2 has no scalef, so 2^n is two exact powers of two built in the exponent field,
+// 2^(n / 2) and 2^(n - n / 2) (each within a normal float's range for n in [-150, 128]), and only the second
+// multiplication rounds, as scalef rounds once.
 inline __m256 exp8(__m256 x) {
   constexpr float inverse_factorials[8] = {1.f, 1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040};
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.f)), _mm256_set1_ps(89.f));
@@ -728,7 +730,9 @@ inline __m256 exp8(__m256 x) {
   __m256 p = _mm256_set1_ps(inverse_factorials[7]);
   for (int j = 6; j >= 0; --j) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(inverse_factorials[j]));
   const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
-  auto power = [](__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); };
+  auto power = [](__m256i e) {  // 2^e: e + 127 in the exponent field
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  };
   return _mm256_mul_ps(_mm256_mul_ps(p, power(n1)), power(n2));
 }
 #endif
