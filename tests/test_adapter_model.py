@@ -79,8 +79,10 @@ def test_load_model_merges_the_adapter_as_peft(run, peft_logits):
     assert not lora_layers(loaded.model)  # merged on load: decode runs the plain layers
     ours = logits(loaded.model)
     assert (ours - merged).abs().max() <= 1e-5
-    # Merging rounds W + scaling * B A once in fp32; PEFT's own merge moves these logits (|x| ~ 10) the same way.
-    torch.testing.assert_close(ours, unmerged, rtol=1e-5, atol=1e-5)
+    # Merging rounds W + scaling * B A once in fp32, which moves these logits (|x| ~ 10) off the unmerged ones by
+    # as much as PEFT's own merge moves them (2.3e-5 on an AVX2 EPYC VM, where a fixed 1e-5 failed)
+    peft_drift = (merged - unmerged).abs().max().item()
+    assert (ours - unmerged).abs().max() <= peft_drift + 1e-5
 
 
 def test_int8_base_keeps_the_adapter_unmerged(run, peft_logits):
