@@ -15,9 +15,9 @@ tiles) and each cached key (the query heads of one kv head attend together): 16 
 positions, 102.6 -> 62.5 ms a step. A bf16 model's products run on the AMX tile unit where the CPU has one
 (`bf16_tiles`): 16 rows cost about what one does (a 16-row SmolLM2 step 60.1 -> 22.1 ms, 1 row 16.8 -> 13.0).
 On CPUs with AVX2 but no AVX-512 (AMD Zen 2/3, Intel before Ice Lake) the same loops run 8 floats a vector
-with 4 x 2 tiles, and one row of bf16 or int8 weights fetches ahead a line or two per step: there a SmolLM2
-step went from 95.7 to 22.4 ms (fp32), 89.8 to 12.8 (bf16) and 71.7 to 6.8 (int8) at one row, and from 954 to
-73-81 ms (fp32) at 16 rows (the portable loops before).
+with tiles of 2 weight rows x 4 inputs, and one row of bf16 or int8 weights fetches ahead a line or two per
+step: there a SmolLM2 step went from 95.7 to 22.4 ms (fp32), 89.8 to 12.8 (bf16) and 71.7 to 6.8 (int8) at one
+row, and from 954 to 73-81 ms (fp32) at 16 rows (the portable loops before).
 
 The kernel is compiled for this CPU on first use (`-O3 -march=native`, about 20 s, kept under
 `$XDG_CACHE_HOME/llamaherd/kernels`). Without a compiler, or when the build fails, a one-line notice says so and

@@ -105,12 +105,6 @@ inline __m256 round_bf16(__m256 v) {
 }
 #endif
 
-#if defined(LLAMAHERD_AVX2)
-constexpr bool kAvx2 = true;
-#else
-constexpr bool kAvx2 = false;
-#endif
-
 #if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
 struct Ahead {  // cache lines to fetch while this block computes: a later block's weights
   const char* next;
@@ -195,8 +189,7 @@ inline void dots_tile(const W* const* rows, const float* const* xs, int64_t K, f
   for (int64_t k = 0; k < K; k += 16) {
     __m512 xv[C];
     for (int c = 0; c < C; ++c) xv[c] = _mm512_loadu_ps(xs[c] + k);
-    for (int64_t j = 0; j < ahead.per_step && ahead.next < ahead.end; ++j, ahead.next += 64)
-      _mm_prefetch(ahead.next, _MM_HINT_T1);
+    ahead.fetch(1);
     for (int i = 0; i < R; ++i) {
       const __m512 wv = load16(rows[i] + k);
       for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(wv, xv[c], acc[i][c]);
@@ -238,11 +231,11 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
     for (; o + 8 <= end; o += 8) {
       const W* rows[8];
       for (int i = 0; i < 8; ++i) rows[i] = w + (o + i) * K;
-#if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
+#if defined(__AVX512F__)
       // bf16 / int8: fetch the block after next, so its weights are in cache when their turn comes (int8 went
       // from 9.0 to 11.3 GB/s, bf16 13.1 to 13.9; fp32 streams at the read bandwidth without it, 23% slower with)
       if constexpr (sizeof(W) < 4) {
-        if (o + 24 <= end && !kAvx2) {
+        if (o + 24 <= end) {
           const char* ahead = reinterpret_cast<const char*>(w + (o + 16) * K);
           for (int64_t off = 0; off < 8 * K * static_cast<int64_t>(sizeof(W)); off += 64)
             _mm_prefetch(ahead + off, _MM_HINT_T0);
