@@ -926,6 +926,83 @@ void attend_heads_n(int G, const float* const* qs, const T* k, const T* v, int64
   }
   TORCH_CHECK(false, "attend_heads: ", G, " heads of ", 16 * HD, " dims at once");
 }
+#elif defined(LLAMAHERD_AVX2)
+// Eight vectors to one: lane j holds the sum of v[j]'s lanes (two rounds of pairwise hadd, then the two halves).
+inline __m256 sum_each(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// attend_heads with AVX2's 16 vector registers: no query kept in registers (G heads' scores of one key in G
+// accumulators, the key read once), the scores of 8 keys reduced together, and the values in slices of the head
+// dim small enough for G heads' accumulators (each value slice read once for the G heads).
+template <typename T, int HD, int G>
+void attend_heads(const float* const* qs, const T* k, const T* v, int64_t stride, int64_t n, float scale,
+                  float* p, float* const* outs) {
+  alignas(32) __m256 part[G][8];
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    const int64_t m = std::min<int64_t>(8, n - j0);
+    for (int64_t jj = 0; jj < m; ++jj) {
+      const T* kj = k + (j0 + jj) * stride;
+      __m256 a[G];
+      for (int g = 0; g < G; ++g) a[g] = _mm256_setzero_ps();
+      for (int d = 0; d < HD; ++d) {
+        const __m256 kv = load8(kj + 8 * d);
+        for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[g] + 8 * d), kv, a[g]);
+      }
+      for (int g = 0; g < G; ++g) part[g][jj] = a[g];
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int64_t jj = m; jj < 8; ++jj) part[g][jj] = _mm256_setzero_ps();
+      alignas(32) float s[8];
+      _mm256_store_ps(s, _mm256_mul_ps(sum_each(part[g]), _mm256_set1_ps(scale)));
+      std::memcpy(p + g * n + j0, s, m * sizeof(float));
+    }
+  }
+  float sums[G];
+  for (int g = 0; g < G; ++g) {  // softmax numerators in place; their sum divides at the end
+    float* pg = p + g * n;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) top = std::max(top, pg[j]);
+    for (int64_t j = 0; j < n; ++j) pg[j] -= top;
+    exp_inplace(pg, n);
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) sum += pg[j];
+    sums[g] = sum;
+  }
+  constexpr int slice = G == 1 ? 8 : G <= 3 ? 4 : 2;  // vectors of the head dim at once: G * slice accumulators
+  static_assert(HD % slice == 0);
+  for (int d0 = 0; d0 < HD; d0 += slice) {
+    __m256 acc[G][slice];
+    for (int g = 0; g < G; ++g)
+      for (int d = 0; d < slice; ++d) acc[g][d] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const T* vj = v + j * stride + 8 * d0;
+      __m256 vv[slice];
+      for (int d = 0; d < slice; ++d) vv[d] = load8(vj + 8 * d);
+      for (int g = 0; g < G; ++g) {
+        const __m256 w = _mm256_set1_ps(p[g * n + j]);
+        for (int d = 0; d < slice; ++d) acc[g][d] = _mm256_fmadd_ps(w, vv[d], acc[g][d]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int d = 0; d < slice; ++d)
+        _mm256_storeu_ps(outs[g] + 8 * (d0 + d), _mm256_div_ps(acc[g][d], _mm256_set1_ps(sums[g])));
+  }
+}
+
+template <typename T, int HD>
+void attend_heads_n(int G, const float* const* qs, const T* k, const T* v, int64_t stride, int64_t n, float scale,
+                    float* p, float* const* outs) {
+  switch (G) {
+    case 1: return attend_heads<T, HD, 1>(qs, k, v, stride, n, scale, p, outs);
+    case 2: return attend_heads<T, HD, 2>(qs, k, v, stride, n, scale, p, outs);
+    case 3: return attend_heads<T, HD, 3>(qs, k, v, stride, n, scale, p, outs);
+    case 4: return attend_heads<T, HD, 4>(qs, k, v, stride, n, scale, p, outs);
+  }
+  TORCH_CHECK(false, "attend_heads: ", G, " heads of ", 8 * HD, " dims at once");
+}
 #endif
 
 // Attention of one query per row (a decode step) over keys [0, lengths[b]) of the cache row slots[b], in float32
@@ -933,18 +1010,25 @@ void attend_heads_n(int G, const float* const* qs, const T* k, const T* v, int64
 // step's causal mask, up to rounding, without its per-call set-up (50-70 us a layer for SmolLM2's 9 heads and a
 // short context), without gathering the rows, and without reading the hidden keys. q (B, H, hd) float32; cache
 // (max_batch, n_kv, max_len, hd) with unit stride in hd, strides cs; grouped-query heads share their kv head.
-// out (B, H * hd), heads in order (what transpose(1, 2).reshape gives). With AVX-512 and a head dim of 64 or 128,
-// the query heads of one kv head go together in chunks (attend_heads: each key read once per chunk; a SmolLM2
-// 16-row step at 512 positions spent 38 ms in attention before, reading each key per query head), split finer
-// when there are too few chunks for the threads.
+// out (B, H * hd), heads in order (what transpose(1, 2).reshape gives). With AVX-512 or AVX2 and a head dim of 64
+// or 128, the query heads of one kv head go together in chunks (attend_heads: each key read once per chunk; a
+// SmolLM2 16-row step at 512 positions spent 38 ms in attention before, reading each key per query head, on a
+// Xeon; at 700 positions on a Zen 3 the whole step went from 115 to 98 ms), split finer when there are too few
+// chunks for the threads.
 template <typename T>
 void attend_rows(const float* q, const T* k, const T* v, const int64_t* cs, const int64_t* slots,
                  const std::vector<int64_t>& lengths, int64_t H, int64_t n_kv, int64_t hd, float* out) {
   const int64_t group = H / n_kv, B = static_cast<int64_t>(lengths.size());
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
   if (hd == 64 || hd == 128) {
+#if defined(__AVX512F__)
+    constexpr int64_t lanes = 16;
     const int64_t most = hd == 64 ? 4 : 2;  // heads at once: their accumulators fit the 32 vector registers
+#else
+    constexpr int64_t lanes = 8;
+    const int64_t most = 4;  // heads at once (no query in registers; the value slices shrink with more heads)
+#endif
     int64_t chunks = (group + most - 1) / most;
     while (chunks < group && B * n_kv * chunks < 2 * at::get_num_threads()) ++chunks;
     at::parallel_for(0, B * n_kv * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -961,9 +1045,9 @@ void attend_rows(const float* q, const T* k, const T* v, const int64_t* cs, cons
         const int64_t n = lengths[b], row = slots[b] * cs[0] + kv * cs[1];
         p.resize(G * n);
         if (hd == 64)
-          attend_heads_n<T, 4>(G, qs, k + row, v + row, cs[2], n, scale, p.data(), outs);
+          attend_heads_n<T, 64 / lanes>(G, qs, k + row, v + row, cs[2], n, scale, p.data(), outs);
         else
-          attend_heads_n<T, 8>(G, qs, k + row, v + row, cs[2], n, scale, p.data(), outs);
+          attend_heads_n<T, 128 / lanes>(G, qs, k + row, v + row, cs[2], n, scale, p.data(), outs);
       }
     });
     return;
