@@ -915,17 +915,9 @@ void attend_heads(const float* const* qs, const T* k, const T* v, int64_t stride
       _mm512_storeu_ps(outs[g] + 16 * d, _mm512_div_ps(acc[g][d], _mm512_set1_ps(sums[g])));
 }
 
-template <typename T, int HD>
-void attend_heads_n(int G, const float* const* qs, const T* k, const T* v, int64_t stride, int64_t n, float scale,
-                    float* p, float* const* outs) {
-  switch (G) {
-    case 1: return attend_heads<T, HD, 1>(qs, k, v, stride, n, scale, p, outs);
-    case 2: return attend_heads<T, HD, 2>(qs, k, v, stride, n, scale, p, outs);
-    case 3: if constexpr (HD <= 4) return attend_heads<T, HD, 3>(qs, k, v, stride, n, scale, p, outs); break;
-    case 4: if constexpr (HD <= 4) return attend_heads<T, HD, 4>(qs, k, v, stride, n, scale, p, outs); break;
-  }
-  TORCH_CHECK(false, "attend_heads: ", G, " heads of ", 16 * HD, " dims at once");
-}
+constexpr int kLanes = 16;
+// Whether attend_heads takes G heads of HD vectors at once: their queries and sums fit the 32 vector registers.
+constexpr bool heads_fit(int G, int HD) { return G <= 2 || HD <= 4; }
 #elif defined(LLAMAHERD_AVX2)
 // Eight vectors to one: lane j holds the sum of v[j]'s lanes (two rounds of pairwise hadd, then the two halves).
 inline __m256 sum_each(const __m256* v) {
@@ -992,16 +984,22 @@ void attend_heads(const float* const* qs, const T* k, const T* v, int64_t stride
   }
 }
 
+constexpr int kLanes = 8;
+constexpr bool heads_fit(int G, int) { return G <= 4; }  // no query in registers; value slices shrink with G
+#endif
+
+#if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
+// attend_heads for G (1 to 4) heads of HD vectors, chosen at run time.
 template <typename T, int HD>
 void attend_heads_n(int G, const float* const* qs, const T* k, const T* v, int64_t stride, int64_t n, float scale,
                     float* p, float* const* outs) {
   switch (G) {
     case 1: return attend_heads<T, HD, 1>(qs, k, v, stride, n, scale, p, outs);
-    case 2: return attend_heads<T, HD, 2>(qs, k, v, stride, n, scale, p, outs);
-    case 3: return attend_heads<T, HD, 3>(qs, k, v, stride, n, scale, p, outs);
-    case 4: return attend_heads<T, HD, 4>(qs, k, v, stride, n, scale, p, outs);
+    case 2: if constexpr (heads_fit(2, HD)) return attend_heads<T, HD, 2>(qs, k, v, stride, n, scale, p, outs); break;
+    case 3: if constexpr (heads_fit(3, HD)) return attend_heads<T, HD, 3>(qs, k, v, stride, n, scale, p, outs); break;
+    case 4: if constexpr (heads_fit(4, HD)) return attend_heads<T, HD, 4>(qs, k, v, stride, n, scale, p, outs); break;
   }
-  TORCH_CHECK(false, "attend_heads: ", G, " heads of ", 8 * HD, " dims at once");
+  TORCH_CHECK(false, "attend_heads: ", G, " heads of ", kLanes * HD, " dims at once");
 }
 #endif
 
@@ -1022,13 +1020,7 @@ void attend_rows(const float* q, const T* k, const T* v, const int64_t* cs, cons
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
 #if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
   if (hd == 64 || hd == 128) {
-#if defined(__AVX512F__)
-    constexpr int64_t lanes = 16;
-    const int64_t most = hd == 64 ? 4 : 2;  // heads at once: their accumulators fit the 32 vector registers
-#else
-    constexpr int64_t lanes = 8;
-    const int64_t most = 4;  // heads at once (no query in registers; the value slices shrink with more heads)
-#endif
+    const int64_t most = heads_fit(4, static_cast<int>(hd / kLanes)) ? 4 : 2;  // heads at once
     int64_t chunks = (group + most - 1) / most;
     while (chunks < group && B * n_kv * chunks < 2 * at::get_num_threads()) ++chunks;
     at::parallel_for(0, B * n_kv * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -1045,9 +1037,9 @@ void attend_rows(const float* q, const T* k, const T* v, const int64_t* cs, cons
         const int64_t n = lengths[b], row = slots[b] * cs[0] + kv * cs[1];
         p.resize(G * n);
         if (hd == 64)
-          attend_heads_n<T, 64 / lanes>(G, qs, k + row, v + row, cs[2], n, scale, p.data(), outs);
+          attend_heads_n<T, 64 / kLanes>(G, qs, k + row, v + row, cs[2], n, scale, p.data(), outs);
         else
-          attend_heads_n<T, 128 / lanes>(G, qs, k + row, v + row, cs[2], n, scale, p.data(), outs);
+          attend_heads_n<T, 128 / kLanes>(G, qs, k + row, v + row, cs[2], n, scale, p.data(), outs);
       }
     });
     return;
