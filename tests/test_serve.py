@@ -295,6 +295,26 @@ def test_non_finite_numbers_are_refused(client):
                                                                                   "application/json"}), 400)
 
 
+def test_optional_fields_sent_as_null_take_their_defaults_as_openai_reads_them(client):
+    """OpenAI's API reference (and openai-python's Optional[...] request types) mark the optional fields nullable:
+    a client may send null for 'not given'. The same greedy request with every other optional field null gives
+    the same choices; a required field sent as null is still a 400 naming it."""
+    nulls = {name: None for name in ("model", "top_p", "top_k", "repetition_penalty", "ignore_eos", "n", "stream",
+                                     "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty",
+                                     "user")}
+    for path, body, extra in (("/v1/completions", {"prompt": PROMPT, "max_tokens": 4},
+                               {"logprobs": None, "echo": None, "best_of": None}),
+                              ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4},
+                               {"max_completion_tokens": None, "logprobs": None, "top_logprobs": None})):
+        plain = client.post(path, json=body | {"temperature": 0})
+        nulled = client.post(path, json=body | {"temperature": 0} | nulls | extra)
+        assert plain.status_code == nulled.status_code == 200, nulled.text
+        assert nulled.json()["choices"] == plain.json()["choices"]
+        assert client.post(path, json=body | {"temperature": None, "seed": 3}).status_code == 200
+    assert_openai_error(client.post("/v1/completions", json={"prompt": None}), 400, "prompt")
+    assert_openai_error(client.post("/v1/chat/completions", json={"messages": None}), 400, "messages")
+
+
 def test_text_leaves_out_control_tokens_as_openai_and_vllm_do(client, ref):
     hf, tok = ref
     ids = tok("fox <s> dog").input_ids  # <s> at the start and inside the prompt

@@ -1,7 +1,8 @@
 """The OpenAI request bodies `herd serve` accepts (pydantic models) and OpenAI's error body.
 
 Rules, after OpenAI's API reference: a field of the wrong type, a number out of range, NaN or infinity, and a
-field OpenAI does not define (or this server does not implement) are refused with 400 naming the field. Fields
+field OpenAI does not define (or this server does not implement) are refused with 400 naming the field; an
+optional field sent as null takes its default. Fields
 are strict: "5" is not a number and 1 is not a boolean. Extensions that vLLM and llama.cpp's server also accept:
 `top_k`, `repetition_penalty`, `ignore_eos` (generate past the end-of-sequence token, for benchmarks).
 """
@@ -12,7 +13,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 MAX_N = 128  # OpenAI's limit on n
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs (vLLM's default limit for the legacy logprobs too)
@@ -24,6 +25,16 @@ StopText = Annotated[str, StringConstraints(min_length=1)]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """An optional field sent as null takes its default, as OpenAI reads it (its API reference marks them
+        nullable: `"n": null` is n = 1); a required field sent as null stays an error naming it."""
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items()
+                if value is not None or key not in cls.model_fields or cls.model_fields[key].is_required()}
 
 
 class StreamOptions(_Body):
