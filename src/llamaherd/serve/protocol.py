@@ -13,7 +13,8 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator,
+                      model_validator)
 
 MAX_N = 128  # OpenAI's limit on n
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs (vLLM's default limit for the legacy logprobs too)
@@ -58,6 +59,13 @@ class _Sampling(_Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _streaming_only(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):  # OpenAI's 400 (quoted in litellm issue #5803)
+            raise ValueError("only allowed when stream is true")
+        return value
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -131,16 +139,23 @@ SHAPES = {
 TYPE_TAGS = {"str", "int", "float", "bool"}  # pydantic's names for a union's members in an error's location
 
 
+def _fields(loc: list[str]) -> list[str]:
+    """The parts of an error's location that name fields or list positions (not a union member's type tag)."""
+    return [p for p in loc if p.isdigit() or (p.isidentifier() and p not in TYPE_TAGS)]
+
+
 def validation_message(error: dict[str, Any]) -> tuple[str, str | None]:
     """(message, param) for the first of pydantic's / FastAPI's validation errors, in OpenAI's wording."""
-    loc = [str(p) for p in error.get("loc", ()) if p != "body"]
-    fields = [p for p in loc if p.isdigit() or (p.isidentifier() and p not in TYPE_TAGS)]
+    loc = [str(p) for p in error.get("loc", ())]
+    loc = loc[1:] if loc[:1] == ["body"] else loc  # FastAPI's prefix; a client's own key may be "body" too
+    fields = _fields(loc)
     param = ".".join(fields) or None
     kind = error.get("type", "")
     if kind == "json_invalid":
         reason = error.get("ctx", {}).get("error", "decode error")
         return f"the body is not valid JSON ({reason}); send a JSON object", None
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden":  # the last part is the client's key, whatever it is ("x-y", "str", "")
+        param = ".".join(_fields(loc[:-1]) + [json.dumps(loc[-1])[1:-1]]) if loc else None
         return f"Unrecognized request argument supplied: {param} (this server does not implement it)", param
     if not fields:  # the body itself: empty, not an object, or not sent as JSON
         return "the body must be a JSON object (Content-Type: application/json) with the request's fields", None
