@@ -125,3 +125,39 @@ def test_stop_strings_truncate_stream(model):
     params = SamplingParams(max_new_tokens=20, stop_strings=[stop])
     streamed = "".join(stream_text(model, tok, [3, 4], params))
     assert streamed == full[: full.index(stop)]
+
+
+def test_a_conversation_computes_only_what_its_last_turn_did_not(model):
+    """Four turns, each prompt the last prompt + its reply + one new id (as a chat template renders a history):
+    each reply equals a one-off generation of its prompt on a fresh engine; the row grows by doubling (12 -> 24 ->
+    48 positions) and the fourth turn, which fits, prefills only what the row does not hold. It holds the last
+    prompt and reply less the reply's last id (whose key the next step computes), so the engine computes
+    len(prompt) - 1 - held prompt positions plus one per new token, against len(prompt) - 1 + 8 afresh."""
+    tok = CharTokenizer()
+    params = SamplingParams(max_new_tokens=8, stop_ids=frozenset())
+    conversation = generate.Conversation(model, tok)
+    prompt, last, sizes, reused = [3, 4, 5, 6], [], [], 0
+    for turn in range(4):
+        engine = conversation.engine
+        before = engine.computed_tokens if engine else 0
+        text = "".join(conversation.stream(prompt, params))
+        reply = generate_ids(model, prompt, max_new_tokens=8, stop_ids=frozenset())
+        assert text == "".join(chr(ord("a") + t % 26) for t in reply)
+        sizes.append(conversation.engine.max_len)
+        if conversation.engine is engine:
+            held = len(last) + 8 - 1
+            assert conversation.engine.computed_tokens - before == (len(prompt) - 1 - held) + 8
+            reused += 1
+        last, prompt = prompt, prompt + reply + [7 + turn]
+    assert sizes == [12, 24, 48, 48] and reused == 1
+
+
+def test_a_conversation_turn_stopped_early_leaves_the_engine_idle(model):
+    conversation = generate.Conversation(model, CharTokenizer())
+    params = SamplingParams(max_new_tokens=8, stop_ids=frozenset())
+    pieces = conversation.stream([3, 4, 5], params)
+    next(pieces)
+    pieces.close()  # the reader stops (Ctrl-C in herd chat): the request is cancelled, its row free again
+    assert not conversation.engine.has_work and conversation.engine.slots.free
+    assert "".join(conversation.stream([3, 4, 5], params)) == "".join(
+        chr(ord("a") + t % 26) for t in generate_ids(model, [3, 4, 5], max_new_tokens=8, stop_ids=frozenset()))

@@ -12,7 +12,6 @@ import io
 import json
 import sys
 import unicodedata
-from types import SimpleNamespace
 
 import pytest
 from leaderboard_samples import write_lineage, write_results
@@ -169,12 +168,10 @@ def test_streamed_model_output_is_escaped_on_a_terminal_only(capsys, monkeypatch
     from llamaherd import cli
 
     pieces = ["line\n", "\ttab ", "\x1b[2J", "\u202eend"]
-    monkeypatch.setattr("llamaherd.generate.stream_text", lambda *args: iter(pieces))
-    loaded = SimpleNamespace(model=None, tokenizer=None)
-    assert cli._stream(loaded, [], None) == "".join(pieces)
+    assert cli._stream(iter(pieces)) == "".join(pieces)
     assert capsys.readouterr().out == "".join(pieces) + "\n"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    cli._stream(loaded, [], None)
+    cli._stream(iter(pieces))
     assert capsys.readouterr().out == "line\n\ttab \\x1b[2J\\u202eend\n"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from llamaherd.errors import HerdError, InputError
@@ -60,12 +61,11 @@ def _load(args: argparse.Namespace, device: str = "cpu"):
     return load_model(args.model, dtype=args.dtype, device=device, quantize=args.quantize, base=args.base)
 
 
-def _stream(loaded, prompt_ids: list[int], params) -> str:
-    from llamaherd.generate import stream_text
-
+def _stream(text: Iterator[str]) -> str:
+    """Print generated text as it comes; returns all of it."""
     pieces = []
     tty = sys.stdout.isatty()  # a terminal sees control characters as escapes; a pipe gets the exact text
-    for piece in stream_text(loaded.model, loaded.tokenizer, prompt_ids, params):
+    for piece in text:
         print(printable(piece, keep="\n\t") if tty else piece, end="", flush=True)
         pieces.append(piece)
     print(flush=True)
@@ -74,6 +74,7 @@ def _stream(loaded, prompt_ids: list[int], params) -> str:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from llamaherd.chat import get_chat_format
+    from llamaherd.generate import Conversation
 
     _sampling(args)  # bad flags fail before the model loads
     loaded = _load(args)
@@ -84,11 +85,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     fmt = get_chat_format(fmt_name, bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
     params = _sampling(args, fmt.stop_strings)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    conversation = Conversation(loaded.model, tok)  # each turn computes only what the last did not
 
     def reply(user_text: str) -> None:
         messages.append({"role": "user", "content": user_text})
         ids = fmt.encode(messages, tok)
-        messages.append({"role": "assistant", "content": _stream(loaded, ids, params)})
+        messages.append({"role": "assistant", "content": _stream(conversation.stream(ids, params))})
 
     if args.prompt is not None:
         reply(args.prompt)
@@ -111,12 +113,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from llamaherd.generate import stream_text
+
     params = _sampling(args)  # bad flags fail before the model loads or the prompt is echoed
     loaded = _load(args)
     tok = loaded.tokenizer
     ids = tok.encode(args.prompt, add_bos=tok.add_bos_default if args.bos is None else args.bos)
     print(args.prompt, end="", flush=True)
-    _stream(loaded, ids, params)
+    _stream(stream_text(loaded.model, tok, ids, params))
 
 
 def cmd_download(args: argparse.Namespace) -> None:

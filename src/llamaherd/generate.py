@@ -15,7 +15,7 @@ from llamaherd.engine import Engine, SamplingParams
 from llamaherd.errors import InputError
 from llamaherd.model import GPT
 
-__all__ = ["SamplingParams", "generate_batch", "generate_ids", "stream_text"]
+__all__ = ["Conversation", "SamplingParams", "generate_batch", "generate_ids", "stream_text"]
 
 
 def _check_fits(model: GPT, prompt_len: int, max_new_tokens: int) -> int:
@@ -68,8 +68,37 @@ def generate_ids(model: GPT, prompt: list[int], max_new_tokens: int = 256, **sam
 def stream_text(model: GPT, tokenizer, prompt: list[int], params: SamplingParams) -> Iterator[str]:
     """Yield text as it is generated; stops at a stop id (params.stop_ids, or the tokenizer's when None) or a
     stop string, neither of which is yielded. The pieces join to decode() of the ids before the stop."""
-    engine, fitted = _sized_engine(model, tokenizer, [prompt], params)
-    engine.add_request(prompt, fitted[0])
-    for event in engine.stream():
-        if event.text:
-            yield event.text
+    yield from Conversation(model, tokenizer).stream(prompt, params)
+
+
+class Conversation:
+    """Prompts that extend one another (a chat's turns) streamed through one engine of one cache row, so that a
+    turn computes only the positions the row does not already hold: the engine's prefix reuse keeps every id the
+    last turn's prompt and reply share with the new prompt (a 10-turn chat no longer prefills its whole history
+    each turn). The row grows when a turn needs more positions (to twice its size, within the context window),
+    which starts it empty once."""
+
+    def __init__(self, model: GPT, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.engine: Engine | None = None
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        """`stream_text` for this prompt; raises InputError as it does. Stopping early cancels the request."""
+        params.validate()
+        fitted = dataclasses.replace(params, max_new_tokens=_check_fits(self.model, len(prompt), params.max_new_tokens))
+        need = len(prompt) + fitted.max_new_tokens
+        if self.engine is None or self.engine.max_len < need:
+            size = max(need, 2 * self.engine.max_len if self.engine else 0)
+            if not self.model.rope.dynamic:
+                size = min(size, self.model.config.block_size)  # need fits it (_check_fits)
+            self.engine = Engine(self.model, self.tokenizer, max_batch=1, max_len=size)
+        request = self.engine.add_request(prompt, fitted)
+        try:
+            for event in self.engine.stream():
+                if event.text:
+                    yield event.text
+        finally:
+            if not request.done:
+                self.engine.cancel(request.request_id)
+                while self.engine.has_work:
+                    self.engine.step()
