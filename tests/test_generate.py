@@ -115,7 +115,8 @@ def test_engine_is_sized_to_the_request_not_the_context(model, monkeypatch):
 
     monkeypatch.setattr(generate, "Engine", Spy)
     generate_batch(model, [[1, 2, 3], [4] * 9], SamplingParams(max_new_tokens=6))
-    assert sizes == [(2, 9 + 6)]
+    "".join(stream_text(model, CharTokenizer(), [1, 2, 3], SamplingParams(max_new_tokens=6, stop_ids=frozenset())))
+    assert sizes == [(2, 9 + 6), (1, 3 + 6)]  # one row of just enough positions each
 
 
 def test_stop_strings_truncate_stream(model):
@@ -129,10 +130,11 @@ def test_stop_strings_truncate_stream(model):
 
 def test_a_conversation_computes_only_what_its_last_turn_did_not(model):
     """Four turns, each prompt the last prompt + its reply + one new id (as a chat template renders a history):
-    each reply equals a one-off generation of its prompt on a fresh engine; the row grows by doubling (12 -> 24 ->
-    48 positions) and the fourth turn, which fits, prefills only what the row does not hold. It holds the last
-    prompt and reply less the reply's last id (whose key the next step computes), so the engine computes
-    len(prompt) - 1 - held prompt positions plus one per new token, against len(prompt) - 1 + 8 afresh."""
+    each reply equals a one-off generation of its prompt on a fresh engine; a turn that does not fit makes a row
+    of twice what it needs (4 + 8 -> 24 positions; 22 + 8 -> 60, the context window being 64), and a turn that
+    fits prefills only what the row does not hold. It holds the last prompt and reply less the reply's last id
+    (whose key the next step computes), so the engine computes len(prompt) - 1 - held prompt positions plus one
+    per new token, against len(prompt) - 1 + 8 afresh."""
     tok = CharTokenizer()
     params = SamplingParams(max_new_tokens=8, stop_ids=frozenset())
     conversation = generate.Conversation(model, tok)
@@ -149,7 +151,7 @@ def test_a_conversation_computes_only_what_its_last_turn_did_not(model):
             assert conversation.engine.computed_tokens - before == (len(prompt) - 1 - held) + 8
             reused += 1
         last, prompt = prompt, prompt + reply + [7 + turn]
-    assert sizes == [12, 24, 48, 48] and reused == 1
+    assert sizes == [24, 24, 60, 60] and reused == 2
 
 
 def test_a_conversation_turn_stopped_early_leaves_the_engine_idle(model):

@@ -68,18 +68,20 @@ def generate_ids(model: GPT, prompt: list[int], max_new_tokens: int = 256, **sam
 def stream_text(model: GPT, tokenizer, prompt: list[int], params: SamplingParams) -> Iterator[str]:
     """Yield text as it is generated; stops at a stop id (params.stop_ids, or the tokenizer's when None) or a
     stop string, neither of which is yielded. The pieces join to decode() of the ids before the stop."""
-    yield from Conversation(model, tokenizer).stream(prompt, params)
+    yield from Conversation(model, tokenizer, room=1).stream(prompt, params)
 
 
 class Conversation:
     """Prompts that extend one another (a chat's turns) streamed through one engine of one cache row, so that a
     turn computes only the positions the row does not already hold: the engine's prefix reuse keeps every id the
     last turn's prompt and reply share with the new prompt (a 10-turn chat no longer prefills its whole history
-    each turn). The row grows when a turn needs more positions (to twice its size, within the context window),
-    which starts it empty once."""
+    each turn). When a turn does not fit the row, a new row of `room` times the positions that turn needs
+    (within the context window) starts empty: with the default 2 the next turns of a chat mostly fit."""
 
-    def __init__(self, model: GPT, tokenizer) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: GPT, tokenizer, room: float = 2.0) -> None:
+        if room < 1:
+            raise InputError(f"room must be >= 1 (a multiple of the positions a turn needs), got {room}")
+        self.model, self.tokenizer, self.room = model, tokenizer, room
         self.engine: Engine | None = None
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
@@ -88,7 +90,7 @@ class Conversation:
         fitted = dataclasses.replace(params, max_new_tokens=_check_fits(self.model, len(prompt), params.max_new_tokens))
         need = len(prompt) + fitted.max_new_tokens
         if self.engine is None or self.engine.max_len < need:
-            size = max(need, 2 * self.engine.max_len if self.engine else 0)
+            size = int(need * self.room)
             if not self.model.rope.dynamic:
                 size = min(size, self.model.config.block_size)  # need fits it (_check_fits)
             self.engine = Engine(self.model, self.tokenizer, max_batch=1, max_len=size)
