@@ -192,3 +192,20 @@ def test_eval_summary(capsys, plain_terminal):
     for _, shown in HOSTILE:
         assert shown in out
     assert f"{HOSTILE[0][1]}: {HOSTILE[3][1]}" in out
+
+
+def test_tables_to_a_pipe_are_not_cut_at_80_columns(capsys, monkeypatch):
+    """rich's width for output that is not a terminal is 80 columns, which cut the demo's and the leaderboard's
+    tables in logs; terminal.console gives PIPE_WIDTH there unless COLUMNS is set."""
+    from rich.table import Table
+
+    from llamaherd.terminal import PIPE_WIDTH, console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    table = Table(title="wide")
+    table.add_column("cell")
+    table.add_row("x" * 120)
+    console().print(table)
+    assert "x" * 120 in capsys.readouterr().out and console().width == PIPE_WIDTH
+    monkeypatch.setenv("COLUMNS", "100")
+    assert console().width == 100

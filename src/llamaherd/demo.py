@@ -24,7 +24,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from rich.console import Console
+    from llamaherd.terminal import console as wide_console
     from rich.text import Text
 
     from llamaherd.cli import main as herd
@@ -33,7 +33,7 @@ def run_demo(args: argparse.Namespace) -> None:
     from llamaherd.leaderboard import story_summary
     from llamaherd.terminal import printable_text
 
-    console = Console()
+    console = wide_console()
     data_dir = args.data_dir or next((d for d in DEFAULT_DATA_DIRS if d.exists()), None)
     model_args = [args.model] if args.model else []
 

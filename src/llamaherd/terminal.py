@@ -8,8 +8,10 @@ through `printable` (or `printable_text` for rich, whose markup such as "[red]" 
 
 from __future__ import annotations
 
+import os
 import re
 
+from rich.console import Console
 from rich.text import Text
 
 # C0 controls, DEL, C1 controls (CSI 0x9b, OSC 0x9d...), the Unicode bidi controls (LRM, RLM, ALM, LRE..RLO,
@@ -32,3 +34,16 @@ def printable(text: object, keep: str = "") -> str:
 def printable_text(text: object, style: str = "") -> Text:
     """`printable(text)` as a rich `Text`, so rich shows it literally (markup such as "[red]" included)."""
     return Text(printable(text), style=style)
+
+
+PIPE_WIDTH = 160  # columns for rich output to a pipe or a file
+
+
+def console(**options) -> Console:
+    """A rich Console (options as rich takes them) that does not cut tables at rich's 80 columns when the output
+    is a pipe or a file (a log, `| less`): PIPE_WIDTH there unless COLUMNS says otherwise; a terminal keeps its
+    own width."""
+    out = Console(**options)
+    if not out.is_terminal and "COLUMNS" not in os.environ and "width" not in options:
+        out.width = max(out.width, PIPE_WIDTH)
+    return out

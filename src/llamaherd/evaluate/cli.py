@@ -81,7 +81,7 @@ def run_eval(args: argparse.Namespace) -> None:
 def print_summary(results: dict[str, Any]) -> None:
     """A table of every task's metrics with their standard errors (the headline metric first, e.g. TruthfulQA's
     mc2 then mc1), the leaderboard columns, and warnings (truncation, half precision, data caveats)."""
-    from rich.console import Console
+    from llamaherd.terminal import console as wide_console
     from rich.table import Table
 
     estimate = " — ESTIMATE (--limit {})".format(results["limit"]) if results["estimate"] else ""
@@ -100,7 +100,7 @@ def print_summary(results: dict[str, Any]) -> None:
             table.add_row(*map(printable_text, about), printable_text(metric), f"{100 * value:.2f}",
                           "n/a" if stderr is None else f"{100 * stderr:.2f}",
                           printable_text(entry["data_form"] if first else ""))
-    console = Console()
+    console = wide_console()
     console.print(table)
     scores = results["scores"]
     console.print(printable_text("  ".join(f"{k}: {'—' if v is None else f'{v:.2f}'}" for k, v in scores.items())))

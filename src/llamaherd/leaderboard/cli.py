@@ -17,7 +17,7 @@ from llamaherd.leaderboard.reference import load_reference
 from llamaherd.leaderboard.registry import ENV_VAR, METHODS, LeaderboardError, Registry, opened
 from llamaherd.leaderboard.table import print_table, to_csv, to_json
 from llamaherd.leaderboard.web import DEFAULT_HOST, DEFAULT_PORT, export_html, make_server
-from llamaherd.terminal import printable, printable_text
+from llamaherd.terminal import console as wide_console, printable, printable_text
 
 DB_HELP = f"leaderboard database (default: ${ENV_VAR}, else $XDG_DATA_HOME/llamaherd/leaderboard.sqlite)"
 
@@ -140,7 +140,7 @@ def _show(reg: Registry, name: str, as_json: bool) -> None:
     if as_json:
         print(json.dumps(detail, indent=2, ensure_ascii=False))
         return
-    console = Console(soft_wrap=True)
+    console = wide_console(soft_wrap=True)
     m = detail["model"]
     console.print(printable_text(m["name"], style="bold"))
     for key in ("family", "n_params", "source", "path", "fingerprint", "license", "chat_format", "notes", "added"):
@@ -190,7 +190,7 @@ def story_summary(db: Registry | str | Path | None, results_json: str | Path, ht
 
     Returns the path of the exported HTML file.
     """
-    console = console or Console()
+    console = console or wide_console()
     with opened(db) as reg:
         done = record_results(reg, results_json)
         load_reference(reg)

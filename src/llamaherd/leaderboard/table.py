@@ -14,7 +14,7 @@ from rich.text import Text
 from llamaherd.info import human_count
 from llamaherd.leaderboard.ingest import BENCHMARKS
 from llamaherd.leaderboard.ranking import LEGEND, BoardRow
-from llamaherd.terminal import printable, printable_text
+from llamaherd.terminal import console as wide_console, printable, printable_text
 
 TITLES = {"arc": "ARC", "hellaswag": "HellaSwag", "mmlu": "MMLU", "truthfulqa": "TruthfulQA"}
 SHORT_TITLES = {"arc": "ARC", "hellaswag": "HSwag", "mmlu": "MMLU", "truthfulqa": "TQA"}
@@ -87,7 +87,7 @@ def legend_text(rows: list[BoardRow]) -> str:
 
 def print_table(rows: list[BoardRow], console: Console | None = None, title: str = "llamaherd leaderboard") -> None:
     """Print the ranking (or a hint when it is empty)."""
-    console = console or Console()
+    console = console or wide_console()
     if not rows:
         console.print("no models match; record one with `herd eval` or `herd leaderboard import-results`")
         return
