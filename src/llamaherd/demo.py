@@ -24,14 +24,13 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from llamaherd.terminal import console as wide_console
     from rich.text import Text
 
     from llamaherd.cli import main as herd
     from llamaherd.evaluate.cli import print_summary
     from llamaherd.evaluate.runner import EvalOptions, evaluate
     from llamaherd.leaderboard import story_summary
-    from llamaherd.terminal import printable_text
+    from llamaherd.terminal import console as wide_console, printable_text
 
     console = wide_console()
     data_dir = args.data_dir or next((d for d in DEFAULT_DATA_DIRS if d.exists()), None)

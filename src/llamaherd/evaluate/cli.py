@@ -81,8 +81,9 @@ def run_eval(args: argparse.Namespace) -> None:
 def print_summary(results: dict[str, Any]) -> None:
     """A table of every task's metrics with their standard errors (the headline metric first, e.g. TruthfulQA's
     mc2 then mc1), the leaderboard columns, and warnings (truncation, half precision, data caveats)."""
-    from llamaherd.terminal import console as wide_console
     from rich.table import Table
+
+    from llamaherd.terminal import console as wide_console
 
     estimate = " — ESTIMATE (--limit {})".format(results["limit"]) if results["estimate"] else ""
     title = f"{results['model']['name']} · {results['protocol']}{estimate}"

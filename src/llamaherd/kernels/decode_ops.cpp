@@ -741,6 +741,17 @@ void exp_inplace(float* v, int64_t n) {
   for (; i < n; ++i) v[i] = std::exp(v[i]);
 }
 
+// Softmax numerators in place, p[j] = e^(p[j] - max p) (exp_inplace), returning their sum, the denominator.
+float softmax_numerators(float* p, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j]);
+  for (int64_t j = 0; j < n; ++j) p[j] -= top;
+  exp_inplace(p, n);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += p[j];
+  return sum;
+}
+
 // silu(gate) * up for `rows` rows of `cols` values, gate and up rows `gs` and `us` floats apart (halves of the
 // fused gate/up product are fine): out (rows, cols). A half dtype rounds silu's result and the product, as
 // F.silu(gate) * up does.
@@ -952,17 +963,8 @@ void attend_heads(const float* const* qs, const T* k, const T* v, int64_t stride
       std::memcpy(p + g * n + j0, s, m * sizeof(float));
     }
   }
-  float sums[G];
-  for (int g = 0; g < G; ++g) {  // softmax numerators in place; their sum divides at the end
-    float* pg = p + g * n;
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) top = std::max(top, pg[j]);
-    for (int64_t j = 0; j < n; ++j) pg[j] -= top;
-    exp_inplace(pg, n);
-    float sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) sum += pg[j];
-    sums[g] = sum;
-  }
+  float sums[G];  // each head's softmax denominator, which divides at the end
+  for (int g = 0; g < G; ++g) sums[g] = softmax_numerators(p + g * n, n);
   constexpr int slice = G == 1 ? 8 : G <= 3 ? 4 : 2;  // vectors of the head dim at once: G * slice accumulators
   static_assert(HD % slice == 0);
   for (int d0 = 0; d0 < HD; d0 += slice) {
@@ -1052,19 +1054,14 @@ void attend_rows(const float* q, const T* k, const T* v, const int64_t* cs, cons
       const int64_t row = slots[b] * cs[0] + (h / group) * cs[1];
       const float* qi = q + i * hd;
       p.resize(n);
-      float top = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
         const T* kj = k + row + j * cs[2];
         float a = 0.f;
 #pragma omp simd reduction(+ : a)
         for (int64_t d = 0; d < hd; ++d) a += qi[d] * widen(kj[d]);
         p[j] = a * scale;
-        top = std::max(top, p[j]);
       }
-      for (int64_t j = 0; j < n; ++j) p[j] -= top;
-      exp_inplace(p.data(), n);
-      float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) sum += p[j];
+      const float sum = softmax_numerators(p.data(), n);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
         const T* vj = v + row + j * cs[2];
