@@ -202,7 +202,7 @@ def count_decode_blocks(monkeypatch) -> list:
     """From here on the native ops run as before, and each llama_decode_block call appends to the list returned."""
     calls, real = [], kernels.native_ops()
     monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(
-        **{n: getattr(real, n) for n in ("matvec", "rms_norm", "rope_qk", "silu_mul")},
+        **{n: getattr(real, n) for n in ("matvec", "rms_norm", "rope_qk", "silu_mul", "prompt_attention")},
         llama_decode_block=lambda *a: calls.append(1) or real.llama_decode_block(*a)))
     return calls
 
@@ -540,3 +540,77 @@ def test_native_attention_at_real_head_dims_gives_transformers_logprobs(heads, k
     assert calls  # the native block ran
     for prompt, request in zip(prompts, requests):
         assert_transformers_logprobs(hf, prompt, request.completions[0], 1e-4 if dtype == torch.float32 else 0.15)
+
+
+def masked_attention_float64(q, k_cache, v_cache, slots, positions) -> torch.Tensor:
+    """The reference for prompt_attention: SDPA in float64 over the gathered rows, key j visible to the query at
+    position p when j <= p; (B, T, H * hd)."""
+    B, H, T, hd = q.shape
+    end = int(positions.max()) + 1
+    k, v = (c[slots, :, :end].double() for c in (k_cache, v_cache))
+    mask = (torch.arange(end) <= positions[..., None])[:, None]  # (B, 1, T, end)
+    y = F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, enable_gqa=True)
+    return y.transpose(1, 2).reshape(B, T, H * hd)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,T", [(9, 3, 64, 37), (4, 4, 128, 20), (8, 1, 24, 5), (2, 1, 80, 2)])
+def test_prompt_attention_is_sdpa_with_each_rows_causal_mask(dtype, heads, kv_heads, head_dim, T):
+    """The engine's prompt attention against float64 SDPA with the engine's mask (CacheRows.mask): rows read in
+    place from cache slots out of order, each row at its own offset (a later chunk), positions clamped at the end
+    (padding), grouped (3 heads a kv head), multi-head and multi-query heads, head dims that are not a multiple of
+    the tile width. fp32 within 1e-5; bf16 within its rounding of the result (2^-8 relative)."""
+    if kernels.native_ops() is None:
+        pytest.skip("no native kernels")
+    g = torch.Generator().manual_seed(T)
+    rows, max_len, B = 5, 96, 3
+    k_cache, v_cache = (torch.randn(rows, kv_heads, max_len, head_dim, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(B, T, heads, head_dim, generator=g).to(dtype).transpose(1, 2)  # the strides rope_qk gives
+    slots = torch.tensor([3, 0, 4])
+    starts = torch.tensor([0, 17, max_len - T + 3])  # the last row runs past max_len: clamped, as padding is
+    positions = (starts[:, None] + torch.arange(T)).clamp(max=max_len - 1)
+    with torch.inference_mode(), kernels.generating():
+        assert kernels.serves_prompt_attention(q, k_cache)
+        got = kernels.prompt_attention(q, k_cache, v_cache, slots, positions)
+    want = masked_attention_float64(q, k_cache, v_cache, slots, positions)
+    assert got.dtype == dtype and got.shape == (B, T, heads * head_dim)
+    if dtype == torch.float32:
+        assert (got.double() - want).abs().max() <= 1e-5
+    else:
+        assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
+
+
+def test_prompt_attention_serves_only_the_engines_prompts():
+    q, cache = torch.randn(1, 2, 4, 8), torch.zeros(1, 1, 8, 8)
+    with torch.inference_mode():
+        assert not kernels.serves_prompt_attention(q, cache)  # a plain forward (evaluation): SDPA, bit for bit HF
+        with kernels.generating():
+            assert kernels.serves_prompt_attention(q, cache) == (kernels.native_ops() is not None)
+            assert not kernels.serves_prompt_attention(q[:, :, :1], cache)  # a decode step has its own path
+            assert not kernels.serves_prompt_attention(q.half(), cache.half())  # fp16 models run their modules
+            assert not kernels.serves_prompt_attention(q.bfloat16(), cache)  # mixed dtypes
+    with kernels.generating():
+        assert not kernels.serves_prompt_attention(q, cache)  # grad mode (training) stays with autograd's ops
+
+
+@needs_compiler
+def test_engine_prompt_chunks_through_the_native_attention_give_transformers_logprobs(tiny, monkeypatch):
+    """Prompts of 3 to 45 ids in chunks of 16 (later chunks attend to the keys of earlier ones) and a prompt that
+    reuses another's prefix: the engine's prefill runs the native prompt attention, and the chosen tokens' logprobs
+    equal transformers' forward over each whole sequence within 1e-4."""
+    if kernels.native_ops() is None:
+        pytest.skip("no native kernels")
+    hf, path = tiny
+    calls, real = [], kernels.prompt_attention
+    monkeypatch.setattr(kernels, "prompt_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 90, (n,), generator=g).tolist() for n in (3, 45, 20)]
+    prompts.append(prompts[1][:40] + [7, 8, 9])  # shares 40 ids with the second prompt
+    engine = Engine(load_gpt(path), max_batch=4, max_len=64, prefill_chunk=16)
+    params = SamplingParams(max_new_tokens=5, stop_ids=frozenset(), logprobs=0)
+    requests = [engine.add_request(p, params) for p in prompts]
+    list(engine.stream())
+    assert calls and max(shape[2] for shape in calls) > 1
+    for prompt, request in zip(prompts, requests):
+        assert_transformers_logprobs(hf, prompt, request.completions[0])

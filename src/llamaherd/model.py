@@ -273,6 +273,16 @@ class KVCache(nn.Module):
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """Causal attention (B, T, H * hd) of q (B, H, T, hd) after storing k, v, by `kernels.prompt_attention`
+        when it serves this pass (a prompt within `generating`, no padding mask); None, nothing stored, if not."""
+        if not kernels.serves_prompt_attention(q, self.k):
+            return None
+        self.update(layer, k, v)
+        B, T = q.shape[0], q.shape[2]
+        positions = torch.arange(self.length, self.length + T).expand(B, T)
+        return kernels.prompt_attention(q, self.k[layer], self.v[layer], torch.arange(B), positions)
+
     def expand(self, batch_size: int) -> KVCache:
         """A new cache whose rows are copies of this single-row cache (only the filled part is copied)."""
         if self.batch_size != 1:
@@ -337,8 +347,8 @@ class CacheRows(NamedTuple):
     same_position: bool  # T == 1 and every row at the same position: every key up to it is visible, no mask
     from_zero: bool = False  # every row at positions 0..T-1 (prompts' first chunks): plain causal, no mask
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv, T, hd) at each row's positions; return the rows' keys/values (B, n_kv, S, hd)."""
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, n_kv, T, hd) at each row's positions."""
         keys, values = self.cache.k[layer], self.cache.v[layer]
         if self.start is not None:
             row, where = self.span.start, slice(self.start, self.start + k.shape[2])
@@ -346,6 +356,20 @@ class CacheRows(NamedTuple):
         else:
             index = (self.slots[:, None], slice(None), self.positions)  # selects (B, T, n_kv, hd)
             keys[index], values[index] = k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """Attention (B, T, H * hd) of q (B, H, T, hd) over each row's keys [0, its position], after storing k, v,
+        by `kernels.prompt_attention` (reads the rows in place) when it serves this pass (a prompt chunk within
+        `generating`); None, nothing stored, if not."""
+        if not kernels.serves_prompt_attention(q, self.cache.k):
+            return None
+        self.store(layer, k, v)
+        return kernels.prompt_attention(q, self.cache.k[layer], self.cache.v[layer], self.slots, self.positions)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) at each row's positions; return the rows' keys/values (B, n_kv, S, hd)."""
+        self.store(layer, k, v)
+        keys, values = self.cache.k[layer], self.cache.v[layer]
         if self.span is not None:
             return keys[self.span, :, :self.end], values[self.span, :, :self.end]
         return keys[:, :, :self.end].index_select(0, self.slots), values[:, :, :self.end].index_select(0, self.slots)
@@ -416,6 +440,8 @@ class Attention(nn.Module):
             k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
+            if (mask is None or isinstance(cache, CacheRows)) and (y := cache.attend(layer, q, k, v)) is not None:
+                return self.o_proj(y)  # a prompt chunk within `generating`: the native kernel, (B, T, H * hd)
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd), S = past + T
         gqa = self.n_kv != self.n_head
         if mask is None:

@@ -204,6 +204,27 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return None if ops is None or q.dtype != cos.dtype else ops.rope_qk(q, k, cos, sin, n_head, n_kv)
 
 
+def serves_prompt_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `prompt_attention` runs for queries q (B, H, T, hd) over this cache layer: within `generating` (the
+    engine's prefill, `benchmarks/generate.py`; evaluation keeps PyTorch's SDPA), T > 1 (decode steps have their
+    own path), no grad mode, on the CPU, fp32 or bf16 (an fp16 model runs its modules, as in decode steps), and
+    the kernels are available."""
+    return (_generating.get() and q.dim() == 4 and q.shape[2] > 1 and q.dtype in (torch.float32, torch.bfloat16)
+            and k_cache.dtype == q.dtype and q.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and native_ops() is not None)
+
+
+def prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+    """Causal attention of prompt chunks (check `serves_prompt_attention` first): q (B, H, T, hd) after RoPE at
+    positions (B, T), each query over keys [0, its position] of cache row slots[b] of k_cache, v_cache
+    (rows, n_kv, max_len, hd), one layer of the cache with this pass's keys stored; grouped query heads share
+    their kv head. Returns (B, T, H * hd) in q's dtype: what SDPA with that mask gives up to rounding (fp32 within
+    ~1e-6), computed in register tiles instead of ATen's many small GEMM calls and reading the cache rows in
+    place (no gather): a 512-token SmolLM2 prompt's attention 6.0 -> 3.0 ms a layer in bf16 on an AVX2 EPYC."""
+    return native_ops().prompt_attention(q, k_cache, v_cache, slots, positions)
+
+
 def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, sig: torch.Tensor,
                       grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(grad_gate, grad_up) of silu(gate) * up for `grad`, given sig = sigmoid(gate), in one native pass (training's

@@ -690,6 +690,38 @@ std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor
   return {rotate(q, n_head, qf), rotate(k, n_kv, kf)};
 }
 
+// One vector of floats (kVec lanes) for the loops written once for AVX-512, AVX2 and plain C++.
+#if defined(__AVX512F__)
+using VecF = __m512;
+constexpr int kVec = 16;
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline VecF vset1(float s) { return _mm512_set1_ps(s); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+inline VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
+inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+#elif defined(LLAMAHERD_AVX2)
+using VecF = __m256;
+constexpr int kVec = 8;
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VecF vset1(float s) { return _mm256_set1_ps(s); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+inline VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a, b); }
+inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+#else
+using VecF = float;
+constexpr int kVec = 1;
+inline VecF vzero() { return 0.f; }
+inline VecF vload(const float* p) { return *p; }
+inline VecF vset1(float s) { return s; }
+inline VecF vfma(VecF a, VecF b, VecF c) { return a * b + c; }
+inline void vstore(float* p, VecF v) { *p = v; }
+inline VecF vmax(VecF a, VecF b) { return std::max(a, b); }
+inline VecF vadd(VecF a, VecF b) { return a + b; }
+#endif
 #if defined(__AVX512F__)
 // e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r by its Taylor series
 // to r^7 / 7! (truncation below 6e-9 relative, under float32's rounding), times 2^n by scalef; within a few ulp of
@@ -742,13 +774,24 @@ void exp_inplace(float* v, int64_t n) {
 }
 
 // Softmax numerators in place, p[j] = e^(p[j] - max p) (exp_inplace), returning their sum, the denominator.
+// The max and the sum run kVec lanes at a time (a float sum one value at a time is a chain of dependent adds:
+// a quarter of a prompt's attention time went there).
 float softmax_numerators(float* p, int64_t n) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) top = std::max(top, p[j]);
-  for (int64_t j = 0; j < n; ++j) p[j] -= top;
+  VecF lanes = vset1(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) lanes = vmax(lanes, vload(p + j));
+  alignas(64) float part[kVec];
+  vstore(part, lanes);
+  float top = *std::max_element(part, part + kVec);
+  for (; j < n; ++j) top = std::max(top, p[j]);
+  for (j = 0; j < n; ++j) p[j] -= top;
   exp_inplace(p, n);
+  lanes = vzero();
+  for (j = 0; j + kVec <= n; j += kVec) lanes = vadd(lanes, vload(p + j));
+  vstore(part, lanes);
   float sum = 0.f;
-  for (int64_t j = 0; j < n; ++j) sum += p[j];
+  for (; j < n; ++j) sum += p[j];
+  for (int i = 0; i < kVec; ++i) sum += part[i];
   return sum;
 }
 
@@ -1098,6 +1141,158 @@ void cache_and_attend(const float* q, const float* k, const float* v, int64_t v_
   attend_rows(q, static_cast<const T*>(kc), static_cast<const T*>(vc), cs, slots, lengths, H, n_kv, hd, out);
 }
 
+// Attention of prompt chunks (several queries per row, issue 12): q (B, H, T, hd) at positions (B, T), each query
+// over keys [0, its position] of its cache row slots[b] (k_cache, v_cache: (rows, n_kv, max_len, hd), this pass's
+// keys already stored), in float32 whatever the dtypes. The queries of one kv head's G heads at TQ positions form
+// a block of up to G * TQ rows, and both products of the block run as register tiles in the outer-product form
+// GEMM kernels use (tile_product): scores = block . keys^T against the keys transposed once per (row, kv head),
+// then softmax numerators over each query's visible keys (the rest zeroed), then numerators . values. ATen's CPU
+// flash attention runs the same products as many small MKL calls: a 512-token SmolLM2 prompt spent ~190 ms of
+// its ~1.1 s in attention (bf16, AVX2 EPYC), more with a mask (a later chunk, or prompts batched with padding).
+constexpr int kTileRows = 6, kTileCols = 2 * kVec;  // 12 accumulators, 2 loads and a broadcast: 15 registers
+
+// c (kTileRows x kTileCols, row stride ldc) = a (kTileRows rows of n, stride lda) . b (n rows of kTileCols,
+// stride ldb): each loaded b vector serves kTileRows rows, each broadcast a value two vectors.
+inline void tile_product(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, float* c,
+                         int64_t ldc) {
+  VecF acc[kTileRows][2];
+  for (auto& row : acc) row[0] = row[1] = vzero();
+  for (int64_t k = 0; k < n; ++k) {
+    const VecF b0 = vload(b + k * ldb), b1 = vload(b + k * ldb + kVec);
+    for (int i = 0; i < kTileRows; ++i) {
+      const VecF ai = vset1(a[i * lda + k]);
+      acc[i][0] = vfma(ai, b0, acc[i][0]);
+      acc[i][1] = vfma(ai, b1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < kTileRows; ++i) {
+    vstore(c + i * ldc, acc[i][0]);
+    vstore(c + i * ldc + kVec, acc[i][1]);
+  }
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+template <typename T>
+void attend_prompt(const T* q, const int64_t* qs, const T* k, const T* v, const int64_t* cs, const int64_t* slots,
+                   const int64_t* positions, int64_t B, int64_t H, int64_t T_, int64_t n_kv, int64_t hd, T* out) {
+  constexpr int64_t TQ = 16;  // query positions per block
+  const int64_t G = H / n_kv, blocks = (T_ + TQ - 1) / TQ, hdp = round_up(hd, kTileCols);
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  std::vector<int64_t> keys(B);  // keys any query of row b sees: its largest position + 1
+  for (int64_t b = 0; b < B; ++b)
+    keys[b] = *std::max_element(positions + b * T_, positions + (b + 1) * T_) + 1;
+  const int64_t ldk = round_up(*std::max_element(keys.begin(), keys.end()), kTileCols);
+  // Each (row, kv head)'s keys transposed (hd x ldk) and values (ldk x hdp) in float32, zero past its keys.
+  std::vector<float> kt(B * n_kv * hd * ldk), vp(B * n_kv * ldk * hdp);
+  at::parallel_for(0, B * n_kv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / n_kv, g = i % n_kv, n = keys[b];
+      const T* ki = k + slots[b] * cs[0] + g * cs[1];
+      const T* vi = v + slots[b] * cs[0] + g * cs[1];
+      float* kti = kt.data() + i * hd * ldk;
+      float* vpi = vp.data() + i * ldk * hdp;
+      std::fill(kti, kti + hd * ldk, 0.f);
+      std::fill(vpi, vpi + ldk * hdp, 0.f);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < hd; ++d) {
+          kti[d * ldk + j] = widen(ki[j * cs[2] + d]);
+          vpi[j * hdp + d] = widen(vi[j * cs[2] + d]);
+        }
+    }
+  });
+  // Blocks with the most keys first, handed out one at a time: the causal triangle makes later blocks dearer.
+  const int64_t items = B * n_kv * blocks;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> qb, s, o, inv;
+    std::vector<int64_t> lim;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t c = blocks - 1 - item / (B * n_kv), b = item % (B * n_kv) / n_kv, g = item % n_kv;
+      const int64_t t0 = c * TQ, nt = std::min(TQ, T_ - t0), R = G * nt, Rp = round_up(R, kTileRows);
+      qb.assign(Rp * hd, 0.f);
+      lim.assign(Rp, 0);
+      int64_t L = 0;
+      for (int64_t t = 0; t < nt; ++t)
+        for (int64_t h = 0; h < G; ++h) {
+          const int64_t r = t * G + h;
+          const T* qi = q + b * qs[0] + (g * G + h) * qs[1] + (t0 + t) * qs[2];
+          for (int64_t d = 0; d < hd; ++d) qb[r * hd + d] = widen(qi[d * qs[3]]) * scale;
+          lim[r] = positions[b * T_ + t0 + t] + 1;
+          L = std::max(L, lim[r]);
+        }
+      const int64_t ls = round_up(L, kTileCols);  // score columns
+      s.resize(Rp * ls);
+      o.resize(Rp * hdp);
+      inv.resize(Rp);
+      const float* kti = kt.data() + (b * n_kv + g) * hd * ldk;
+      const float* vpi = vp.data() + (b * n_kv + g) * ldk * hdp;
+      for (int64_t j0 = 0; j0 < ls; j0 += kTileCols)
+        for (int64_t r0 = 0; r0 < Rp; r0 += kTileRows)
+          tile_product(qb.data() + r0 * hd, hd, kti + j0, ldk, hd, s.data() + r0 * ls + j0, ls);
+      for (int64_t r = 0; r < Rp; ++r) {
+        float* sr = s.data() + r * ls;
+        inv[r] = r < R ? 1.f / softmax_numerators(sr, lim[r]) : 0.f;
+        std::fill(sr + (r < R ? lim[r] : 0), sr + ls, 0.f);
+      }
+      for (int64_t d0 = 0; d0 < hdp; d0 += kTileCols)
+        for (int64_t r0 = 0; r0 < Rp; r0 += kTileRows)
+          tile_product(s.data() + r0 * ls, ls, vpi + d0, hdp, ls, o.data() + r0 * hdp + d0, hdp);
+      for (int64_t t = 0; t < nt; ++t)
+        for (int64_t h = 0; h < G; ++h) {
+          const int64_t r = t * G + h;
+          T* outr = out + ((b * T_ + t0 + t) * H + g * G + h) * hd;
+          for (int64_t d = 0; d < hd; ++d) store(o[r * hdp + d] * inv[r], outr + d);
+        }
+    }
+  }
+}
+
+// prompt_attention's dtype dispatch: q (B, H, T, hd) any strides; k_cache, v_cache (rows, n_kv, max_len, hd) with
+// unit stride in hd, in q's dtype (float32, bf16, fp16); slots (B,), positions (B, T) int64 -> (B, T, H * hd).
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& positions) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.strides() == v_cache.strides() && k_cache.stride(3) == 1,
+              "prompt_attention: q (B, H, T, hd), caches (rows, n_kv, max_len, hd) with unit stride in hd");
+  const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), hd = q.size(3), n_kv = k_cache.size(1);
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  hd == k_cache.size(3) && H % n_kv == 0,
+              "prompt_attention: q and the caches need one dtype and head dim, and H a multiple of n_kv");
+  const at::Tensor s = slots.to(at::kLong).contiguous(), p = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(s.numel() == B && p.dim() == 2 && p.size(0) == B && p.size(1) == T_,
+              "prompt_attention: slots (B,) and positions (B, T)");
+  const int64_t* sp = s.data_ptr<int64_t>();
+  const int64_t* pp = p.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < k_cache.size(0), "prompt_attention: slot ", sp[b], " out of range");
+  for (int64_t i = 0; i < B * T_; ++i)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < k_cache.size(2), "prompt_attention: position ", pp[i], " out of range");
+  at::Tensor out = at::empty({B, T_, H * hd}, q.options());
+  const int64_t qs[4] = {q.stride(0), q.stride(1), q.stride(2), q.stride(3)};
+  const int64_t cs[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      attend_prompt(q.data_ptr<float>(), qs, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), cs, sp, pp, B,
+                    H, T_, n_kv, hd, out.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      attend_prompt(reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()), qs,
+                    reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>()),
+                    reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>()), cs, sp, pp, B, H, T_, n_kv,
+                    hd, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+      break;
+    case at::kHalf:
+      attend_prompt(q.data_ptr<at::Half>(), qs, k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), cs, sp,
+                    pp, B, H, T_, n_kv, hd, out.data_ptr<at::Half>());
+      break;
+    default:
+      TORCH_CHECK(false, "prompt_attention: float32, bf16 or fp16, got ", q.scalar_type());
+  }
+  return out;
+}
+
 // y (B, N) = x (B, K) @ weight.T (times the int8 scales), rounded to the activations' dtype `act` as matvec's
 // result is; a bf16 model's bf16 weights read x as bf16 (its values are bf16 already: exact), through `bits`.
 void project(const float* x, int64_t B, int64_t K, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
@@ -1229,6 +1424,7 @@ TORCH_LIBRARY(llamaherd, m) {
   m.def("llama_decode_block(Tensor x, Tensor norm1, Tensor qkv_w, Tensor? qkv_s, Tensor o_w, Tensor? o_s, "
         "Tensor norm2, Tensor gu_w, Tensor? gu_s, Tensor down_w, Tensor? down_s, float eps, int n_head, int n_kv, "
         "Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor");
+  m.def("prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(llamaherd, CPU, m) {
   m.impl("matvec", &matvec);
@@ -1237,4 +1433,5 @@ TORCH_LIBRARY_IMPL(llamaherd, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("silu_mul_backward", &silu_mul_backward);
   m.impl("llama_decode_block", &llama_decode_block);
+  m.impl("prompt_attention", &prompt_attention);
 }
