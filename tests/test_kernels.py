@@ -132,14 +132,15 @@ def test_rope_qk_and_silu_mul_equal_the_eager_ops(dtype, rotated, hd, positions)
 def test_row_wise_kernels_take_prompts_only_in_the_engine(tiny, monkeypatch):
     """A plain forward of several positions (evaluation) keeps PyTorch's ops: transformers' logits bit for bit.
     Within kernels.generating (the engine's steps) rms_norm, rope_qk and silu_mul take the prompt, and the
-    products too while it has at most KERNEL_ROWS positions: within 1e-4. A longer chunk's products stay ATen's
-    GEMMs."""
+    products too while it has at most KERNEL_ROWS positions: within 1e-4. A longer chunk's products take the
+    register tiles (prompt_linear) on an AVX2 CPU, ATen's GEMMs elsewhere."""
     hf, path = tiny
     model, ids = load_gpt(path), torch.tensor([[5, 17, 33, 9, 60, 71, 23]])
     real, calls = kernels.native_ops(), []
+    lanes = kernels.tile_lanes()
     monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(**{
         n: (lambda op: lambda *a: calls.append(op) or getattr(real, op)(*a))(n)
-        for n in ("matvec", "rms_norm", "rope_qk", "silu_mul")}))
+        for n in ("matvec", "rms_norm", "rope_qk", "silu_mul", "prompt_linear", "tile_lanes")}))
     with torch.no_grad():
         want = hf(ids).logits
         plain = model(ids)
@@ -154,6 +155,7 @@ def test_row_wise_kernels_take_prompts_only_in_the_engine(tiny, monkeypatch):
         with kernels.generating():
             got = model(long)
         assert "matvec" not in calls and "silu_mul" in calls
+        assert ("prompt_linear" in calls) == (lanes == 8)
         assert (got - hf(long).logits).abs().max() <= 1e-4
 
 
@@ -202,7 +204,8 @@ def count_decode_blocks(monkeypatch) -> list:
     """From here on the native ops run as before, and each llama_decode_block call appends to the list returned."""
     calls, real = [], kernels.native_ops()
     monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(
-        **{n: getattr(real, n) for n in ("matvec", "rms_norm", "rope_qk", "silu_mul", "prompt_attention")},
+        **{n: getattr(real, n) for n in ("matvec", "rms_norm", "rope_qk", "silu_mul", "prompt_attention",
+                                         "prompt_linear", "tile_lanes")},
         llama_decode_block=lambda *a: calls.append(1) or real.llama_decode_block(*a)))
     return calls
 
@@ -614,3 +617,42 @@ def test_engine_prompt_chunks_through_the_native_attention_give_transformers_log
     assert calls and max(shape[2] for shape in calls) > 1
     for prompt, request in zip(prompts, requests):
         assert_transformers_logprobs(hf, prompt, request.completions[0])
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,n,k,bias", [(17, 960, 576, False), (40, 7, 13, True), (6, 33, 64, True)])
+def test_prompt_linear_is_the_float64_product(dtype, rows, n, k, bias):
+    """The prompt chunks' register-tile product against float64: rows that are not a multiple of the tile's 6,
+    outputs that are not a multiple of a panel, an odd K, a bias. fp32 within 1e-5 relative to the row's scale;
+    bf16 weights and activations within the result's bf16 rounding (2^-8 relative). Served on AVX2 CPUs only;
+    the op itself runs on any."""
+    ops = kernels.native_ops()
+    if ops is None:
+        pytest.skip("no native kernels")
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    with torch.inference_mode():
+        got = ops.prompt_linear(x, w, b)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == dtype and got.shape == (2, rows, n)
+    if dtype == torch.float32:
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    else:
+        assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-5).all()
+
+
+def test_prompt_linear_serves_only_the_engines_prompts_on_avx2(monkeypatch):
+    x, w = torch.randn(1, 20, 8), torch.randn(4, 8)
+    with torch.inference_mode():
+        assert kernels.prompt_linear(x, w) is None  # evaluation: ATen's GEMM, bit for bit transformers'
+        with kernels.generating():
+            assert (kernels.prompt_linear(x, w) is None) == (kernels.tile_lanes() != 8)
+            assert kernels.prompt_linear(x, w.half()) is None
+            assert kernels.prompt_linear(x, torch.zeros(4, 8, dtype=torch.int8)) is None
+            monkeypatch.setattr(kernels, "half_matrix_units", lambda dtype: True)  # oneDNN's AMX GEMM wins there
+            assert kernels.prompt_linear(x.bfloat16(), w.bfloat16()) is None
+    with kernels.generating():
+        assert kernels.prompt_linear(x, w) is None  # grad mode
