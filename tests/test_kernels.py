@@ -574,7 +574,6 @@ def test_prompt_attention_is_sdpa_with_each_rows_causal_mask(dtype, heads, kv_he
     starts = torch.tensor([0, 17, max_len - T + 3])  # the last row runs past max_len: clamped, as padding is
     positions = (starts[:, None] + torch.arange(T)).clamp(max=max_len - 1)
     with torch.inference_mode(), kernels.generating():
-        assert kernels.serves_prompt_attention(q, k_cache)
         got = kernels.prompt_attention(q, k_cache, v_cache, slots, positions)
     want = masked_attention_float64(q, k_cache, v_cache, slots, positions)
     assert got.dtype == dtype and got.shape == (B, T, heads * head_dim)
@@ -589,7 +588,7 @@ def test_prompt_attention_serves_only_the_engines_prompts():
     with torch.inference_mode():
         assert not kernels.serves_prompt_attention(q, cache)  # a plain forward (evaluation): SDPA, bit for bit HF
         with kernels.generating():
-            assert kernels.serves_prompt_attention(q, cache) == (kernels.native_ops() is not None)
+            assert kernels.serves_prompt_attention(q, cache) == (kernels.tile_lanes() == 8)  # measured on AVX2
             assert not kernels.serves_prompt_attention(q[:, :, :1], cache)  # a decode step has its own path
             assert not kernels.serves_prompt_attention(q.half(), cache.half())  # fp16 models run their modules
             assert not kernels.serves_prompt_attention(q.bfloat16(), cache)  # mixed dtypes
@@ -602,8 +601,8 @@ def test_engine_prompt_chunks_through_the_native_attention_give_transformers_log
     """Prompts of 3 to 45 ids in chunks of 16 (later chunks attend to the keys of earlier ones) and a prompt that
     reuses another's prefix: the engine's prefill runs the native prompt attention, and the chosen tokens' logprobs
     equal transformers' forward over each whole sequence within 1e-4."""
-    if kernels.native_ops() is None:
-        pytest.skip("no native kernels")
+    if kernels.tile_lanes() != 8:
+        pytest.skip("the engine takes the native prompt attention on AVX2 CPUs only")
     hf, path = tiny
     calls, real = [], kernels.prompt_attention
     monkeypatch.setattr(kernels, "prompt_attention", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -656,3 +655,18 @@ def test_prompt_linear_serves_only_the_engines_prompts_on_avx2(monkeypatch):
             assert kernels.prompt_linear(x.bfloat16(), w.bfloat16()) is None
     with kernels.generating():
         assert kernels.prompt_linear(x, w) is None  # grad mode
+
+
+@needs_compiler
+def test_prompt_attention_takes_empty_batches_and_refuses_zero_kv_heads():
+    ops = kernels.native_ops()
+    if ops is None:
+        pytest.skip("no native kernels")
+    cache = torch.zeros(2, 1, 8, 4)
+    out = ops.prompt_attention(torch.zeros(0, 2, 3, 4), cache, cache, torch.zeros(0, dtype=torch.long),
+                               torch.zeros(0, 3, dtype=torch.long))
+    assert out.shape == (0, 3, 8)
+    with pytest.raises(RuntimeError, match="multiple of n_kv"):
+        empty = torch.zeros(2, 0, 8, 4)
+        ops.prompt_attention(torch.zeros(1, 2, 3, 4), empty, empty, torch.zeros(1, dtype=torch.long),
+                             torch.zeros(1, 3, dtype=torch.long))

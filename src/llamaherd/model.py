@@ -283,8 +283,8 @@ class KVCache(nn.Module):
             return None
         self.update(layer, k, v)
         B, T = q.shape[0], q.shape[2]
-        positions = torch.arange(self.length, self.length + T).expand(B, T)
-        return kernels.prompt_attention(q, self.k[layer], self.v[layer], torch.arange(B), positions)
+        positions = torch.arange(self.length, self.length + T, device=q.device).expand(B, T)
+        return kernels.prompt_attention(q, self.k[layer], self.v[layer], torch.arange(B, device=q.device), positions)
 
     def expand(self, batch_size: int) -> KVCache:
         """A new cache whose rows are copies of this single-row cache (only the filled part is copied)."""

@@ -235,10 +235,11 @@ def serves_prompt_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `prompt_attention` runs for queries q (B, H, T, hd) over this cache layer: within `generating` (the
     engine's prefill, `benchmarks/generate.py`; evaluation keeps PyTorch's SDPA), T > 1 (decode steps have their
     own path), no grad mode, on the CPU, fp32 or bf16 (an fp16 model runs its modules, as in decode steps), and
-    the kernels are available."""
+    an AVX2 build of the kernels (`tile_lanes() == 8`), where it was measured against SDPA; the AVX-512 tiles
+    compile and compute the same but have not been timed against ATen there."""
     return (_generating.get() and q.dim() == 4 and q.shape[2] > 1 and q.dtype in (torch.float32, torch.bfloat16)
             and k_cache.dtype == q.dtype and q.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and native_ops() is not None)
+            and not torch.is_autocast_enabled("cpu") and native_ops() is not None and tile_lanes() == 8)
 
 
 def prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

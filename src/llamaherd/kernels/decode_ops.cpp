@@ -779,7 +779,7 @@ void exp_inplace(float* v, int64_t n) {
 float softmax_numerators(float* p, int64_t n) {
   VecF lanes = vset1(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) lanes = vmax(lanes, vload(p + j));
+  for (; j + kVec <= n; j += kVec) lanes = vmax(vload(p + j), lanes);  // a NaN score is skipped, as by std::max
   alignas(64) float part[kVec];
   vstore(part, lanes);
   float top = *std::max_element(part, part + kVec);
@@ -1190,10 +1190,8 @@ void attend_prompt(const T* q, const int64_t* qs, const T* k, const T* v, const 
       const int64_t b = i / n_kv, g = i % n_kv, n = keys[b];
       const T* ki = k + slots[b] * cs[0] + g * cs[1];
       const T* vi = v + slots[b] * cs[0] + g * cs[1];
-      float* kti = kt.data() + i * hd * ldk;
+      float* kti = kt.data() + i * hd * ldk;  // zero past its keys and dims, as constructed
       float* vpi = vp.data() + i * ldk * hdp;
-      std::fill(kti, kti + hd * ldk, 0.f);
-      std::fill(vpi, vpi + ldk * hdp, 0.f);
       for (int64_t j = 0; j < n; ++j)
         for (int64_t d = 0; d < hd; ++d) {
           kti[d * ldk + j] = widen(ki[j * cs[2] + d]);
@@ -1315,7 +1313,7 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               "prompt_attention: q (B, H, T, hd), caches (rows, n_kv, max_len, hd) with unit stride in hd");
   const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), hd = q.size(3), n_kv = k_cache.size(1);
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type() &&
-                  hd == k_cache.size(3) && H % n_kv == 0,
+                  hd == k_cache.size(3) && n_kv > 0 && H % n_kv == 0,
               "prompt_attention: q and the caches need one dtype and head dim, and H a multiple of n_kv");
   const at::Tensor s = slots.to(at::kLong).contiguous(), p = positions.to(at::kLong).contiguous();
   TORCH_CHECK(s.numel() == B && p.dim() == 2 && p.size(0) == B && p.size(1) == T_,
@@ -1327,6 +1325,7 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   for (int64_t i = 0; i < B * T_; ++i)
     TORCH_CHECK(pp[i] >= 0 && pp[i] < k_cache.size(2), "prompt_attention: position ", pp[i], " out of range");
   at::Tensor out = at::empty({B, T_, H * hd}, q.options());
+  if (out.numel() == 0) return out;
   const int64_t qs[4] = {q.stride(0), q.stride(1), q.stride(2), q.stride(3)};
   const int64_t cs[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
   switch (q.scalar_type()) {
