@@ -719,7 +719,7 @@ inline VecF vload(const float* p) { return *p; }
 inline VecF vset1(float s) { return s; }
 inline VecF vfma(VecF a, VecF b, VecF c) { return a * b + c; }
 inline void vstore(float* p, VecF v) { *p = v; }
-inline VecF vmax(VecF a, VecF b) { return std::max(a, b); }
+inline VecF vmax(VecF a, VecF b) { return a > b ? a : b; }  // as MAXPS: b when either is NaN
 inline VecF vadd(VecF a, VecF b) { return a + b; }
 #endif
 #if defined(__AVX512F__)
