@@ -167,14 +167,18 @@ def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     118-131 for bf16 weights with ATen's conversion). None elsewhere: outside `generating` (evaluation keeps
     PyTorch's products, bit for bit transformers'), grad mode, int8 or fp16 weights, a bf16 model on a CPU with
     bf16 matrix units (oneDNN's), another ISA, or without the kernels."""
-    if not (_generating.get() and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
-            and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu" and x.dim() >= 2
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+    if not (_prompt_tiles_serve(x) and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+            and x.dim() >= 2 and not (weight.dtype == torch.bfloat16 and half_matrix_units(torch.bfloat16))):
         return None
-    if weight.dtype == torch.bfloat16 and half_matrix_units(torch.bfloat16):
-        return None
-    ops = native_ops()
-    return ops.prompt_linear(x, weight, bias) if ops is not None and tile_lanes() == 8 else None
+    return native_ops().prompt_linear(x, weight, bias)
+
+
+def _prompt_tiles_serve(x: torch.Tensor) -> bool:
+    """What both prompt kernels need of their input x: within `generating`, no grad mode or autocast, fp32 or bf16
+    on the CPU, and an AVX2 build of the kernels (`tile_lanes() == 8`), where they were timed against ATen."""
+    return (_generating.get() and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and native_ops() is not None
+            and tile_lanes() == 8)
 
 
 @functools.cache
@@ -237,9 +241,7 @@ def serves_prompt_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     own path), no grad mode, on the CPU, fp32 or bf16 (an fp16 model runs its modules, as in decode steps), and
     an AVX2 build of the kernels (`tile_lanes() == 8`), where it was measured against SDPA; the AVX-512 tiles
     compile and compute the same but have not been timed against ATen there."""
-    return (_generating.get() and q.dim() == 4 and q.shape[2] > 1 and q.dtype in (torch.float32, torch.bfloat16)
-            and k_cache.dtype == q.dtype and q.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and native_ops() is not None and tile_lanes() == 8)
+    return _prompt_tiles_serve(q) and q.dim() == 4 and q.shape[2] > 1 and k_cache.dtype == q.dtype
 
 
 def prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
