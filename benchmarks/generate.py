@@ -145,8 +145,8 @@ def time_llamaherd(dtype: torch.dtype, quantize: str | None, args: argparse.Name
     def decode():
         generate_ids(ours, short[0].tolist(), max_new_tokens=args.new_tokens, stop_ids=set())
 
-    def prefill():  # one forward over the prompt, as the engine's prefill runs it (kernels.generating)
-        with torch.inference_mode(), kernels.generating():
+    def prefill():  # one forward over the prompt, as the engine's prefill runs it (kernels.prefilling)
+        with torch.inference_mode(), kernels.generating(), kernels.prefilling():
             ours(long, cache=ours.new_cache(1, args.prompt_tokens + 1), last_only=True)
 
     speeds = (args.new_tokens / best_time(decode, args.repeats), args.prompt_tokens / best_time(prefill, args.repeats))

@@ -1,11 +1,13 @@
 """The generation engine: continuous batching, chunked prefill, prefix reuse and logprobs against transformers."""
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 from hf_tiny import save_hf_model
 
+from llamaherd import kernels
 from llamaherd.engine import Engine, SamplingParams
 from llamaherd.errors import InputError
 from llamaherd.generate import stream_text
@@ -170,6 +172,39 @@ def test_chunked_prefill_keeps_streams_running_and_gives_the_same_tokens(models)
     lp4 = torch.tensor([e.logprob for e in outs[4].logprobs])
     lp512 = torch.tensor([e.logprob for e in outs[512].logprobs])
     assert torch.allclose(lp4, lp512, atol=1e-5)
+
+
+@pytest.mark.skipif(kernels.tile_lanes() != 8, reason="the prompt kernels serve AVX2 builds only (kernels.prompt_pass)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompts_keys_and_first_logits_do_not_depend_on_how_it_was_chunked(models, dtype):
+    """Bit for bit, every way the engine may split a prompt: one pass, chunks of 1 to 20 positions, a prefix
+    reused from another row, batched with another prompt (padding). Before one sum order per row (the prompt
+    kernels for every chunk, one-position chunks included; a fixed-order RMSNorm sum) a resumed `herd synth` run
+    sampled other tokens than an uninterrupted one."""
+    hf, ours = models
+    model = ours if dtype == torch.float32 else copy.deepcopy(ours).to(dtype)
+    prompt = [(7 * i + 3) % 90 + 5 for i in range(45)]
+    wanted = SamplingParams(max_new_tokens=1, stop_ids=NO_STOP, logprobs=5)
+
+    def run(chunk: int, before: list[int] | None = None, beside: list[int] | None = None):
+        engine = Engine(model, max_batch=3, max_len=64, prefill_chunk=chunk)
+        if before is not None:  # a prompt sharing a prefix runs first: its row's keys are reused
+            engine.generate_many([before], greedy(1))
+        extra = [] if beside is None else [engine.add_request(beside, greedy(1))]
+        mine = engine.add_request(prompt, wanted)
+        list(engine.stream())
+        assert all(r.done for r in extra)
+        slot = next(i for i, ids in enumerate(engine.slots.tokens) if ids[:len(prompt)] == prompt)
+        rows = (engine.cache.k[:, slot, :, :len(prompt) - 1], engine.cache.v[:, slot, :, :len(prompt) - 1])
+        return rows, torch.tensor([lp for _, lp in mine.completions[0].logprobs[0].top], dtype=torch.float64)
+
+    (k, v), logits = run(512)
+    for chunk, before, beside in [(1, None, None), (5, None, None), (16, None, None), (20, None, None),
+                                  (512, prompt[:17] + [1, 2], None), (7, prompt[:33] + [4], None),
+                                  (512, None, list(range(50, 80))), (9, None, [60, 61, 62])]:
+        (k2, v2), logits2 = run(chunk, before, beside)
+        assert torch.equal(k2, k) and torch.equal(v2, v), (chunk, before, beside)
+        assert torch.equal(logits2, logits), (chunk, before, beside)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch_and_settings_are_per_request(models):

@@ -21,7 +21,7 @@ from llamaherd.engine.sampling import SamplingParams, apply_repetition_penalty, 
 from llamaherd.engine.slots import Slots, common_prefix
 from llamaherd.engine.text import StopText
 from llamaherd.errors import InputError
-from llamaherd.kernels import generating, native_ops
+from llamaherd.kernels import generating, native_ops, prefilling
 from llamaherd.model import GPT, SlotCache, fuse_projections, place_on_huge_pages
 
 PREFIX_BLOCK = 16  # prompt ids two prompts must share for the later one to wait for the earlier one's keys
@@ -273,6 +273,15 @@ class Engine:
         slots = torch.tensor([seq.slot for seq, _ in group], device=self.device)
         rows = self.cache.rows(slots, torch.tensor(positions, device=self.device))
         idx = torch.tensor(ids, device=self.device)
+        with prefilling():  # one sum order per position whatever the chunking (`llamaherd.kernels.prompt_pass`)
+            self._forward_chunks(group, idx, rows)
+        for seq, n in group:
+            self.slots.tokens[seq.slot].extend(seq.ids[seq.computed:seq.computed + n])
+            seq.computed += n
+            self.computed_tokens += n
+
+    def _forward_chunks(self, group: list[tuple[_Sequence, int]], idx: torch.Tensor, rows) -> None:
+        """The prefill pass itself: keys and values, and a scoring sequence's prompt log-probabilities."""
         seq, n = group[0]
         if len(group) == 1 and seq.scores_prompt:  # a scoring sequence always runs alone (`_prefill`)
             logprobs = self.model(idx, cache=rows)[0].float().log_softmax(-1)  # (n, V)
@@ -280,10 +289,6 @@ class Engine:
             seq.request.prompt_logprobs.extend(_entries(logprobs, targets, seq.request.params.logprobs))
         else:
             self.model(idx, cache=rows, last_only=True, return_hidden=True)  # keys/values only: skip the head
-        for seq, n in group:
-            self.slots.tokens[seq.slot].extend(seq.ids[seq.computed:seq.computed + n])
-            seq.computed += n
-            self.computed_tokens += n
 
     def _decode(self) -> list[Event]:
         # In row order: a full batch is a range of rows, which attention reads as a view (CacheRows.span).

@@ -46,6 +46,7 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OFF_VALUES = ("0", "false", "no", "off")
 _generating = contextvars.ContextVar("llamaherd_generating", default=False)
+_prefilling = contextvars.ContextVar("llamaherd_prefilling", default=False)
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 
 
@@ -142,8 +143,18 @@ def few_rows(x: torch.Tensor) -> bool:
 def decode_step(x: torch.Tensor) -> bool:
     """x (..., 1, D) with at most `max_rows` rows: one new position per sequence. Outside `generating` only
     decode steps take the kernels, so a prefill and an evaluation (several positions per row) keep PyTorch's own
-    rounding, whatever their size (evaluation results must not depend on batch size, tests/test_eval_engine.py)."""
-    return few_rows(x) and x.shape[-2] == 1
+    rounding, whatever their size (evaluation results must not depend on batch size, tests/test_eval_engine.py).
+    A one-position prompt chunk where the prompt kernels serve (`prompt_pass`) is not a decode step."""
+    return few_rows(x) and x.shape[-2] == 1 and not prompt_pass(x)
+
+
+def prompt_pass(x: torch.Tensor) -> bool:
+    """Whether x belongs to a prompt chunk (within `prefilling`) that the prompt kernels serve: every such chunk,
+    one position or many, then takes `prompt_linear` and `prompt_attention`, whose sums run in one order for
+    every row whatever the chunk's length or the other rows of the pass. So a prompt position's keys do not depend
+    on how the engine chunked the prompt (its budget, a reused prefix, the prompts batched with it), and neither do
+    a seeded request's tokens (a resumed `herd synth` writes the file an uninterrupted run writes)."""
+    return _prefilling.get() and _prompt_tiles_serve(x)
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -160,9 +171,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x (..., K) @ weight (N, K).T + bias for a prompt chunk within `generating` (more rows than `decode_linear`
-    takes), in the kernel's register tiles over weight panels widened to fp32 as they are packed: (..., N) in x's
-    dtype, accumulated in fp32. Only where it was measured to beat ATen: AVX2 without AVX-512 (SmolLM2's products
+    """x (..., K) @ weight (N, K).T + bias for a prompt chunk within `generating` (every chunk within
+    `prefilling`, see `prompt_pass`; otherwise more rows than `decode_linear` takes), in the kernel's register
+    tiles over weight panels widened to fp32 as they are packed: (..., N) in x's dtype, accumulated in fp32, each
+    output's sum over k in order, whatever the number of rows. Only where it was measured to beat ATen: AVX2 without AVX-512 (SmolLM2's products
     at 510 rows, medians on a Zen 3: 143-155 GFLOP/s against MKL's 124-137 for fp32 weights, 135-148 against
     118-131 for bf16 weights with ATen's conversion). None elsewhere: outside `generating` (evaluation keeps
     PyTorch's products, bit for bit transformers'), grad mode, int8 or fp16 weights, a bf16 model on a CPU with
@@ -202,6 +214,16 @@ def generating():
         _generating.reset(token)
 
 
+@contextlib.contextmanager
+def prefilling():
+    """Within `generating`: the passes of this block compute prompt chunks' keys and values (`prompt_pass`)."""
+    token = _prefilling.set(True)
+    try:
+        yield
+    finally:
+        _prefilling.reset(token)
+
+
 def native_ops_for(x: torch.Tensor, rows_apart: bool = False, short_prompt: bool = False):
     """The native ops when x is an input they serve (no grad mode, CPU, float dtype): a decode step's (see
     `decode_step`), or within `generating`: with rows_apart, fp32 rows of any number of positions (ops that
@@ -211,7 +233,7 @@ def native_ops_for(x: torch.Tensor, rows_apart: bool = False, short_prompt: bool
     row on its own too, and at 15 rows streams the weights twice as fast as ATen's GEMM); else None."""
     prompt = _generating.get() and (
         (rows_apart and x.dtype == torch.float32)
-        or (short_prompt and few_rows(x)))
+        or (short_prompt and few_rows(x) and not prompt_pass(x)))
     if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in INPUT_DTYPES
             or not (prompt or decode_step(x)) or torch.is_autocast_enabled("cpu")):
         return None
@@ -241,7 +263,8 @@ def serves_prompt_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     own path), no grad mode, on the CPU, fp32 or bf16 (an fp16 model runs its modules, as in decode steps), and
     an AVX2 build of the kernels (`tile_lanes() == 8`), where it was measured against SDPA; the AVX-512 tiles
     compile and compute the same but have not been timed against ATen there."""
-    return _prompt_tiles_serve(q) and q.dim() == 4 and q.shape[2] > 1 and k_cache.dtype == q.dtype
+    return (_prompt_tiles_serve(q) and q.dim() == 4 and (q.shape[2] > 1 or _prefilling.get())
+            and k_cache.dtype == q.dtype)
 
 
 def prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

@@ -564,6 +564,32 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return y.view(shape).to(x.scalar_type());
 }
 
+// The sum of the squares of D floats in one fixed order (vector lanes, then their tree), written out: gcc's
+// `omp simd` reduction gave a row another sum in some passes (the first row of a pass starting at row 20 of a
+// 64-wide fp32 prompt, against the same row within a longer pass), so a prompt position's norm, hence its keys,
+// depended on its chunk.
+inline float sum_squares(const float* x, int64_t D) {
+  int64_t d = 0;
+  float ss = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= D; d += 16) {
+    const __m512 v = _mm512_loadu_ps(x + d);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  ss = _mm512_reduce_add_ps(acc);
+#elif defined(LLAMAHERD_AVX2)
+  __m256 acc = _mm256_setzero_ps();
+  for (; d + 8 <= D; d += 8) {
+    const __m256 v = _mm256_loadu_ps(x + d);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  ss = sum8(acc);
+#endif
+  for (; d < D; ++d) ss = std::fma(x[d], x[d], ss);
+  return ss;
+}
+
 // RMSNorm of `rows` rows of D values for inference: y = x / rms(x) * w in float32; for a half-precision dtype the
 // normalized value is rounded to it before the weight scales it, and the result is rounded too, as Hugging Face's
 // LlamaRMSNorm does (llamaherd.model.RMSNorm).
@@ -573,9 +599,7 @@ void rms_rows(const float* x, const float* w, float* y, int64_t rows, int64_t D,
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * D;
       float* yr = y + r * D;
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t d = 0; d < D; ++d) ss += xr[d] * xr[d];
+      const float ss = sum_squares(xr, D);
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
       if (!half) {
 #pragma omp simd
@@ -1253,6 +1277,39 @@ void attend_prompt(const T* q, const int64_t* qs, const T* k, const T* v, const 
 // model's prompts need no float32 copy of each weight (ATen's route without bf16 matrix units: convert, then MKL's
 // sgemm). SmolLM2's four products at 510 rows on an AVX2 EPYC, medians: 143-155 GFLOP/s against MKL's 124-137
 // (fp32), 135-148 against 118-131 (bf16 weights, with the conversion).
+// A panel of nn <= kTileCols weight rows (row-major, K apiece) widened to float32 and laid out k-major:
+// panel[k * kTileCols + j] = w[j][k], zero for j >= nn. With AVX2, 8 x 8 blocks transposed in registers: the
+// scalar loop cost ~2 ms a layer of SmolLM2 whatever the rows, which made short prompt chunks (a few rows, for
+// which this product runs so that a position's keys do not depend on its chunk) 9x slower than the decode kernel.
+template <typename W>
+void pack_panel(const W* w, int64_t nn, int64_t K, float* panel) {
+  int64_t k0 = 0;
+#if defined(LLAMAHERD_AVX2)
+  if (nn == kTileCols) {
+    for (; k0 + 8 <= K; k0 += 8)
+      for (int64_t j0 = 0; j0 < kTileCols; j0 += 8) {
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j) r[j] = load8(w + (j0 + j) * K + k0);
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        const __m256 cols[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                                _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                                _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                                _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(panel + (k0 + k) * kTileCols + j0, cols[k]);
+      }
+  }
+#endif
+  for (int64_t k = k0; k < K; ++k)
+    for (int64_t j = 0; j < kTileCols; ++j) panel[k * kTileCols + j] = j < nn ? widen(w[j * K + k]) : 0.f;
+}
+
 template <typename W>
 void panel_product(const float* x, const W* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   const int64_t panels = (N + kTileCols - 1) / kTileCols;
@@ -1260,8 +1317,7 @@ void panel_product(const float* x, const W* w, const float* bias, float* y, int6
     std::vector<float> panel(K * kTileCols), tile(kTileRows * kTileCols), rest(kTileRows * K, 0.f);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * kTileCols, nn = std::min<int64_t>(kTileCols, N - n0);
-      for (int64_t j = 0; j < kTileCols; ++j)
-        for (int64_t k = 0; k < K; ++k) panel[k * kTileCols + j] = j < nn ? widen(w[(n0 + j) * K + k]) : 0.f;
+      pack_panel(w + n0 * K, nn, K, panel.data());
       for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
         const int64_t mm = std::min<int64_t>(kTileRows, M - m0);
         const float* rows = x + m0 * K;
