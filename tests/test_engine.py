@@ -174,13 +174,14 @@ def test_chunked_prefill_keeps_streams_running_and_gives_the_same_tokens(models)
     assert torch.allclose(lp4, lp512, atol=1e-5)
 
 
-@pytest.mark.skipif(kernels.tile_lanes() != 8, reason="the prompt kernels serve AVX2 builds only (kernels.prompt_pass)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_prompts_keys_and_first_logits_do_not_depend_on_how_it_was_chunked(models, dtype):
     """Bit for bit, every way the engine may split a prompt: one pass, chunks of 1 to 20 positions, a prefix
     reused from another row, batched with another prompt (padding). Before one sum order per row (the prompt
     kernels for every chunk, one-position chunks included; a fixed-order RMSNorm sum) a resumed `herd synth` run
     sampled other tokens than an uninterrupted one."""
+    if kernels.tile_lanes() != 8:
+        pytest.skip("the prompt kernels serve AVX2 builds only (kernels.prompt_pass)")
     hf, ours = models
     model = ours if dtype == torch.float32 else copy.deepcopy(ours).to(dtype)
     prompt = [(7 * i + 3) % 90 + 5 for i in range(45)]
@@ -192,6 +193,9 @@ def test_a_prompts_keys_and_first_logits_do_not_depend_on_how_it_was_chunked(mod
             engine.generate_many([before], greedy(1))
         extra = [] if beside is None else [engine.add_request(beside, greedy(1))]
         mine = engine.add_request(prompt, wanted)
+        engine.step()
+        if beside is not None:  # both prompts' first chunks in the first step's padded pass
+            assert all(engine.slots.tokens[:2])
         list(engine.stream())
         assert all(r.done for r in extra)
         slot = next(i for i, ids in enumerate(engine.slots.tokens) if ids[:len(prompt)] == prompt)
@@ -201,7 +205,7 @@ def test_a_prompts_keys_and_first_logits_do_not_depend_on_how_it_was_chunked(mod
     (k, v), logits = run(512)
     for chunk, before, beside in [(1, None, None), (5, None, None), (16, None, None), (20, None, None),
                                   (512, prompt[:17] + [1, 2], None), (7, prompt[:33] + [4], None),
-                                  (512, None, list(range(50, 80))), (9, None, [60, 61, 62])]:
+                                  (512, None, list(range(50, 80))), (24, None, list(range(60, 70)))]:
         (k2, v2), logits2 = run(chunk, before, beside)
         assert torch.equal(k2, k) and torch.equal(v2, v), (chunk, before, beside)
         assert torch.equal(logits2, logits), (chunk, before, beside)

@@ -164,8 +164,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     inference, under no_grad or inference_mode), not a decode step (see `decode_step`), not on the CPU, dtypes
     it does not read, or the kernel is unavailable."""
     if weight.dtype not in WEIGHT_DTYPES or (weight.dtype == torch.int8) != (scale is not None) \
-            or not weight.is_contiguous():
-        return None
+            or not weight.is_contiguous() or (prompt_pass(x) and _panel_weight(weight)):
+        return None  # prompt_linear takes every prompt chunk of such a weight (one sum order whatever the chunk)
     ops = native_ops_for(x, short_prompt=True)
     return None if ops is None else ops.matvec(x, weight, scale, bias)
 
@@ -174,15 +174,22 @@ def prompt_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x (..., K) @ weight (N, K).T + bias for a prompt chunk within `generating` (every chunk within
     `prefilling`, see `prompt_pass`; otherwise more rows than `decode_linear` takes), in the kernel's register
     tiles over weight panels widened to fp32 as they are packed: (..., N) in x's dtype, accumulated in fp32, each
-    output's sum over k in order, whatever the number of rows. Only where it was measured to beat ATen: AVX2 without AVX-512 (SmolLM2's products
-    at 510 rows, medians on a Zen 3: 143-155 GFLOP/s against MKL's 124-137 for fp32 weights, 135-148 against
-    118-131 for bf16 weights with ATen's conversion). None elsewhere: outside `generating` (evaluation keeps
-    PyTorch's products, bit for bit transformers'), grad mode, int8 or fp16 weights, a bf16 model on a CPU with
-    bf16 matrix units (oneDNN's), another ISA, or without the kernels."""
-    if not (_prompt_tiles_serve(x) and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
-            and x.dim() >= 2 and not (weight.dtype == torch.bfloat16 and half_matrix_units(torch.bfloat16))):
+    output's sum over k in order, whatever the number of rows. Only where it was measured to beat ATen: AVX2
+    without AVX-512 (SmolLM2's products at 510 rows, medians on a Zen 3: 143-155 GFLOP/s against MKL's 124-137 for
+    fp32 weights, 135-148 against 118-131 for bf16 weights with ATen's conversion). None elsewhere: outside
+    `generating` (evaluation keeps PyTorch's products, bit for bit transformers'), grad mode, another ISA, without
+    the kernels, or a weight `_panel_weight` refuses."""
+    if not (_prompt_tiles_serve(x) and _panel_weight(weight) and x.dim() >= 2):
         return None
     return native_ops().prompt_linear(x, weight, bias)
+
+
+def _panel_weight(weight: torch.Tensor) -> bool:
+    """Whether `prompt_linear` reads this weight: contiguous fp32 or bf16, but not bf16 on a CPU whose bf16 matrix
+    units oneDNN uses. int8 weights (llamaherd.quantize) keep the decode product for chunks of up to `max_rows`
+    rows and ATen beyond, so an int8 model's prompt keys may still depend on the chunking."""
+    return (weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+            and not (weight.dtype == torch.bfloat16 and half_matrix_units(torch.bfloat16)))
 
 
 def _prompt_tiles_serve(x: torch.Tensor) -> bool:
@@ -233,7 +240,7 @@ def native_ops_for(x: torch.Tensor, rows_apart: bool = False, short_prompt: bool
     row on its own too, and at 15 rows streams the weights twice as fast as ATen's GEMM); else None."""
     prompt = _generating.get() and (
         (rows_apart and x.dtype == torch.float32)
-        or (short_prompt and few_rows(x) and not prompt_pass(x)))
+        or (short_prompt and few_rows(x)))
     if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in INPUT_DTYPES
             or not (prompt or decode_step(x)) or torch.is_autocast_enabled("cpu")):
         return None
