@@ -273,22 +273,18 @@ class Engine:
         slots = torch.tensor([seq.slot for seq, _ in group], device=self.device)
         rows = self.cache.rows(slots, torch.tensor(positions, device=self.device))
         idx = torch.tensor(ids, device=self.device)
+        seq, n = group[0]
         with prefilling():  # one sum order per position whatever the chunking (`llamaherd.kernels.prompt_pass`)
-            self._forward_chunks(group, idx, rows)
+            if len(group) == 1 and seq.scores_prompt:  # a scoring sequence always runs alone (`_prefill`)
+                logprobs = self.model(idx, cache=rows)[0].float().log_softmax(-1)  # (n, V)
+                targets = seq.ids[seq.computed + 1:seq.computed + n + 1]
+                seq.request.prompt_logprobs.extend(_entries(logprobs, targets, seq.request.params.logprobs))
+            else:
+                self.model(idx, cache=rows, last_only=True, return_hidden=True)  # keys/values only: skip the head
         for seq, n in group:
             self.slots.tokens[seq.slot].extend(seq.ids[seq.computed:seq.computed + n])
             seq.computed += n
             self.computed_tokens += n
-
-    def _forward_chunks(self, group: list[tuple[_Sequence, int]], idx: torch.Tensor, rows) -> None:
-        """The prefill pass itself: keys and values, and a scoring sequence's prompt log-probabilities."""
-        seq, n = group[0]
-        if len(group) == 1 and seq.scores_prompt:  # a scoring sequence always runs alone (`_prefill`)
-            logprobs = self.model(idx, cache=rows)[0].float().log_softmax(-1)  # (n, V)
-            targets = seq.ids[seq.computed + 1:seq.computed + n + 1]
-            seq.request.prompt_logprobs.extend(_entries(logprobs, targets, seq.request.params.logprobs))
-        else:
-            self.model(idx, cache=rows, last_only=True, return_hidden=True)  # keys/values only: skip the head
 
     def _decode(self) -> list[Event]:
         # In row order: a full batch is a range of rows, which attention reads as a view (CacheRows.span).

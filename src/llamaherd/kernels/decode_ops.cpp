@@ -105,6 +105,42 @@ inline __m256 round_bf16(__m256 v) {
 }
 #endif
 
+// One vector of floats (kVec lanes) for the loops written once for AVX-512, AVX2 and plain C++.
+#if defined(__AVX512F__)
+using VecF = __m512;
+constexpr int kVec = 16;
+inline VecF vzero() { return _mm512_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
+inline VecF vset1(float s) { return _mm512_set1_ps(s); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+inline VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
+inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
+inline float vsum(VecF v) { return _mm512_reduce_add_ps(v); }
+#elif defined(LLAMAHERD_AVX2)
+using VecF = __m256;
+constexpr int kVec = 8;
+inline VecF vzero() { return _mm256_setzero_ps(); }
+inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
+inline VecF vset1(float s) { return _mm256_set1_ps(s); }
+inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+inline VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a, b); }
+inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
+inline float vsum(VecF v) { return sum8(v); }
+#else
+using VecF = float;
+constexpr int kVec = 1;
+inline VecF vzero() { return 0.f; }
+inline VecF vload(const float* p) { return *p; }
+inline VecF vset1(float s) { return s; }
+inline VecF vfma(VecF a, VecF b, VecF c) { return a * b + c; }
+inline void vstore(float* p, VecF v) { *p = v; }
+inline VecF vmax(VecF a, VecF b) { return a > b ? a : b; }  // as MAXPS: b when either is NaN
+inline VecF vadd(VecF a, VecF b) { return a + b; }
+inline float vsum(VecF v) { return v; }
+#endif
+
 #if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
 struct Ahead {  // cache lines to fetch while this block computes: a later block's weights
   const char* next;
@@ -569,23 +605,13 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& weight, const std::opti
 // 64-wide fp32 prompt, against the same row within a longer pass), so a prompt position's norm, hence its keys,
 // depended on its chunk.
 inline float sum_squares(const float* x, int64_t D) {
+  VecF acc = vzero();
   int64_t d = 0;
-  float ss = 0.f;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; d + 16 <= D; d += 16) {
-    const __m512 v = _mm512_loadu_ps(x + d);
-    acc = _mm512_fmadd_ps(v, v, acc);
+  for (; d + kVec <= D; d += kVec) {
+    const VecF v = vload(x + d);
+    acc = vfma(v, v, acc);
   }
-  ss = _mm512_reduce_add_ps(acc);
-#elif defined(LLAMAHERD_AVX2)
-  __m256 acc = _mm256_setzero_ps();
-  for (; d + 8 <= D; d += 8) {
-    const __m256 v = _mm256_loadu_ps(x + d);
-    acc = _mm256_fmadd_ps(v, v, acc);
-  }
-  ss = sum8(acc);
-#endif
+  float ss = vsum(acc);
   for (; d < D; ++d) ss = std::fma(x[d], x[d], ss);
   return ss;
 }
@@ -714,38 +740,6 @@ std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor
   return {rotate(q, n_head, qf), rotate(k, n_kv, kf)};
 }
 
-// One vector of floats (kVec lanes) for the loops written once for AVX-512, AVX2 and plain C++.
-#if defined(__AVX512F__)
-using VecF = __m512;
-constexpr int kVec = 16;
-inline VecF vzero() { return _mm512_setzero_ps(); }
-inline VecF vload(const float* p) { return _mm512_loadu_ps(p); }
-inline VecF vset1(float s) { return _mm512_set1_ps(s); }
-inline VecF vfma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
-inline void vstore(float* p, VecF v) { _mm512_storeu_ps(p, v); }
-inline VecF vmax(VecF a, VecF b) { return _mm512_max_ps(a, b); }
-inline VecF vadd(VecF a, VecF b) { return _mm512_add_ps(a, b); }
-#elif defined(LLAMAHERD_AVX2)
-using VecF = __m256;
-constexpr int kVec = 8;
-inline VecF vzero() { return _mm256_setzero_ps(); }
-inline VecF vload(const float* p) { return _mm256_loadu_ps(p); }
-inline VecF vset1(float s) { return _mm256_set1_ps(s); }
-inline VecF vfma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
-inline void vstore(float* p, VecF v) { _mm256_storeu_ps(p, v); }
-inline VecF vmax(VecF a, VecF b) { return _mm256_max_ps(a, b); }
-inline VecF vadd(VecF a, VecF b) { return _mm256_add_ps(a, b); }
-#else
-using VecF = float;
-constexpr int kVec = 1;
-inline VecF vzero() { return 0.f; }
-inline VecF vload(const float* p) { return *p; }
-inline VecF vset1(float s) { return s; }
-inline VecF vfma(VecF a, VecF b, VecF c) { return a * b + c; }
-inline void vstore(float* p, VecF v) { *p = v; }
-inline VecF vmax(VecF a, VecF b) { return a > b ? a : b; }  // as MAXPS: b when either is NaN
-inline VecF vadd(VecF a, VecF b) { return a + b; }
-#endif
 #if defined(__AVX512F__)
 // e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r by its Taylor series
 // to r^7 / 7! (truncation below 6e-9 relative, under float32's rounding), times 2^n by scalef; within a few ulp of
@@ -1271,12 +1265,6 @@ void attend_prompt(const T* q, const int64_t* qs, const T* k, const T* v, const 
   }
 }
 
-// y (M, N) = x (M, K) @ w (N, K).T (+ bias) for prompt chunks (issue 12): the weight in panels of kTileCols rows,
-// each widened to float32 and laid out k-major once (K x kTileCols, in L2), then every 6 rows of x times the panel
-// in tile_product's register tiles; the threads take panels. bf16 weights are widened while packing, so a bf16
-// model's prompts need no float32 copy of each weight (ATen's route without bf16 matrix units: convert, then MKL's
-// sgemm). SmolLM2's four products at 510 rows on an AVX2 EPYC, medians: 143-155 GFLOP/s against MKL's 124-137
-// (fp32), 135-148 against 118-131 (bf16 weights, with the conversion).
 // A panel of nn <= kTileCols weight rows (row-major, K apiece) widened to float32 and laid out k-major:
 // panel[k * kTileCols + j] = w[j][k], zero for j >= nn. With AVX2, 8 x 8 blocks transposed in registers: the
 // scalar loop cost ~2 ms a layer of SmolLM2 whatever the rows, which made short prompt chunks (a few rows, for
@@ -1310,6 +1298,13 @@ void pack_panel(const W* w, int64_t nn, int64_t K, float* panel) {
     for (int64_t j = 0; j < kTileCols; ++j) panel[k * kTileCols + j] = j < nn ? widen(w[j * K + k]) : 0.f;
 }
 
+
+// y (M, N) = x (M, K) @ w (N, K).T (+ bias) for prompt chunks (issue 12): the weight in panels of kTileCols rows,
+// each widened to float32 and laid out k-major once (K x kTileCols, in L2), then every 6 rows of x times the panel
+// in tile_product's register tiles; the threads take panels. bf16 weights are widened while packing, so a bf16
+// model's prompts need no float32 copy of each weight (ATen's route without bf16 matrix units: convert, then MKL's
+// sgemm). SmolLM2's four products at 510 rows on an AVX2 EPYC, medians: 143-155 GFLOP/s against MKL's 124-137
+// (fp32), 135-148 against 118-131 (bf16 weights, with the conversion).
 template <typename W>
 void panel_product(const float* x, const W* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   const int64_t panels = (N + kTileCols - 1) / kTileCols;
