@@ -2,8 +2,8 @@
 
 Imported by generate.py and serve_load.py (project venv; this module needs neither torch nor llama_cpp to
 import). Run as a script by benchmarks/.venv-llamacpp/bin/python, it times llama.cpp's decode and prefill
-through llama-cpp-python: reads {"model", "threads", "repeats", "new_tokens", "short", "long"} as JSON on
-stdin, prints {"decode": tok/s, "prefill": tok/s} as JSON.
+through llama-cpp-python (`worker`): reads {"model", "threads", "new_tokens", "short", "long"} as one JSON line
+on stdin, then one command per line ("decode" or "prefill"), and answers each with its seconds on stdout.
 """
 
 from __future__ import annotations
@@ -43,13 +43,15 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def measure(spec: dict) -> dict:
-    """Decode and prefill tokens/s of llama.cpp, timed by wall clock as generate.py times llamaherd.
+def worker(spec: dict, commands, out) -> None:
+    """Time llama.cpp's decode or prefill once per command line ("decode" / "prefill") read from `commands`,
+    writing the seconds of each as one line to `out`, after loading the model once ("ready" when loaded).
 
     Decode: the short prompt evaluated, then new_tokens greedy tokens (argmax of the last logits, EOS ignored),
-    each fed back one at a time; tokens/s = new_tokens / seconds. Prefill: the long prompt in one eval
-    (llama.cpp's default batch of 512 tokens per ubatch); tokens/s = prompt length / seconds. The KV cache is
-    cleared before each call. Flash attention on: what llama.cpp's default (auto) picks on CPU.
+    each fed back one at a time; generate.py turns seconds into new_tokens / seconds. Prefill: the long prompt in
+    one eval (llama.cpp's default batch of 512 tokens per ubatch). The KV cache is cleared before each call.
+    Flash attention on: what llama.cpp's default (auto) picks on CPU. The process stays up between commands so
+    that generate.py can alternate it with the other peers call by call (the same minutes for all of them).
     """
     import llama_cpp
     import numpy as np
@@ -75,11 +77,14 @@ def measure(spec: dict) -> dict:
         llm.reset()
         llm.eval(spec["long"])
 
-    return {
-        "decode": spec["new_tokens"] / best_time(decode, spec["repeats"]),
-        "prefill": len(spec["long"]) / best_time(prefill, spec["repeats"]),
-    }
+    phases = {"decode": decode, "prefill": prefill}
+    print("ready", file=out, flush=True)
+    for line in commands:
+        fn = phases[line.strip()]
+        start = time.perf_counter()
+        fn()
+        print(time.perf_counter() - start, file=out, flush=True)
 
 
 if __name__ == "__main__":
-    json.dump(measure(json.load(sys.stdin)), sys.stdout)
+    worker(json.loads(sys.stdin.readline()), sys.stdin, sys.stdout)
