@@ -55,6 +55,30 @@ def test_matvec_equals_a_float64_product(rows, weight_dtype):
 
 
 @needs_compiler
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_matvec_rows_are_the_same_whichever_thread_computes_them(weight_dtype):
+    """The products share their row blocks out over the threads (runs, then blocks on demand), so which thread
+    computes a row changes from call to call: every row must come out once, the same for any thread count, and
+    equal the float64 product. 1,003 rows: runs, shared blocks and 3 rows past the last whole block."""
+    torch.manual_seed(2)
+    n, k = 1003, 64
+    x = torch.randn(3, 1, k)
+    w, scale, dense = weight_of(weight_dtype, n, k)
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                got[t] = [kernels.decode_linear(x, w, None, scale) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    first = got[1][0]
+    assert all(torch.equal(first, y) for ys in got.values() for y in ys)
+    assert (first.double() - x.double() @ dense.T).abs().max() <= 1e-4
+
+
+@needs_compiler
 @pytest.mark.parametrize("rows", [5, 16])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_matvec_of_a_batch_is_each_row_alone_bit_for_bit(rows, weight_dtype):

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -256,95 +257,135 @@ inline void dots_tile(const W* const* rows, const float* const* xs, int64_t K, f
 }
 #endif
 
+// Which 8-row blocks of a product each thread computes: the first 7/8 of the blocks in equal runs, one run per
+// thread (one sequential stream each), then the rest one block at a time to whichever thread asks first. With
+// runs alone, one thread finished each product ~10% before the other and waited (SmolLM2 decode on a 2-core
+// Zen 3 VM: bf16 9.4 us of an 87 us product on average, int8 4.0 of 43; with the shared rest 1.2 and 1.1): the
+// VM's memory and the other processes do not serve both cores alike. Decode steps, alternating builds in one
+// process: int8 8.92 -> 8.27 ms, fp32 21.10 -> 20.79, bf16 the same (12.24 / 12.33). A thread takes its blocks
+// two ahead of the one it computes, so that it can prefetch them. Which thread computes a row does not change
+// its sum (each row's dot product is its own).
+class BlockQueue {
+ public:
+  struct Shared {
+    int64_t blocks, run;  // all blocks, and each thread's run
+    std::atomic<int64_t> next;  // the next block of the shared rest
+  };
+  static constexpr int64_t kShared = 8;  // 1/8 of the blocks are handed out on demand
+
+  BlockQueue(Shared& shared, int64_t thread) : s_(shared), own_(thread * shared.run), end_(own_ + shared.run) {}
+  // The next block for this thread, or -1 when there are none left.
+  int64_t take() {
+    if (own_ < end_) return own_++;
+    const int64_t b = s_.next.fetch_add(1, std::memory_order_relaxed);
+    return b < s_.blocks ? b : -1;
+  }
+
+ private:
+  Shared& s_;
+  int64_t own_, end_;
+};
+
+// Rows [o, o + 8) of y = x @ w.T (see rows_times); near and far: the blocks this thread computes next and after
+// that (-1: none), whose weights it fetches while this block computes.
+template <typename W, typename X>
+void rows_block(const X* x, const W* w, const float* scale, const float* bias, float* y, int64_t B, int64_t N,
+                int64_t K, int64_t o, int64_t near, int64_t far) {
+  float sums[8];
+  const W* rows[8];
+  for (int i = 0; i < 8; ++i) rows[i] = w + (o + i) * K;
+  [[maybe_unused]] const char* near_p = near < 0 ? nullptr : reinterpret_cast<const char*>(w + near * 8 * K);
+  [[maybe_unused]] const char* far_p = far < 0 ? nullptr : reinterpret_cast<const char*>(w + far * 8 * K);
+  [[maybe_unused]] const int64_t block_bytes = 8 * K * static_cast<int64_t>(sizeof(W));
+  int64_t b = 0;
+  Ahead* ahead_p = nullptr;
+#if defined(__AVX512F__)
+  // bf16 / int8: fetch the block after next, so its weights are in cache when their turn comes (int8 went
+  // from 9.0 to 11.3 GB/s, bf16 13.1 to 13.9; fp32 streams at the read bandwidth without it, 23% slower with)
+  if constexpr (sizeof(W) < 4) {
+    if (far_p)
+      for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch(far_p + off, _MM_HINT_T0);
+  }
+  if constexpr (std::is_same_v<X, float>) {
+    if (K % 16 == 0) {
+      float tile[16];
+      // fp32: fetch the next block's rows (K / 2 lines) a few per step of this block's tiles, so the weights
+      // stream while the tiles compute (16 rows, SmolLM2's 121 products: 48.8 -> 34.8 ms); bf16 and int8
+      // fetch ahead above
+      const int64_t steps = B / 4 * 2 * (K / 16);
+      Ahead ahead{near_p, near_p ? near_p + block_bytes : nullptr,
+                  sizeof(W) == 4 && steps ? (K / 2 + steps - 1) / steps : 0};
+      for (; b + 4 <= B; b += 4) {
+        const float* xs[4] = {x + b * K, x + (b + 1) * K, x + (b + 2) * K, x + (b + 3) * K};
+        for (int half = 0; half < 8; half += 4) {
+          dots_tile<W, 4, 4>(rows + half, xs, K, tile, ahead);
+          for (int i = 0; i < 4; ++i)
+            for (int c = 0; c < 4; ++c)
+              finish<W>(tile[i * 4 + c], o + half + i, scale, bias, y + (b + c) * N + o + half + i);
+        }
+      }
+    }
+  }
+#elif defined(LLAMAHERD_AVX2)
+  // One row of bf16 / int8 weights: fetch the block after next a line or two per k step rather than all at once
+  // (one row of SmolLM2's 121 products on a Zen 3, alternating builds: int8 11.4-15.1 -> 6.6-8.5 ms, bf16
+  // 14.4-18.0 -> 11.8-15.6; a standalone loop over 115 MB of int8 rows: 12 GB/s without, 17 all at once, 29
+  // spread). fp32 rows stream at the read bandwidth without it.
+  Ahead ahead{far_p, far_p ? far_p + block_bytes : nullptr, static_cast<int64_t>(sizeof(W))};  // a step (8 k of
+  if (sizeof(W) < 4) ahead_p = &ahead;  // 8 rows) reads sizeof(W) lines; the inputs past the tiles' (B % 4; all
+  if constexpr (std::is_same_v<X, float>) {  // of them when K % 8 != 0)
+    if (K % 8 == 0) {  // as above with tiles of 2 rows x 4 inputs (8 sums + 4 inputs + 1 weight registers;
+      // 16-27% more multiply-adds a second than 4 x 2 in a single-thread loop over weights in L2, Zen 3)
+      // any weight dtype: the next block's lines spread over all this block's tile steps
+      float tile[8];
+      const int64_t steps = B / 4 * 4 * (K / 8), lines = block_bytes / 64;
+      Ahead next{near_p, near_p ? near_p + block_bytes : nullptr, steps ? (lines + steps - 1) / steps : 0};
+      for (; b + 4 <= B; b += 4) {
+        const float* xs[4] = {x + b * K, x + (b + 1) * K, x + (b + 2) * K, x + (b + 3) * K};
+        for (int pair = 0; pair < 8; pair += 2) {
+          dots_tile<W, 2, 4>(rows + pair, xs, K, tile, next);
+          for (int i = 0; i < 2; ++i)
+            for (int c = 0; c < 4; ++c)
+              finish<W>(tile[i * 4 + c], o + pair + i, scale, bias, y + (b + c) * N + o + pair + i);
+        }
+      }
+    }
+  }
+#endif
+  for (; b < B; ++b) {
+    dots<W, X, 8>(rows, x + b * K, K, sums, ahead_p);
+    for (int i = 0; i < 8; ++i) finish<W>(sums[i], o + i, scale, bias, y + b * N + o + i);
+  }
+}
+
+// y (B, N) = x (B, K) @ w (N, K).T, times scale per row (int8), plus bias: blocks of 8 output rows shared out
+// over torch's intra-op threads (BlockQueue); each weight row is used for all B inputs while it sits in L1. x (B
+// rows of a few KiB) stays in L1/L2.
 template <typename W, typename X>
 void rows_times(const X* x, const W* w, const float* scale, const float* bias, float* y,
                 int64_t B, int64_t N, int64_t K) {
-  // Blocks of output rows per thread, four rows at a time; each weight row is used for all B inputs while it
-  // sits in L1. x (B rows of a few KiB) stays in L1/L2.
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    int64_t o = begin;
-    float sums[8];
-    for (; o + 8 <= end; o += 8) {
-      const W* rows[8];
-      for (int i = 0; i < 8; ++i) rows[i] = w + (o + i) * K;
-#if defined(__AVX512F__)
-      // bf16 / int8: fetch the block after next, so its weights are in cache when their turn comes (int8 went
-      // from 9.0 to 11.3 GB/s, bf16 13.1 to 13.9; fp32 streams at the read bandwidth without it, 23% slower with)
-      if constexpr (sizeof(W) < 4) {
-        if (o + 24 <= end) {
-          const char* ahead = reinterpret_cast<const char*>(w + (o + 16) * K);
-          for (int64_t off = 0; off < 8 * K * static_cast<int64_t>(sizeof(W)); off += 64)
-            _mm_prefetch(ahead + off, _MM_HINT_T0);
-        }
-      }
-#endif
-      int64_t b = 0;
-      Ahead* ahead_p = nullptr;
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<X, float>) {
-        if (K % 16 == 0) {
-          float tile[16];
-          // fp32: fetch the next block's rows (K / 2 lines) a few per step of this block's tiles, so the weights
-          // stream while the tiles compute (16 rows, SmolLM2's 121 products: 48.8 -> 34.8 ms); bf16 and int8
-          // fetch ahead above
-          const int64_t steps = B / 4 * 2 * (K / 16);
-          Ahead ahead{reinterpret_cast<const char*>(w + (o + 8) * K),
-                      reinterpret_cast<const char*>(w + std::min(o + 16, end) * K),
-                      sizeof(W) == 4 && steps ? (K / 2 + steps - 1) / steps : 0};
-          for (; b + 4 <= B; b += 4) {
-            const float* xs[4] = {x + b * K, x + (b + 1) * K, x + (b + 2) * K, x + (b + 3) * K};
-            for (int half = 0; half < 8; half += 4) {
-              dots_tile<W, 4, 4>(rows + half, xs, K, tile, ahead);
-              for (int i = 0; i < 4; ++i)
-                for (int c = 0; c < 4; ++c)
-                  finish<W>(tile[i * 4 + c], o + half + i, scale, bias, y + (b + c) * N + o + half + i);
-            }
-          }
-        }
-      }
-#elif defined(LLAMAHERD_AVX2)
-      // One row of bf16 / int8 weights: fetch the block after next a line or two per k step rather than all at once
-      // (one row of SmolLM2's 121 products on a Zen 3, alternating builds: int8 11.4-15.1 -> 6.6-8.5 ms, bf16
-      // 14.4-18.0 -> 11.8-15.6; a standalone loop over 115 MB of int8 rows: 12 GB/s without, 17 all at once, 29
-      // spread). fp32 rows stream at the read bandwidth without it.
-      Ahead ahead{reinterpret_cast<const char*>(w + std::min(o + 16, end) * K),
-                  reinterpret_cast<const char*>(w + std::min(o + 24, end) * K),
-                  static_cast<int64_t>(sizeof(W))};  // a step (8 k of 8 rows) reads sizeof(W) lines
-      if (sizeof(W) < 4) ahead_p = &ahead;  // the inputs past the tiles' (B % 4; all of them when K % 8 != 0)
-      if constexpr (std::is_same_v<X, float>) {
-        if (K % 8 == 0) {  // as above with tiles of 2 rows x 4 inputs (8 sums + 4 inputs + 1 weight registers;
-          // 16-27% more multiply-adds a second than 4 x 2 in a single-thread loop over weights in L2, Zen 3)
-          // any weight dtype: the next block's lines spread over all this block's tile steps
-          float tile[8];
-          const int64_t steps = B / 4 * 4 * (K / 8), lines = 8 * K * static_cast<int64_t>(sizeof(W)) / 64;
-          Ahead next{reinterpret_cast<const char*>(w + (o + 8) * K),
-                     reinterpret_cast<const char*>(w + std::min(o + 16, end) * K),
-                     steps ? (lines + steps - 1) / steps : 0};
-          for (; b + 4 <= B; b += 4) {
-            const float* xs[4] = {x + b * K, x + (b + 1) * K, x + (b + 2) * K, x + (b + 3) * K};
-            for (int pair = 0; pair < 8; pair += 2) {
-              dots_tile<W, 2, 4>(rows + pair, xs, K, tile, next);
-              for (int i = 0; i < 2; ++i)
-                for (int c = 0; c < 4; ++c)
-                  finish<W>(tile[i * 4 + c], o + pair + i, scale, bias, y + (b + c) * N + o + pair + i);
-            }
-          }
-        }
-      }
-#endif
-      for (; b < B; ++b) {
-        dots<W, X, 8>(rows, x + b * K, K, sums, ahead_p);
-        for (int i = 0; i < 8; ++i) finish<W>(sums[i], o + i, scale, bias, y + b * N + o + i);
-      }
-    }
-    for (; o < end; ++o) {  // the last rows of a block that is not a multiple of four
-      const W* rows[1] = {w + o * K};
-      for (int64_t b = 0; b < B; ++b) {
-        dots<W, X, 1>(rows, x + b * K, K, sums);
-        finish<W>(sums[0], o, scale, bias, y + b * N + o);
+  const int64_t full = N / 8;  // whole blocks; the last N % 8 rows go one at a time, after them
+  const int64_t team = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 63) / 64));
+  const int64_t run = (full - full / BlockQueue::kShared) / team;
+  BlockQueue::Shared shared{full, run, {run * team}};
+  at::parallel_for(0, team, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {  // one thread each, unless this runs within another parallel region
+      BlockQueue queue(shared, t);
+      int64_t block = queue.take(), near = queue.take(), far = queue.take();
+      while (block >= 0) {
+        rows_block(x, w, scale, bias, y, B, N, K, block * 8, near, far);
+        block = near, near = far, far = queue.take();
       }
     }
   });
+  float sums[1];
+  for (int64_t o = full * 8; o < N; ++o) {  // the last rows when N is not a multiple of 8
+    const W* rows[1] = {w + o * K};
+    for (int64_t b = 0; b < B; ++b) {
+      dots<W, X, 1>(rows, x + b * K, K, sums);
+      finish<W>(sums[0], o, scale, bias, y + b * N + o);
+    }
+  }
 }
 
 #if defined(LLAMAHERD_AMX)
