@@ -667,6 +667,24 @@ def test_prompt_linear_is_the_float64_product(dtype, rows, n, k, bias):
         assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-5).all()
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_linear_gives_a_row_the_same_bits_in_any_tile(dtype):
+    """A chunk's last rows go through a shorter register tile (1-5 rows): every row must come out bit for bit as
+    it does inside a full tile, whatever the chunk's length (a prompt's keys may not depend on its chunking)."""
+    ops = kernels.native_ops()
+    if ops is None:
+        pytest.skip("no native kernels")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(13, 96, generator=g).to(dtype)
+    w = (torch.randn(70, 96, generator=g) / 10).to(dtype)
+    with torch.inference_mode():
+        whole = ops.prompt_linear(x, w, None)
+        for m in range(1, 13):
+            assert torch.equal(ops.prompt_linear(x[:m], w, None), whole[:m]), m
+            assert torch.equal(ops.prompt_linear(x[m - 1:], w, None), whole[m - 1:]), m
+
+
 def test_prompt_linear_serves_only_the_engines_prompts_on_avx2(monkeypatch):
     x, w = torch.randn(1, 20, 8), torch.randn(4, 8)
     with torch.inference_mode():
