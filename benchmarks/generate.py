@@ -60,14 +60,20 @@ def read_bandwidth() -> float:
 
 
 def matmul_flops(dtype: torch.dtype) -> float:
-    a = torch.randn(2048, 2048).to(dtype)
-    b = torch.randn(2048, 2048).to(dtype)
-    return 2 * 2048**3 / best_time(lambda: a @ b, 5)
+    """FLOP/s of a 1024 x 1024 product (ATen's bf16 GEMM without bf16 hardware ran at <1 GFLOP/s here: small)."""
+    a = torch.randn(1024, 1024).to(dtype)
+    b = torch.randn(1024, 1024).to(dtype)
+    return 2 * 1024**3 / best_time(lambda: a @ b, 3)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every stored tensor once (a tied embedding counts once)."""
-    return sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())
+    """Bytes of weights one decode step reads: every stored tensor once (a tied embedding counts once, as the
+    head), less the embedding table when a head of its own reads the logits (int8's copy, an untied head): a
+    step looks up one row of it."""
+    tensors = {t.data_ptr(): t.nbytes for t in model.state_dict().values()}
+    if model._modules.get("lm_head") is not None:
+        tensors.pop(model.model.embed_tokens.weight.data_ptr(), None)
+    return sum(tensors.values())
 
 
 def seconds(fn: Callable[[], object]) -> Timer:
