@@ -58,11 +58,13 @@ def test_matvec_equals_a_float64_product(rows, weight_dtype):
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_matvec_rows_are_the_same_whichever_thread_computes_them(weight_dtype):
     """The products share their row blocks out over the threads (runs, then blocks on demand), so which thread
-    computes a row changes from call to call: every row must come out once, the same for any thread count, and
-    equal the float64 product. 1,003 rows: runs, shared blocks and 3 rows past the last whole block."""
+    computes a row changes from call to call: every row must come out, the same for any thread count, and equal
+    the float64 product. 1,003 rows: runs, shared blocks and 3 rows past the last whole block; 5 inputs: the
+    register tiles (4) and one alone. The weight shifted by 1-7 rows moves rows between the 8-row blocks and the
+    rows past them: still the same bits."""
     torch.manual_seed(2)
     n, k = 1003, 64
-    x = torch.randn(3, 1, k)
+    x = torch.randn(5, 1, k)
     w, scale, dense = weight_of(weight_dtype, n, k)
     threads = torch.get_num_threads()
     got = {}
@@ -76,6 +78,10 @@ def test_matvec_rows_are_the_same_whichever_thread_computes_them(weight_dtype):
     first = got[1][0]
     assert all(torch.equal(first, y) for ys in got.values() for y in ys)
     assert (first.double() - x.double() @ dense.T).abs().max() <= 1e-4
+    with torch.no_grad():
+        for i in range(1, 8):
+            shifted = kernels.decode_linear(x, w[i:], None, None if scale is None else scale[i:])
+            assert torch.equal(shifted, first[..., i:]), i
 
 
 @needs_compiler

@@ -162,7 +162,7 @@ struct Ahead {};
 // elsewhere what gcc makes of the portable loop. x is float32, or bf16 bits when both are bf16. With AVX2, `ahead`
 // (optional) spreads the prefetch of a later block over the k steps.
 template <typename W, typename X, int R>
-inline void dots(const W* const* rows, const X* x, int64_t K, float* out, Ahead* ahead = nullptr) {
+inline void dots(const W* const* rows, const X* x, int64_t K, float* out, [[maybe_unused]] Ahead* ahead = nullptr) {
   int64_t k = 0;
   for (int i = 0; i < R; ++i) out[i] = 0.f;
 #if defined(__AVX512BF16__)
@@ -257,21 +257,22 @@ inline void dots_tile(const W* const* rows, const float* const* xs, int64_t K, f
 }
 #endif
 
-// Which 8-row blocks of a product each thread computes: the first 7/8 of the blocks in equal runs, one run per
-// thread (one sequential stream each), then the rest one block at a time to whichever thread asks first. With
+// Which 8-row blocks of a product each thread computes: about the first 7/8 of the blocks in equal runs, one run
+// per thread (one sequential stream each), then the rest one block at a time to whichever thread asks first. With
 // runs alone, one thread finished each product ~10% before the other and waited (SmolLM2 decode on a 2-core
 // Zen 3 VM: bf16 9.4 us of an 87 us product on average, int8 4.0 of 43; with the shared rest 1.2 and 1.1): the
 // VM's memory and the other processes do not serve both cores alike. Decode steps, alternating builds in one
 // process: int8 8.92 -> 8.27 ms, fp32 21.10 -> 20.79, bf16 the same (12.24 / 12.33). A thread takes its blocks
-// two ahead of the one it computes, so that it can prefetch them. Which thread computes a row does not change
-// its sum (each row's dot product is its own).
+// two ahead of the one it computes, so that it can prefetch them (so up to three shared blocks wait on one
+// thread: SmolLM2's 576-row products share 9). Which thread computes a row does not change its sum: each row's
+// dot product is its own, and whether it is in a block or past the last one depends on N alone.
 class BlockQueue {
  public:
   struct Shared {
     int64_t blocks, run;  // all blocks, and each thread's run
     std::atomic<int64_t> next;  // the next block of the shared rest
   };
-  static constexpr int64_t kShared = 8;  // 1/8 of the blocks are handed out on demand
+  static constexpr int64_t kSharedDivisor = 8;  // 1/8 of the blocks (and what the runs leave) are shared
 
   BlockQueue(Shared& shared, int64_t thread) : s_(shared), own_(thread * shared.run), end_(own_ + shared.run) {}
   // The next block for this thread, or -1 when there are none left.
@@ -286,16 +287,19 @@ class BlockQueue {
   int64_t own_, end_;
 };
 
-// Rows [o, o + 8) of y = x @ w.T (see rows_times); near and far: the blocks this thread computes next and after
-// that (-1: none), whose weights it fetches while this block computes.
+// Block `block` (rows 8 * block to 8 * block + 7) of y = x @ w.T (see rows_times); next_block, then_block: the
+// blocks this thread computes after it (-1: none), whose weights it fetches while this block computes.
 template <typename W, typename X>
 void rows_block(const X* x, const W* w, const float* scale, const float* bias, float* y, int64_t B, int64_t N,
-                int64_t K, int64_t o, int64_t near, int64_t far) {
+                int64_t K, int64_t block, int64_t next_block, int64_t then_block) {
+  const int64_t o = block * 8;
   float sums[8];
   const W* rows[8];
   for (int i = 0; i < 8; ++i) rows[i] = w + (o + i) * K;
-  [[maybe_unused]] const char* near_p = near < 0 ? nullptr : reinterpret_cast<const char*>(w + near * 8 * K);
-  [[maybe_unused]] const char* far_p = far < 0 ? nullptr : reinterpret_cast<const char*>(w + far * 8 * K);
+  [[maybe_unused]] const char* near_p =
+      next_block < 0 ? nullptr : reinterpret_cast<const char*>(w + next_block * 8 * K);
+  [[maybe_unused]] const char* far_p =
+      then_block < 0 ? nullptr : reinterpret_cast<const char*>(w + then_block * 8 * K);
   [[maybe_unused]] const int64_t block_bytes = 8 * K * static_cast<int64_t>(sizeof(W));
   int64_t b = 0;
   Ahead* ahead_p = nullptr;
@@ -331,9 +335,11 @@ void rows_block(const X* x, const W* w, const float* scale, const float* bias, f
   // (one row of SmolLM2's 121 products on a Zen 3, alternating builds: int8 11.4-15.1 -> 6.6-8.5 ms, bf16
   // 14.4-18.0 -> 11.8-15.6; a standalone loop over 115 MB of int8 rows: 12 GB/s without, 17 all at once, 29
   // spread). fp32 rows stream at the read bandwidth without it.
-  Ahead ahead{far_p, far_p ? far_p + block_bytes : nullptr, static_cast<int64_t>(sizeof(W))};  // a step (8 k of
-  if (sizeof(W) < 4) ahead_p = &ahead;  // 8 rows) reads sizeof(W) lines; the inputs past the tiles' (B % 4; all
-  if constexpr (std::is_same_v<X, float>) {  // of them when K % 8 != 0)
+  // A step (8 k of 8 rows) reads sizeof(W) lines. For the inputs past the tiles' (B % 4; all of them when
+  // K % 8 != 0):
+  Ahead ahead{far_p, far_p ? far_p + block_bytes : nullptr, static_cast<int64_t>(sizeof(W))};
+  if (sizeof(W) < 4) ahead_p = &ahead;
+  if constexpr (std::is_same_v<X, float>) {
     if (K % 8 == 0) {  // as above with tiles of 2 rows x 4 inputs (8 sums + 4 inputs + 1 weight registers;
       // 16-27% more multiply-adds a second than 4 x 2 in a single-thread loop over weights in L2, Zen 3)
       // any weight dtype: the next block's lines spread over all this block's tile steps
@@ -366,15 +372,15 @@ void rows_times(const X* x, const W* w, const float* scale, const float* bias, f
                 int64_t B, int64_t N, int64_t K) {
   const int64_t full = N / 8;  // whole blocks; the last N % 8 rows go one at a time, after them
   const int64_t team = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 63) / 64));
-  const int64_t run = (full - full / BlockQueue::kShared) / team;
+  const int64_t run = (full - full / BlockQueue::kSharedDivisor) / team;
   BlockQueue::Shared shared{full, run, {run * team}};
   at::parallel_for(0, team, 1, [&](int64_t first, int64_t last) {
     for (int64_t t = first; t < last; ++t) {  // one thread each, unless this runs within another parallel region
       BlockQueue queue(shared, t);
-      int64_t block = queue.take(), near = queue.take(), far = queue.take();
+      int64_t block = queue.take(), next_block = queue.take(), then_block = queue.take();
       while (block >= 0) {
-        rows_block(x, w, scale, bias, y, B, N, K, block * 8, near, far);
-        block = near, near = far, far = queue.take();
+        rows_block(x, w, scale, bias, y, B, N, K, block, next_block, then_block);
+        block = next_block, next_block = then_block, then_block = queue.take();
       }
     }
   });
@@ -1232,15 +1238,17 @@ inline void tile_product(const float* a, int64_t lda, const float* b, int64_t ld
   }
 }
 
-// tile_product of the last `rows` (< kTileRows) rows of a product.
+// tile_product of the last `rows` (1 to kTileRows - 1) rows of a product.
 inline void short_tile_product(int rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n,
                                float* c, int64_t ldc) {
+  static_assert(kTileRows == 6, "short_tile_product covers 1 to 5 rows");
   switch (rows) {
     case 1: return tile_product<1>(a, lda, b, ldb, n, c, ldc);
     case 2: return tile_product<2>(a, lda, b, ldb, n, c, ldc);
     case 3: return tile_product<3>(a, lda, b, ldb, n, c, ldc);
     case 4: return tile_product<4>(a, lda, b, ldb, n, c, ldc);
-    default: return tile_product<5>(a, lda, b, ldb, n, c, ldc);
+    case 5: return tile_product<5>(a, lda, b, ldb, n, c, ldc);
+    default: TORCH_CHECK(false, "short_tile_product: ", rows, " rows");
   }
 }
 
@@ -1369,10 +1377,11 @@ void panel_product(const float* x, const W* w, const float* bias, float* y, int6
       const int64_t n0 = p * kTileCols, nn = std::min<int64_t>(kTileCols, N - n0);
       pack_panel(w + n0 * K, nn, K, panel.data());
 #if defined(__AVX512F__) || defined(LLAMAHERD_AVX2)
-      // bf16: the next panel's weights on their way to L2 while this one computes (a short prompt chunk computes
-      // too little per panel to hide the packing's loads from memory otherwise). With the short last tile below,
-      // SmolLM2's 120 layer products, alternating builds (Zen 3): 1 row 21.4 -> 16.7 ms, 15 rows 43.6 -> 39.9,
-      // 512 rows 747 -> 689; fp32 weights the same or slower with it (1.00-1.03x), 1 row 30.0 -> 26.5 without.
+      // bf16 only: the next panel's weights on their way to L2 while this one computes (a short prompt chunk
+      // computes too little per panel to hide the packing's loads from memory otherwise). With the short last
+      // tile below, SmolLM2's 120 layer products, alternating builds (Zen 3): 1 row 21.4 -> 16.7 ms, 15 rows
+      // 43.6 -> 39.9, 512 rows 747 -> 689. For fp32 weights the prefetch gained nothing (1.00-1.03x slower);
+      // the short tile alone took their 1 row from 30.0 to 26.5 ms.
       if (sizeof(W) < 4 && p + 1 < end) {
         const char* next = reinterpret_cast<const char*>(w + (n0 + kTileCols) * K);
         const int64_t bytes = std::min<int64_t>(kTileCols, N - n0 - kTileCols) * K * sizeof(W);
