@@ -17,9 +17,15 @@ NO_STOP = frozenset()
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def gqa(tmp_path_factory):
+    """A tiny random GQA LLaMA: its directory and the transformers model saved there."""
     path = tmp_path_factory.mktemp("llama-gqa")
-    hf = save_hf_model("llama-gqa", path)
+    return path, save_hf_model("llama-gqa", path)
+
+
+@pytest.fixture(scope="module")
+def models(gqa):
+    path, hf = gqa
     return hf, load_gpt(path)
 
 
@@ -174,16 +180,17 @@ def test_chunked_prefill_keeps_streams_running_and_gives_the_same_tokens(models)
     assert torch.allclose(lp4, lp512, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_prompts_keys_and_first_logits_do_not_depend_on_how_it_was_chunked(models, dtype):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_a_prompts_keys_and_first_logits_do_not_depend_on_how_it_was_chunked(models, gqa, precision):
     """Bit for bit, every way the engine may split a prompt: one pass, chunks of 1 to 20 positions, a prefix
     reused from another row, batched with another prompt (padding). Before one sum order per row (the prompt
     kernels for every chunk, one-position chunks included; a fixed-order RMSNorm sum) a resumed `herd synth` run
-    sampled other tokens than an uninterrupted one."""
+    sampled other tokens than an uninterrupted one; int8 weights too, until the prompt tiles read them."""
     if kernels.tile_lanes() != 8:
         pytest.skip("the prompt kernels serve AVX2 builds only (kernels.prompt_pass)")
     hf, ours = models
-    model = ours if dtype == torch.float32 else copy.deepcopy(ours).to(dtype)
+    model = {"fp32": lambda: ours, "bf16": lambda: copy.deepcopy(ours).to(torch.bfloat16),
+             "int8": lambda: load_gpt(gqa[0], quantize="int8")}[precision]()
     prompt = [(7 * i + 3) % 90 + 5 for i in range(45)]
     wanted = SamplingParams(max_new_tokens=1, stop_ids=NO_STOP, logprobs=5)
 

@@ -649,32 +649,39 @@ def test_engine_prompt_chunks_through_the_native_attention_give_transformers_log
 
 
 @needs_compiler
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("rows,n,k,bias", [(17, 960, 576, False), (40, 7, 13, True), (6, 33, 64, True)])
 def test_prompt_linear_is_the_float64_product(dtype, rows, n, k, bias):
     """The prompt chunks' register-tile product against float64: rows that are not a multiple of the tile's 6,
-    outputs that are not a multiple of a panel, an odd K, a bias. fp32 within 1e-5 relative to the row's scale;
-    bf16 weights and activations within the result's bf16 rounding (2^-8 relative). Served on AVX2 CPUs only;
-    the op itself runs on any."""
+    outputs that are not a multiple of a panel, an odd K, a bias. fp32 (and int8 weights with their scales, fp32
+    activations) within 1e-5 relative to the row's scale; bf16 weights and activations within the result's bf16
+    rounding (2^-8 relative). Served on AVX2 CPUs only; the op itself runs on any."""
     ops = kernels.native_ops()
     if ops is None:
         pytest.skip("no native kernels")
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(2, rows, k, generator=g).to(dtype)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    act = torch.float32 if dtype == torch.int8 else dtype
+    x = torch.randn(2, rows, k, generator=g).to(act)
+    scale = None
+    if dtype == torch.int8:
+        w, scale = int8_rows(n, k)
+        dense = w.double() * scale.double()[:, None]
+    else:
+        w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+        dense = w.double()
+    b = torch.randn(n, generator=g).to(act) if bias else None
     with torch.inference_mode():
-        got = ops.prompt_linear(x, w, b)
-    want = F.linear(x.double(), w.double(), None if b is None else b.double())
-    assert got.dtype == dtype and got.shape == (2, rows, n)
-    if dtype == torch.float32:
+        got = ops.prompt_linear(x, w, b, scale)
+    want = F.linear(x.double(), dense, None if b is None else b.double())
+    assert got.dtype == act and got.shape == (2, rows, n)
+    if act == torch.float32:
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
     else:
         assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-5).all()
 
 
 @needs_compiler
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_prompt_linear_gives_a_row_the_same_bits_in_any_tile(dtype):
     """A chunk's last rows go through a shorter register tile (1-5 rows): every row must come out bit for bit as
     it does inside a full tile, whatever the chunk's length (a prompt's keys may not depend on its chunking)."""
@@ -682,13 +689,13 @@ def test_prompt_linear_gives_a_row_the_same_bits_in_any_tile(dtype):
     if ops is None:
         pytest.skip("no native kernels")
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(13, 96, generator=g).to(dtype)
-    w = (torch.randn(70, 96, generator=g) / 10).to(dtype)
+    x = torch.randn(13, 96, generator=g).to(torch.float32 if dtype == torch.int8 else dtype)
+    w, scale = int8_rows(70, 96) if dtype == torch.int8 else ((torch.randn(70, 96, generator=g) / 10).to(dtype), None)
     with torch.inference_mode():
-        whole = ops.prompt_linear(x, w, None)
+        whole = ops.prompt_linear(x, w, None, scale)
         for m in range(1, 13):
-            assert torch.equal(ops.prompt_linear(x[:m], w, None), whole[:m]), m
-            assert torch.equal(ops.prompt_linear(x[m - 1:], w, None), whole[m - 1:]), m
+            assert torch.equal(ops.prompt_linear(x[:m], w, None, scale), whole[:m]), m
+            assert torch.equal(ops.prompt_linear(x[m - 1:], w, None, scale), whole[m - 1:]), m
 
 
 def test_prompt_linear_serves_only_the_engines_prompts_on_avx2(monkeypatch):
@@ -698,7 +705,12 @@ def test_prompt_linear_serves_only_the_engines_prompts_on_avx2(monkeypatch):
         with kernels.generating():
             assert (kernels.prompt_linear(x, w) is None) == (kernels.tile_lanes() != 8)
             assert kernels.prompt_linear(x, w.half()) is None
-            assert kernels.prompt_linear(x, torch.zeros(4, 8, dtype=torch.int8)) is None
+            assert kernels.prompt_linear(x, torch.zeros(4, 8, dtype=torch.int8)) is None  # int8 without scales
+            assert kernels.prompt_linear(x, w, None, torch.ones(4)) is None  # scales without int8
+            int8 = kernels.prompt_linear(x, torch.ones(4, 8, dtype=torch.int8), None, torch.full((4,), 0.5))
+            assert (int8 is None) == (kernels.tile_lanes() != 8)
+            if int8 is not None:
+                assert torch.allclose(int8, x.sum(-1, keepdim=True).expand(1, 20, 4) * 0.5, atol=1e-5)
             monkeypatch.setattr(kernels, "half_matrix_units", lambda dtype: True)  # oneDNN's AMX GEMM wins there
             assert kernels.prompt_linear(x.bfloat16(), w.bfloat16()) is None
     with kernels.generating():

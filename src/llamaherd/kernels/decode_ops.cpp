@@ -1362,14 +1362,16 @@ void pack_panel(const W* w, int64_t nn, int64_t K, float* panel) {
 }
 
 
-// y (M, N) = x (M, K) @ w (N, K).T (+ bias) for prompt chunks (issue 12): the weight in panels of kTileCols rows,
+// y (M, N) = x (M, K) @ w (N, K).T (times scale per output for int8, + bias) for prompt chunks (issue 12): the
+// weight in panels of kTileCols rows,
 // each widened to float32 and laid out k-major once (K x kTileCols, in L2), then every 6 rows of x times the panel
-// in tile_product's register tiles; the threads take panels. bf16 weights are widened while packing, so a bf16
-// model's prompts need no float32 copy of each weight (ATen's route without bf16 matrix units: convert, then MKL's
-// sgemm). SmolLM2's four products at 510 rows on an AVX2 EPYC, medians: 143-155 GFLOP/s against MKL's 124-137
+// in tile_product's register tiles; the threads take panels. bf16 and int8 weights are widened while packing, so
+// their prompts need no float32 copy of each weight (ATen's route without bf16 matrix units: convert, then MKL's
+// sgemm; int8's: dequantize, then the same). SmolLM2's four products at 510 rows on an AVX2 EPYC, medians: 143-155 GFLOP/s against MKL's 124-137
 // (fp32), 135-148 against 118-131 (bf16 weights, with the conversion).
 template <typename W>
-void panel_product(const float* x, const W* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+void panel_product(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M,
+                   int64_t N, int64_t K) {
   const int64_t panels = (N + kTileCols - 1) / kTileCols;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel(K * kTileCols), tile(kTileRows * kTileCols);
@@ -1396,30 +1398,46 @@ void panel_product(const float* x, const W* w, const float* bias, float* y, int6
           short_tile_product(static_cast<int>(mm), x + m0 * K, K, panel.data(), kTileCols, K, tile.data(), kTileCols);
         for (int64_t i = 0; i < mm; ++i)
           for (int64_t j = 0; j < nn; ++j)
-            y[(m0 + i) * N + n0 + j] = tile[i * kTileCols + j] + (bias ? bias[n0 + j] : 0.f);
+            y[(m0 + i) * N + n0 + j] =
+                tile[i * kTileCols + j] * (scale ? scale[n0 + j] : 1.f) + (bias ? bias[n0 + j] : 0.f);
       }
     }
   });
 }
 
-// x (..., K) float32 or bf16, weight (N, K) float32 or bf16 (contiguous), bias (N,) -> (..., N) in x's dtype
-// (panel_product, accumulated in float32; a bf16 result rounded once at the end, as F.linear's on widened inputs).
-at::Tensor prompt_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+// x (..., K) float32 or bf16, weight (N, K) float32, bf16 or int8 (contiguous), bias (N,), scale (N,) for int8
+// -> (..., N) in x's dtype (panel_product, accumulated in float32; a bf16 result rounded once at the end, as
+// F.linear's on widened inputs).
+at::Tensor prompt_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1) && weight.is_contiguous(),
               "prompt_linear: x (..., K) and a contiguous weight (N, K), got ", x.sizes(), " and ", weight.sizes());
   const int64_t K = weight.size(1), N = weight.size(0);
   const at::Tensor rows = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  at::Tensor b;
+  at::Tensor b, sc;
   const float* bp = bias.has_value() ? floats(*bias, b) : nullptr;
+  const float* sp = scale.has_value() ? floats(*scale, sc) : nullptr;
   TORCH_CHECK(!bp || b.numel() == N, "prompt_linear: bias needs one value per output row");
+  TORCH_CHECK(!sp || sc.numel() == N, "prompt_linear: scale needs one value per output row");
+  TORCH_CHECK((weight.scalar_type() == at::kChar) == (sp != nullptr),
+              "prompt_linear: an int8 weight needs its scale, and only an int8 weight takes one");
   at::Tensor y = at::empty({rows.size(0), N}, rows.options());
-  if (weight.scalar_type() == at::kFloat)
-    panel_product(rows.data_ptr<float>(), weight.data_ptr<float>(), bp, y.data_ptr<float>(), rows.size(0), N, K);
-  else if (weight.scalar_type() == at::kBFloat16)
-    panel_product(rows.data_ptr<float>(), reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), bp,
-                  y.data_ptr<float>(), rows.size(0), N, K);
-  else
-    TORCH_CHECK(false, "prompt_linear: float32 or bf16 weights, got ", weight.scalar_type());
+  const float* xp = rows.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t M = rows.size(0);
+  switch (weight.scalar_type()) {
+    case at::kFloat:
+      panel_product(xp, weight.data_ptr<float>(), sp, bp, yp, M, N, K);
+      break;
+    case at::kBFloat16:
+      panel_product(xp, reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), sp, bp, yp, M, N, K);
+      break;
+    case at::kChar:
+      panel_product(xp, weight.data_ptr<int8_t>(), sp, bp, yp, M, N, K);
+      break;
+    default:
+      TORCH_CHECK(false, "prompt_linear: float32, bf16 or int8 weights, got ", weight.scalar_type());
+  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return y.view(shape).to(x.scalar_type());
@@ -1605,7 +1623,7 @@ TORCH_LIBRARY(llamaherd, m) {
         "Tensor norm2, Tensor gu_w, Tensor? gu_s, Tensor down_w, Tensor? down_s, float eps, int n_head, int n_kv, "
         "Tensor cos, Tensor sin, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor");
   m.def("prompt_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor");
-  m.def("prompt_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("prompt_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? scale=None) -> Tensor");
   m.def("tile_lanes() -> int", &tile_lanes);
 }
 TORCH_LIBRARY_IMPL(llamaherd, CPU, m) {
