@@ -698,6 +698,25 @@ def test_prompt_linear_gives_a_row_the_same_bits_in_any_tile(dtype):
             assert torch.equal(ops.prompt_linear(x[m - 1:], w, None, scale), whole[m - 1:]), m
 
 
+@needs_compiler
+def test_int8_layers_decode_with_the_decode_product_and_prefill_with_the_tiles():
+    """An int8 layer within the engine: a decode row (an int8 head, a layer outside the fused block) takes the
+    decode product, which streams the int8 rows; a prompt chunk, even of one position, the prompt tiles (one sum
+    order for every chunking). The two sum in different orders, so the bits tell which ran."""
+    from llamaherd.quantize import int8_linear
+
+    ops = kernels.native_ops()
+    w, scale = int8_rows(64, 96)
+    x = torch.randn(1, 1, 96)
+    with torch.inference_mode(), kernels.generating():
+        by_rows, by_tiles = ops.matvec(x, w, scale, None), ops.prompt_linear(x, w, None, scale)
+        assert not torch.equal(by_rows, by_tiles)
+        assert torch.equal(int8_linear(x, w, scale, None), by_rows)
+        with kernels.prefilling():
+            want = by_tiles if kernels.tile_lanes() == 8 else by_rows
+            assert torch.equal(int8_linear(x, w, scale, None), want)
+
+
 def test_prompt_linear_serves_only_the_engines_prompts_on_avx2(monkeypatch):
     x, w = torch.randn(1, 20, 8), torch.randn(4, 8)
     with torch.inference_mode():

@@ -66,9 +66,9 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor,
     CPUs, `llamaherd.kernels.prompt_linear`), both reading the int8 bytes directly; anything else (scoring,
     training, prompts elsewhere) runs the float product on a dequantized copy made per call (`_Int8MatMul`).
     """
-    if (y := prompt_linear(x, weight_int8, bias, scale)) is not None:
-        return y
     if (y := decode_linear(x, weight_int8, bias, scale)) is not None:
+        return y
+    if (y := prompt_linear(x, weight_int8, bias, scale)) is not None:
         return y
     y = _Int8MatMul.apply(x, weight_int8, scale)
     return y if bias is None else y + bias.to(x.dtype)
