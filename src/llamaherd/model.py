@@ -51,11 +51,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     are exact in fp32 and both accumulate in fp32, so results agree with the native kernel up to summation
     order. A single row (decode) keeps the native matrix-vector kernel, which reads half the bytes.
     Without autograd, a few rows (decode steps) take llamaherd's matrix-vector kernel, and within the engine
-    longer prompt chunks its register tiles on AVX2 CPUs (llamaherd.kernels.decode_linear, prompt_linear).
+    longer prompt chunks its register tiles on AVX2 CPUs (llamaherd.kernels.native_linear).
     """
-    if (y := kernels.decode_linear(x, weight, bias)) is not None:
-        return y
-    if (y := kernels.prompt_linear(x, weight, bias)) is not None:  # longer prompt chunks (AVX2 CPUs)
+    if (y := kernels.native_linear(x, weight, bias)) is not None:
         return y
     if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
             and x.numel() > x.shape[-1] and not kernels.half_matrix_units(weight.dtype)):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamaherd.kernels import decode_linear, prompt_linear
+from llamaherd.kernels import native_linear
 
 
 def dequantize(weight_int8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -63,12 +63,10 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor,
     """x (..., in) times int8 rows (out, in) scaled per row (out,), plus bias: (..., out) in x's dtype.
 
     Decode steps take llamaherd's matrix-vector kernel and the engine's prompt chunks its register tiles (on AVX2
-    CPUs, `llamaherd.kernels.prompt_linear`), both reading the int8 bytes directly; anything else (scoring,
+    CPUs), both reading the int8 bytes directly (`llamaherd.kernels.native_linear`); anything else (scoring,
     training, prompts elsewhere) runs the float product on a dequantized copy made per call (`_Int8MatMul`).
     """
-    if (y := decode_linear(x, weight_int8, bias, scale)) is not None:
-        return y
-    if (y := prompt_linear(x, weight_int8, bias, scale)) is not None:
+    if (y := native_linear(x, weight_int8, bias, scale)) is not None:
         return y
     y = _Int8MatMul.apply(x, weight_int8, scale)
     return y if bias is None else y + bias.to(x.dtype)

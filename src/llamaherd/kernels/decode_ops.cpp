@@ -1361,14 +1361,13 @@ void pack_panel(const W* w, int64_t nn, int64_t K, float* panel) {
     for (int64_t j = 0; j < kTileCols; ++j) panel[k * kTileCols + j] = j < nn ? widen(w[j * K + k]) : 0.f;
 }
 
-
 // y (M, N) = x (M, K) @ w (N, K).T (times scale per output for int8, + bias) for prompt chunks (issue 12): the
-// weight in panels of kTileCols rows,
-// each widened to float32 and laid out k-major once (K x kTileCols, in L2), then every 6 rows of x times the panel
-// in tile_product's register tiles; the threads take panels. bf16 and int8 weights are widened while packing, so
-// their prompts need no float32 copy of each weight (ATen's route without bf16 matrix units: convert, then MKL's
-// sgemm; int8's: dequantize, then the same). SmolLM2's four products at 510 rows on an AVX2 EPYC, medians: 143-155 GFLOP/s against MKL's 124-137
-// (fp32), 135-148 against 118-131 (bf16 weights, with the conversion).
+// weight in panels of kTileCols rows, each widened to float32 and laid out k-major once (K x kTileCols, in L2),
+// then every 6 rows of x times the panel in tile_product's register tiles; the threads take panels. bf16 and int8
+// weights are widened while packing, so their prompts need no float32 copy of each weight (ATen's route without
+// bf16 matrix units: convert, then MKL's sgemm; int8's: dequantize, then the same). SmolLM2's four products at
+// 510 rows on an AVX2 EPYC, medians: 143-155 GFLOP/s against MKL's 124-137 (fp32), 135-148 against 118-131 (bf16
+// weights, with the conversion).
 template <typename W>
 void panel_product(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M,
                    int64_t N, int64_t K) {
