@@ -5,8 +5,10 @@ import torch
 from hf_tiny import save_hf_model
 
 from llamaherd import hugepages
+from llamaherd import model as model_module
 from llamaherd.engine import Engine, SamplingParams
 from llamaherd.load import load_gpt
+from llamaherd.lora import LoRAConfig, inject_lora
 from llamaherd.model import fuse_projections, place_on_huge_pages
 
 needs_thp = pytest.mark.skipif(not hugepages.available(), reason="no transparent huge pages on this system")
@@ -100,3 +102,22 @@ def test_engine_tokens_equal_before_and_after_the_move(tmp_path, monkeypatch):
             engine.step()
         runs.append([r.completions[0].token_ids for r in requests])
     assert runs[0] == runs[1] and len(runs[0][0]) == 12
+
+
+def test_an_engine_prepares_the_model_again_only_after_it_changed(tmp_path, monkeypatch):
+    """Engines after the first on an unchanged model skip fusing and moving it (`prepare_for_decoding`; an engine's
+    own cache is no change); a weight given new data, or a LoRA injected, makes the next engine do both again."""
+    save_hf_model("llama-gqa", tmp_path)
+    model, calls = load_gpt(tmp_path), []
+    real = model_module.fuse_projections
+    monkeypatch.setattr(model_module, "fuse_projections", lambda m: calls.append(1) or real(m))
+    Engine(model, max_batch=1, max_len=16)
+    Engine(model, max_batch=2, max_len=32)
+    assert len(calls) == 1
+    gate = model.model.layers[0].mlp.gate_proj
+    gate.weight.data = gate.weight.data * 2
+    Engine(model, max_batch=1, max_len=16)
+    assert len(calls) == 2 and gate.fused.serves((gate, model.model.layers[0].mlp.up_proj))
+    inject_lora(model, LoRAConfig(r=2, alpha=4, targets=("v",)))
+    Engine(model, max_batch=1, max_len=16)
+    assert len(calls) == 3

@@ -231,12 +231,12 @@ def assert_transformers_logprobs(hf, prompt: list[int], out, tolerance: float = 
 
 
 def count_decode_blocks(monkeypatch) -> list:
-    """From here on the native ops run as before, and each llama_decode_block call appends to the list returned."""
+    """From here on the native ops run as before, and each llama_decode_layers call appends to the list returned."""
     calls, real = [], kernels.native_ops()
     monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(
         **{n: getattr(real, n) for n in ("matvec", "rms_norm", "rope_qk", "silu_mul", "prompt_attention",
                                          "prompt_linear", "tile_lanes")},
-        llama_decode_block=lambda *a: calls.append(1) or real.llama_decode_block(*a)))
+        llama_decode_layers=lambda *a: calls.append(1) or real.llama_decode_layers(*a)))
     return calls
 
 
@@ -279,7 +279,7 @@ def test_engine_with_kernels_gives_transformers_logprobs(tiny):
 @needs_compiler
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(tiny, quantize, monkeypatch):
-    """The engine's decode steps through llama_decode_block (rows at different positions, each attending to its own
+    """The engine's decode steps through llama_decode_layers (rows at different positions, each attending to its own
     length; rows that are not neighbours, each read in its own slot) give the logprobs of the module-by-module
     PyTorch path within 1e-4."""
     _, path = tiny

@@ -11,6 +11,7 @@ Parameter names follow Hugging Face Llama (see llamaherd.checkpoints) so checkpo
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -205,6 +206,21 @@ def place_on_huge_pages(model: nn.Module) -> bool:
     for f in serving:
         f._pointers = f._current(f.modules)
     return True
+
+
+def prepare_for_decoding(model: nn.Module) -> None:
+    """`fuse_projections` then `place_on_huge_pages` (the engine's set-up), skipped when neither can change
+    anything: no module, parameter or buffer assigned and no tensor moved since the last call on this model. Each
+    one-off generation builds an engine, and the two walks cost ~8 ms on SmolLM2 against ~1 ms for this check."""
+    def state() -> tuple:
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        return _structure_version, tuple(t.data_ptr() for t in tensors)
+
+    if model.__dict__.get("_prepared_state") == state():
+        return
+    fuse_projections(model)
+    place_on_huge_pages(model)
+    model.__dict__["_prepared_state"] = state()
 
 
 class RotaryEmbedding(nn.Module):
@@ -530,9 +546,10 @@ class DecoderStack(nn.Module):
 _structure_version = 0  # bumped whenever any module, parameter or buffer is assigned (torch's global hooks)
 
 
-def _structure_changed(*_) -> None:
+def _structure_changed(module: nn.Module, *_) -> None:
     global _structure_version
-    _structure_version += 1
+    if not isinstance(module, (KVCache, SlotCache)):  # a cache's buffers (an engine made) change no model
+        _structure_version += 1
 
 
 nn.modules.module.register_module_module_registration_hook(_structure_changed)
@@ -541,29 +558,32 @@ nn.modules.module.register_module_buffer_registration_hook(_structure_changed)
 
 
 class DecodePlan(NamedTuple):
-    """Each block's `llama_decode_block` weight arguments, worked out once rather than at every decode step (looking
-    them up through 30 blocks' modules cost ~1.2 ms a step, 5% of SmolLM2's). The blocks must be LLaMA blocks
-    (RMSNorm, sequential residual, SwiGLU, no biases) whose q/k/v and gate/up are fused (the engine fuses them),
-    with weights the kernels read (fp32, bf16, int8); anything else (Falcon, LoRA, fp16) runs the modules: weights
-    None.
+    """The `llama_decode_layers` weight arguments (one list per kind, an entry per block, then eps, n_head, n_kv;
+    and the final norm and head when the op can run them too), worked out once rather than at every decode step
+    (looking them up through 30 blocks' modules cost ~1.2 ms a step, 5% of SmolLM2's). The blocks must be LLaMA
+    blocks (RMSNorm, sequential residual, SwiGLU, no biases) whose q/k/v and gate/up are fused (the engine fuses
+    them), with weights the kernels read (fp32, bf16, int8); anything else (Falcon, LoRA, fp16) runs the modules:
+    weights None. The head joins when it is the tied embedding or a plain (or int8) lm_head without bias.
 
     A plan stays current until a module, parameter or buffer is assigned anywhere (LoRA injected, a projection
     replaced, `fuse_projections`) or a fused group's weights move (`.to()`, `.data =`); then it is built again."""
 
     version: int
-    weights: list[tuple] | None
+    weights: list | None
+    head: tuple | None  # final norm's weight, the head's weight and its int8 scales (or None) when the op runs them
     fused_sources: list[torch.Tensor]  # the modules' weights that the fused copies stand for
     pointers: list[int]  # their data pointers when the plan was made
 
     def current(self) -> bool:
-        return self.version == _structure_version and [t.data_ptr() for t in self.fused_sources] == self.pointers
+        pointers = list(map(torch.Tensor.data_ptr, self.fused_sources))  # map: no Python frame per tensor
+        return self.version == _structure_version and pointers == self.pointers
 
     @staticmethod
     def of(model: GPT) -> DecodePlan:
         version, weights, sources = _structure_version, [], []
         config = model.config
         if config.norm_class != "rmsnorm" or config.parallel_residual or config.mlp_class != "swiglu":
-            return DecodePlan(version, None, [], [])
+            return DecodePlan(version, None, None, [], [])
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
             qkv, gate_up = getattr(attn.q_proj, "fused", None), getattr(mlp.gate_proj, "fused", None)
@@ -573,12 +593,20 @@ class DecodePlan(NamedTuple):
                     or not gate_up.serves((mlp.gate_proj, mlp.up_proj)) or out is None or down is None
                     or any(w.dtype not in kernels.WEIGHT_DTYPES
                            for w in (qkv.weight, out[0], gate_up.weight, down[0]))):
-                return DecodePlan(version, None, [], [])
+                return DecodePlan(version, None, None, [], [])
             sources += [getattr(m, "weight_int8" if f.int8 else "weight") for f in (qkv, gate_up) for m in f.modules]
             weights.append((block.input_layernorm.weight, qkv.weight, qkv.scale, *out,
-                            block.post_attention_layernorm.weight, gate_up.weight, gate_up.scale, *down,
-                            block.input_layernorm.eps, attn.n_head, attn.n_kv))
-        return DecodePlan(version, weights, sources, [t.data_ptr() for t in sources])
+                            block.post_attention_layernorm.weight, gate_up.weight, gate_up.scale, *down))
+        if not weights:
+            return DecodePlan(version, None, None, [], [])
+        shape = (block.input_layernorm.eps, attn.n_head, attn.n_kv)  # the config's: every block's
+        norm, lm_head = model.model.norm, model._modules.get("lm_head")
+        head = (model.model.embed_tokens.weight, None) if lm_head is None else _plain_weight(lm_head)
+        if (head is None or type(norm) is not RMSNorm or norm.eps != shape[0]
+                or head[0].dtype not in kernels.WEIGHT_DTYPES or not head[0].is_contiguous()):
+            head = None  # the modules run them (a LoRA head, a LayerNorm)
+        return DecodePlan(version, [list(kind) for kind in zip(*weights)] + list(shape),
+                          None if head is None else (norm.weight, *head), sources, [t.data_ptr() for t in sources])
 
 
 class GPT(nn.Module):
@@ -662,9 +690,11 @@ class GPT(nn.Module):
         native = self._native_decode(x, cache)
         if native is not None:  # a decode step, tens of ms: one look at the other processes is enough
             share_cores(x)
-            keys, values = cache.cache.k.unbind(0), cache.cache.v.unbind(0)  # each layer's view, in one op
-            for i, weights in enumerate(native.weights):
-                x = native.llama_decode_block(x, *weights, cos, sin, keys[i], values[i], cache.slots, native.positions)
+            head = native.head if not return_hidden else None  # logits straight from the op, norm and head in it
+            x = native.llama_decode_layers(x, *native.weights, cos, sin, cache.cache.k, cache.cache.v, cache.slots,
+                                           native.positions, *(head or ()))
+            if head is not None:
+                return x
         for i, block in enumerate(self.model.layers if native is None else ()):
             share_cores(x)  # per layer, forward and backward: threads for the busy llamaherd processes
             x = block(x, cos, sin, mask, cache, i)
@@ -677,7 +707,7 @@ class GPT(nn.Module):
 
     def _native_decode(self, x: torch.Tensor, cache) -> SimpleNamespace | None:
         """The native ops and each block's weights when this pass is a decode step (engine cache rows, one new
-        position per sequence) that every block can run as one `llama_decode_block` call (see `DecodePlan`)."""
+        position per sequence) whose blocks `llama_decode_layers` can run (see `DecodePlan`)."""
         ops = kernels.native_ops_for(x) if isinstance(cache, CacheRows) else None  # None unless a decode step
         if ops is None:
             return None
@@ -686,7 +716,7 @@ class GPT(nn.Module):
             plan = self.__dict__["_decode_plan"] = DecodePlan.of(self)
         if plan.weights is None:
             return None
-        return SimpleNamespace(llama_decode_block=ops.llama_decode_block, weights=plan.weights,
+        return SimpleNamespace(llama_decode_layers=ops.llama_decode_layers, weights=plan.weights, head=plan.head,
                                positions=cache.positions[:, 0])
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from llamaherd.engine.slots import Slots, common_prefix
 from llamaherd.engine.text import StopText
 from llamaherd.errors import InputError
 from llamaherd.kernels import generating, native_ops, prefilling
-from llamaherd.model import GPT, SlotCache, fuse_projections, place_on_huge_pages
+from llamaherd.model import GPT, SlotCache, prepare_for_decoding
 
 PREFIX_BLOCK = 16  # prompt ids two prompts must share for the later one to wait for the earlier one's keys
 # Padding rows a prompt chunk may add to a prefill pass before it gets a pass of its own: on SmolLM2 fp32 (2 cores)
@@ -53,7 +53,7 @@ class Engine:
 
     max_batch rows of max_len positions are preallocated; tokenizer (optional) gives text, stop strings and the
     default stop ids. Not thread-safe: one thread calls add_request / cancel / step (a server's engine loop).
-    fuse: run q/k/v and gate/up as one product each (`fuse_projections`); pass False for a model whose weights
+    fuse: run q/k/v and gate/up as one product each (`model.prepare_for_decoding`); pass False for a model whose weights
     train (PPO): fusing makes those weights views of one tensor, new parameters that an optimizer built before
     does not see and that safetensors refuses to save side by side.
     cuda_graphs: on a CUDA device, replay each decode step as a captured graph (`llamaherd.engine.cuda_graphs`);
@@ -68,8 +68,7 @@ class Engine:
             raise InputError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.model, self.tokenizer = model, tokenizer
         if fuse:
-            fuse_projections(model)  # q/k/v and gate/up as one product each: fewer, larger products per step
-            place_on_huge_pages(model)  # on the CPU: weights stream faster (a no-op after the first engine)
+            prepare_for_decoding(model)  # fused q/k/v and gate/up (fewer, larger products), weights on huge pages
         weight = model.model.embed_tokens.weight  # the model's device and activation dtype
         if weight.device.type == "cpu":
             native_ops()  # built now if it must be (a server's start-up), not in the first request

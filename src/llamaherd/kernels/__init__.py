@@ -3,23 +3,24 @@
 Decoding one token reads every weight once and does two flops per weight, so its speed is the speed at which
 the weights stream from memory. ATen's matrix-vector product runs one product on one core (measured in
 issue 12: 15-19 GB/s whether torch has 1 or 2 threads) and its bf16 and packed-int8 ones are slower still.
-`decode_ops.cpp` splits the output rows of each product over torch's intra-op threads and reads fp32, bf16 or
-int8 weights (one scale per row, `llamaherd.quantize`) directly. A decode step of a small model is also
-bound by the count of ops (each eager op costs microseconds of dispatch), so RMSNorm, RoPE of q and k, and
-SwiGLU's silu(gate) * up are one op each there (`rms_norm`, `rope_qk`, `silu_mul`), and a whole LLaMA block's
-decode step is one call (`llama_decode_block`, used by `llamaherd.model.GPT` when every block qualifies) that runs
-on raw rows with no ATen op between its products: it writes the cache and attends to each row's own slot in
-place (no gather) and uses a vectorized exp for SwiGLU and softmax (with `model.DecodePlan`, a SmolLM2 fp32
-step went from 26.9 to 22.9 ms). Several sequences decoding together share each loaded weight (4 x 4 register
-tiles) and each cached key (the query heads of one kv head attend together): 16 rows of SmolLM2 fp32 at 512
-positions, 102.6 -> 62.5 ms a step. A bf16 model's products run on the AMX tile unit where the CPU has one
-(`bf16_tiles`): 16 rows cost about what one does (a 16-row SmolLM2 step 60.1 -> 22.1 ms, 1 row 16.8 -> 13.0).
-On CPUs with AVX2 but no AVX-512 (AMD Zen 2/3, Intel before Ice Lake) the same loops run 8 floats a vector
-with tiles of 2 weight rows x 4 inputs, and one row of bf16 or int8 weights fetches ahead a line or two per
-step: there a SmolLM2 step went from 95.7 to 22.4 ms (fp32), 89.8 to 12.8 (bf16) and 71.7 to 6.8 (int8) at one
-row, and from 954 to 73-81 ms (fp32) at 16 rows (the portable loops before). The engine's prompt chunks attend
-through `prompt_attention` (register tiles over one kv head's query block, cache rows read in place): a 512-token
-SmolLM2 prompt's attention 6.0 -> 3.0 ms a layer in bf16 there.
+`decode_ops.cpp` splits the output rows of each product over torch's intra-op threads and reads fp32, bf16 or int8
+weights (one scale per row, `llamaherd.quantize`) directly. A decode step of a small model is also bound by the
+count of ops (each eager op costs microseconds of dispatch), so RMSNorm, RoPE of q and k, and SwiGLU's silu(gate) *
+up are one op each there (`rms_norm`, `rope_qk`, `silu_mul`), and all the LLaMA blocks of a decode step are one
+call (`llama_decode_layers`, used by `llamaherd.model.GPT` when every block qualifies) that runs each block on raw
+rows with no ATen op between its products: it writes the cache and attends to each row's own slot in place (no
+gather) and uses a vectorized exp for SwiGLU and softmax (one call per block with `model.DecodePlan`: a SmolLM2
+fp32 step from 26.9 to 22.9 ms; one call for all 30 blocks instead of one each from Python, the final norm and head
+in it too: 0.6-1.2 ms less a step, alternating in one process on the AVX2 VM). Several sequences decoding together
+share each loaded weight (4 x 4 register tiles) and each cached key (the query heads of one kv head attend
+together): 16 rows of SmolLM2 fp32 at 512 positions, 102.6 -> 62.5 ms a step. A bf16 model's products run on the
+AMX tile unit where the CPU has one (`bf16_tiles`): 16 rows cost about what one does (a 16-row SmolLM2 step 60.1 ->
+22.1 ms, 1 row 16.8 -> 13.0). On CPUs with AVX2 but no AVX-512 (AMD Zen 2/3, Intel before Ice Lake) the same loops
+run 8 floats a vector with tiles of 2 weight rows x 4 inputs, and one row of bf16 or int8 weights fetches ahead a
+line or two per step: there a SmolLM2 step went from 95.7 to 22.4 ms (fp32), 89.8 to 12.8 (bf16) and 71.7 to 6.8
+(int8) at one row, and from 954 to 73-81 ms (fp32) at 16 rows (the portable loops before). The engine's prompt
+chunks attend through `prompt_attention` (register tiles over one kv head's query block, cache rows read in place):
+a 512-token SmolLM2 prompt's attention 6.0 -> 3.0 ms a layer in bf16 there.
 
 The kernel is compiled for this CPU on first use (`-O3 -march=native`, about 20 s, kept under
 `$XDG_CACHE_HOME/llamaherd/kernels`). Without a compiler, or when the build fails, a one-line notice says so and
