@@ -279,9 +279,9 @@ def test_engine_with_kernels_gives_transformers_logprobs(tiny):
 @needs_compiler
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(tiny, quantize, monkeypatch):
-    """The engine's decode steps through llama_decode_layers (rows at different positions, each attending to its own
-    length; rows that are not neighbours, each read in its own slot) give the logprobs of the module-by-module
-    PyTorch path within 1e-4."""
+    """The engine's decode steps through llama_decode_layers, final norm and head included (rows at different
+    positions, each attending to its own length; rows that are not neighbours, each read in its own slot) give the
+    logprobs of the module-by-module PyTorch path within 1e-4."""
     _, path = tiny
     prompts = [[5, 17, 33, 9, 60], [40], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
@@ -290,13 +290,13 @@ def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(tiny, quantize,
         first = engine.add_request([1, 2], SamplingParams(max_new_tokens=1, stop_ids=frozenset()))
         engine.step()  # row 0 is taken and freed: the others sit in rows 1..3, or later with gaps
         assert first.done
-        return engine_logprobs(engine, prompts, 10)
+        return engine_logprobs(engine, prompts, 10), engine.model
 
     calls = count_decode_blocks(monkeypatch)
-    got = run()
-    assert calls  # the native block ran
+    got, model = run()
+    assert calls and model._decode_plan.head is not None  # the native blocks ran, the final norm and head with them
     monkeypatch.setattr(kernels, "native_ops", lambda: None)
-    want = run()
+    want, _ = run()
     assert all((g - w).abs().max() <= 1e-4 for g, w in zip(got, want))
 
 
