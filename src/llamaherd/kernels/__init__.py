@@ -41,7 +41,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_ops.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "decode_ops.cpp", HERE / "prompt_ops.cpp"]  # the ops of decode steps, of prompt chunks
+HEADERS = [HERE / "kernels_common.h"]  # what they share
 KERNEL_ROWS = 16  # decode steps of at most this many sequences take the kernels; larger inputs are ATen's GEMMs
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,13 +59,14 @@ def cache_directory() -> Path:
 
 
 def _build_name() -> str:
-    """A name per source, torch version and CPU: a home directory shared by different machines (-march=native)
-    never loads a kernel built for another CPU."""
+    """A name per source text (every source and header), torch version and CPU: a home directory shared by
+    different machines (-march=native) never loads a kernel built for another CPU."""
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    digest = hashlib.sha256(text + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
     return f"llamaherd_ops_{digest}"
 
 
@@ -88,7 +91,7 @@ def native_ops():
             print("llamaherd: compiling the decode kernels for this CPU (once, about 20 s)", file=sys.stderr)
         with warnings.catch_warnings():  # torch's multi-line compiler banner; a failure gets one line below
             warnings.simplefilter("ignore")
-            load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+            load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                  build_directory=str(directory), is_python_module=False, verbose=False)
         return torch.ops.llamaherd
     except Exception as e:  # no compiler or ninja, a failed build: decode still works, only slower
