@@ -12,7 +12,7 @@ from llamaherd import kernels
 from llamaherd.engine import Engine, SamplingParams
 from llamaherd.load import load_gpt
 from llamaherd.lora import LoRAConfig, inject_lora
-from llamaherd.model import fuse_projections
+from llamaherd.model import SlotCache, fuse_projections, prepare_for_decoding
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                     reason="no C++ compiler: the kernels fall back (tested below)")
@@ -209,6 +209,13 @@ def tiny(tmp_path_factory):
     return save_hf_model("llama-gqa", path), path
 
 
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """A tiny LLaMA whose head is its embedding (as SmolLM2's)."""
+    path = tmp_path_factory.mktemp("llama-tied")
+    return save_hf_model("llama-tied", path), path
+
+
 def decode_logits(model, prompt: list[int], n: int) -> torch.Tensor:
     """(n, V) logits of n greedy decode steps, one token per forward (the kernel's shape)."""
     cache, out = model.new_cache(1, len(prompt) + n), []
@@ -230,7 +237,7 @@ def assert_transformers_logprobs(hf, prompt: list[int], out, tolerance: float = 
     return ref
 
 
-def count_decode_blocks(monkeypatch) -> list:
+def count_native_steps(monkeypatch) -> list:
     """From here on the native ops run as before, and each llama_decode_layers call appends to the list returned."""
     calls, real = [], kernels.native_ops()
     monkeypatch.setattr(kernels, "native_ops", lambda: SimpleNamespace(
@@ -278,11 +285,12 @@ def test_engine_with_kernels_gives_transformers_logprobs(tiny):
 
 @needs_compiler
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(tiny, quantize, monkeypatch):
+@pytest.mark.parametrize("checkpoint", ["tiny", "tied"])
+def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(checkpoint, quantize, request, monkeypatch):
     """The engine's decode steps through llama_decode_layers, final norm and head included (rows at different
     positions, each attending to its own length; rows that are not neighbours, each read in its own slot) give the
-    logprobs of the module-by-module PyTorch path within 1e-4."""
-    _, path = tiny
+    logprobs of the module-by-module PyTorch path within 1e-4; for an untied head and for the tied embedding."""
+    _, path = request.getfixturevalue(checkpoint)
     prompts = [[5, 17, 33, 9, 60], [40], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
 
     def run():
@@ -292,12 +300,33 @@ def test_native_decode_blocks_equal_the_modules_in_a_mixed_batch(tiny, quantize,
         assert first.done
         return engine_logprobs(engine, prompts, 10), engine.model
 
-    calls = count_decode_blocks(monkeypatch)
+    calls = count_native_steps(monkeypatch)
     got, model = run()
     assert calls and model._decode_plan.head is not None  # the native blocks ran, the final norm and head with them
     monkeypatch.setattr(kernels, "native_ops", lambda: None)
     want, _ = run()
     assert all((g - w).abs().max() <= 1e-4 for g, w in zip(got, want))
+
+
+@needs_compiler
+def test_a_native_decode_step_returns_hidden_states_when_asked(tiny, monkeypatch):
+    """return_hidden on decode steps through llama_decode_layers gives the final-norm hidden states (B, 1, n_embd)
+    of the module-by-module path within 1e-4, not logits (the op runs the head only when logits are wanted)."""
+    _, path = tiny
+
+    def hidden(model):
+        cache = SlotCache(model.config, 1, 8, torch.float32)
+        with torch.inference_mode():
+            return torch.cat([model(torch.tensor([[t]]), cache=cache.rows(torch.tensor([0]), torch.tensor([[p]])),
+                                    return_hidden=True) for p, t in enumerate([5, 17, 33])], dim=1)
+
+    fast = load_gpt(path)
+    prepare_for_decoding(fast)
+    got = hidden(fast)
+    assert fast._decode_plan.layer_args is not None  # the steps ran natively
+    monkeypatch.setattr(kernels, "native_ops", lambda: None)
+    want = hidden(load_gpt(path))
+    assert got.shape == want.shape == (1, 3, fast.config.n_embd) and (got - want).abs().max() <= 1e-4
 
 
 @needs_compiler
@@ -326,7 +355,7 @@ def test_native_decode_follows_changes_made_after_it_ran(tiny, change, monkeypat
     model = load_gpt(path)
     engine = Engine(model, max_batch=1, max_len=32, prefix_reuse=False)
     before = logprobs(engine)
-    assert model._decode_plan.weights is not None  # the steps ran natively
+    assert model._decode_plan.layer_args is not None  # the steps ran natively
     modify(model)
     got, fresh = logprobs(engine), logprobs(Engine(model, max_batch=1, max_len=32))
     reference = load_gpt(path)
@@ -563,7 +592,7 @@ def test_native_attention_at_real_head_dims_gives_transformers_logprobs(heads, k
     hf.save_pretrained(tmp_path, safe_serialization=True)
     model = load_gpt(tmp_path, dtype=dtype)
     assert model.config.head_dim == head_dim
-    calls = count_decode_blocks(monkeypatch)
+    calls = count_native_steps(monkeypatch)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (1, 16, 17, 40)]
     engine = Engine(model, max_batch=4, max_len=64)

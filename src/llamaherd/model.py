@@ -210,11 +210,12 @@ def place_on_huge_pages(model: nn.Module) -> bool:
 
 def prepare_for_decoding(model: nn.Module) -> None:
     """`fuse_projections` then `place_on_huge_pages` (the engine's set-up), skipped when neither can change
-    anything: no module, parameter or buffer assigned and no tensor moved since the last call on this model. Each
-    one-off generation builds an engine, and the two walks cost ~8 ms on SmolLM2 against ~1 ms for this check."""
+    anything: no module, parameter or buffer assigned anywhere in the process (a cache's aside), no tensor of this
+    model moved, and huge pages as available as at the last call on it. Each one-off generation builds an engine,
+    and the two walks cost ~8 ms on SmolLM2 against ~1 ms for this check."""
     def state() -> tuple:
         tensors = itertools.chain(model.parameters(), model.buffers())
-        return _structure_version, tuple(t.data_ptr() for t in tensors)
+        return _structure_version, hugepages.available(), tuple(t.data_ptr() for t in tensors)
 
     if model.__dict__.get("_prepared_state") == state():
         return
@@ -543,7 +544,7 @@ class DecoderStack(nn.Module):
         self.norm = make_norm(config)
 
 
-_structure_version = 0  # bumped whenever any module, parameter or buffer is assigned (torch's global hooks)
+_structure_version = 0  # bumped when a module, parameter or buffer is assigned, but a cache's (torch's global hooks)
 
 
 def _structure_changed(module: nn.Module, *_) -> None:
@@ -558,18 +559,20 @@ nn.modules.module.register_module_buffer_registration_hook(_structure_changed)
 
 
 class DecodePlan(NamedTuple):
-    """The `llama_decode_layers` weight arguments (one list per kind, an entry per block, then eps, n_head, n_kv;
-    and the final norm and head when the op can run them too), worked out once rather than at every decode step
-    (looking them up through 30 blocks' modules cost ~1.2 ms a step, 5% of SmolLM2's). The blocks must be LLaMA
-    blocks (RMSNorm, sequential residual, SwiGLU, no biases) whose q/k/v and gate/up are fused (the engine fuses
-    them), with weights the kernels read (fp32, bf16, int8); anything else (Falcon, LoRA, fp16) runs the modules:
-    weights None. The head joins when it is the tied embedding or a plain (or int8) lm_head without bias.
+    """The `llama_decode_layers` arguments (layer_args: one weight list per kind, an entry per block, then eps,
+    n_head, n_kv; head: the final norm and head when the op can run them too), worked out once rather than at
+    every decode step (looking them up through 30 blocks' modules cost ~1.2 ms a step, 5% of SmolLM2's). The
+    blocks must be LLaMA blocks (RMSNorm, sequential residual, SwiGLU, no biases) whose q/k/v and gate/up are
+    fused (the engine fuses them), with weights the kernels read (fp32, bf16, int8); anything else (Falcon, LoRA,
+    fp16) runs the modules: layer_args None. The head joins when it is the tied embedding or a plain (or int8)
+    lm_head without bias.
 
     A plan stays current until a module, parameter or buffer is assigned anywhere (LoRA injected, a projection
-    replaced, `fuse_projections`) or a fused group's weights move (`.to()`, `.data =`); then it is built again."""
+    replaced, `fuse_projections`) or a fused group's weights move (`.to()`, `.data =`); then it is built again.
+    Buffers that `.to()` replaces without an assignment hook (an int8 layer's weights and scales) are not seen."""
 
     version: int
-    weights: list | None
+    layer_args: list | None
     head: tuple | None  # final norm's weight, the head's weight and its int8 scales (or None) when the op runs them
     fused_sources: list[torch.Tensor]  # the modules' weights that the fused copies stand for
     pointers: list[int]  # their data pointers when the plan was made
@@ -599,13 +602,13 @@ class DecodePlan(NamedTuple):
                             block.post_attention_layernorm.weight, gate_up.weight, gate_up.scale, *down))
         if not weights:
             return DecodePlan(version, None, None, [], [])
-        shape = (block.input_layernorm.eps, attn.n_head, attn.n_kv)  # the config's: every block's
+        eps = config.norm_eps  # every RMSNorm's (make_norm)
         norm, lm_head = model.model.norm, model._modules.get("lm_head")
         head = (model.model.embed_tokens.weight, None) if lm_head is None else _plain_weight(lm_head)
-        if (head is None or type(norm) is not RMSNorm or norm.eps != shape[0]
+        if (head is None or type(norm) is not RMSNorm or norm.eps != eps
                 or head[0].dtype not in kernels.WEIGHT_DTYPES or not head[0].is_contiguous()):
             head = None  # the modules run them (a LoRA head, a LayerNorm)
-        return DecodePlan(version, [list(kind) for kind in zip(*weights)] + list(shape),
+        return DecodePlan(version, [list(kind) for kind in zip(*weights)] + [eps, config.n_head, config.n_query_groups],
                           None if head is None else (norm.weight, *head), sources, [t.data_ptr() for t in sources])
 
 
@@ -691,7 +694,7 @@ class GPT(nn.Module):
         if native is not None:  # a decode step, tens of ms: one look at the other processes is enough
             share_cores(x)
             head = native.head if not return_hidden else None  # logits straight from the op, norm and head in it
-            x = native.llama_decode_layers(x, *native.weights, cos, sin, cache.cache.k, cache.cache.v, cache.slots,
+            x = native.llama_decode_layers(x, *native.layer_args, cos, sin, cache.cache.k, cache.cache.v, cache.slots,
                                            native.positions, *(head or ()))
             if head is not None:
                 return x
@@ -714,9 +717,9 @@ class GPT(nn.Module):
         plan = self.__dict__.get("_decode_plan")
         if plan is None or not plan.current():
             plan = self.__dict__["_decode_plan"] = DecodePlan.of(self)
-        if plan.weights is None:
+        if plan.layer_args is None:
             return None
-        return SimpleNamespace(llama_decode_layers=ops.llama_decode_layers, weights=plan.weights, head=plan.head,
+        return SimpleNamespace(llama_decode_layers=ops.llama_decode_layers, layer_args=plan.layer_args, head=plan.head,
                                positions=cache.positions[:, 0])
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,11 @@ def native_ops():
     directory, whose deletion retries it), so later runs neither rebuild nor print the build's output again."""
     if os.environ.get("LLAMAHERD_KERNELS", "1").strip().lower() in OFF_VALUES:
         return None
-    name = _build_name()
+    try:
+        name = _build_name()  # reads every source: a copy of the package without one gets the notice below
+    except OSError as e:
+        _notice(f"a source is missing: {e}")
+        return None
     directory = cache_directory() / name
     failed = directory / "FAILED.log"
     if failed.exists():
@@ -88,7 +92,7 @@ def native_ops():
 
         directory.mkdir(parents=True, exist_ok=True)
         if not (directory / f"{name}.so").exists():
-            print("llamaherd: compiling the decode kernels for this CPU (once, about 20 s)", file=sys.stderr)
+            print("llamaherd: compiling the kernels for this CPU (once, about 20 s)", file=sys.stderr)
         with warnings.catch_warnings():  # torch's multi-line compiler banner; a failure gets one line below
             warnings.simplefilter("ignore")
             load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],

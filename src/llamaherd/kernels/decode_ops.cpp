@@ -3,7 +3,7 @@
 // Weights are read once, in their stored precision: float32, bfloat16 (raw uint16 bits) or int8 with one float
 // scale per output row (llamaherd.quantize). Each dot product accumulates in float32; gcc vectorizes the inner
 // loops (-O3 -march=native). rms_norm, rope_qk, silu_mul: the other ops of a decode step, each in one op;
-// llama_decode_block: all of a LLaMA block's decode step in one call; llama_decode_layers: every block's.
+// llama_decode_layers: every LLaMA block of a decode step (llama_decode_block each), then the final norm and head.
 #include "kernels_common.h"
 
 namespace {
@@ -1064,14 +1064,16 @@ at::Tensor llama_decode_layers(const at::Tensor& x, at::TensorList norm1, at::Te
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.size(0) == static_cast<int64_t>(L) && v_cache.sizes() == k_cache.sizes(),
               "llama_decode_layers: caches ", k_cache.sizes(), " and ", v_cache.sizes(), " are not (", L,
               ", rows, n_kv, max_len, head_dim)");
-  TORCH_CHECK(norm.has_value() == head_w.has_value(), "llama_decode_layers: give both the final norm and the head");
+  TORCH_CHECK(norm.has_value() == head_w.has_value() && (head_w.has_value() || !head_s.has_value()),
+              "llama_decode_layers: give the final norm and the head together (and head_s only with them)");
+  const std::vector<at::Tensor> keys = k_cache.unbind(0), values = v_cache.unbind(0);  // one view per layer
   at::Tensor h = x;
   for (size_t i = 0; i < L; ++i)
     h = llama_decode_block(h, norm1[i], qkv_w[i], qkv_s.get(i), o_w[i], o_s.get(i), norm2[i], gu_w[i], gu_s.get(i),
-                           down_w[i], down_s.get(i), eps, n_head, n_kv, cos, sin, k_cache[i], v_cache[i], slots,
+                           down_w[i], down_s.get(i), eps, n_head, n_kv, cos, sin, keys[i], values[i], slots,
                            positions);
   if (!head_w.has_value()) return h;
-  return matvec(rms_norm(h, *norm, eps), *head_w, head_s, std::nullopt);
+  return matvec(rms_norm(h, *norm, eps), *head_w, head_s, std::nullopt);  // the final norm shares the blocks' eps
 }
 
 // Whether bf16 x bf16 products run on the AMX tile unit here (amx_rows_times): compiled for a CPU that has one,

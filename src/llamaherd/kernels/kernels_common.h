@@ -152,14 +152,14 @@ constexpr bool kBf16Pairs = false;
 
 // A float32 view of a small input (a norm weight, scales, cos/sin, a row of activations): its own data when it
 // is float32 and contiguous, else a converted copy that `keep` holds.
-const float* floats(const at::Tensor& t, at::Tensor& keep) {
+inline const float* floats(const at::Tensor& t, at::Tensor& keep) {
   keep = t.scalar_type() == at::kFloat ? t.contiguous() : t.to(at::kFloat).contiguous();
   return keep.data_ptr<float>();
 }
 
 // The same for the small inputs of llama_decode_block, converted by a loop into `keep` rather than by an ATen op:
 // each of those cost ~13 us, and a bf16 decode step of SmolLM2 made 180 of them (2.5 ms of a 28 ms step).
-const float* floats(const at::Tensor& t, std::vector<float>& keep) {
+inline const float* floats(const at::Tensor& t, std::vector<float>& keep) {
   if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.data_ptr<float>();
   const at::Tensor c = t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf ? t.contiguous()
                                                                                           : t.to(at::kFloat).contiguous();
@@ -184,14 +184,14 @@ const float* floats(const at::Tensor& t, std::vector<float>& keep) {
 // t as `rows` float rows of `cols` values with unit column stride, for ops that take a row stride: its own data
 // when it already is (a row view into a fused product), else a converted copy; `keep` holds the rows (its
 // stride(0) is the row stride).
-const float* float_rows(const at::Tensor& t, int64_t rows, int64_t cols, at::Tensor& keep) {
+inline const float* float_rows(const at::Tensor& t, int64_t rows, int64_t cols, at::Tensor& keep) {
   const at::Tensor r = t.reshape({rows, cols});
   keep = r.scalar_type() == at::kFloat && r.stride(1) == 1 ? r : r.to(at::kFloat).contiguous();
   return keep.data_ptr<float>();
 }
 
 // Rounds n float values to `dtype` (bf16/fp16) and back, as storing them in that dtype would; float32: nothing.
-void round_all(float* v, int64_t n, at::ScalarType dtype) {
+inline void round_all(float* v, int64_t n, at::ScalarType dtype) {
   if (dtype == at::kFloat) return;
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -245,7 +245,7 @@ inline __m256 exp8(__m256 x) {
 #endif
 
 // e^v[i] in place: exp16 with AVX-512 (exp8 with AVX2, std::exp for a tail), else std::exp.
-void exp_inplace(float* v, int64_t n) {
+inline void exp_inplace(float* v, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i < n; i += 16) _mm512_mask_storeu_ps(v + i, first(n - i), exp16(_mm512_maskz_loadu_ps(first(n - i), v + i)));
@@ -258,7 +258,7 @@ void exp_inplace(float* v, int64_t n) {
 // Softmax numerators in place, p[j] = e^(p[j] - max p) (exp_inplace), returning their sum, the denominator.
 // The max and the sum run kVec lanes at a time (a float sum one value at a time is a chain of dependent adds:
 // a quarter of a prompt's attention time went there).
-float softmax_numerators(float* p, int64_t n) {
+inline float softmax_numerators(float* p, int64_t n) {
   VecF lanes = vset1(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
   for (; j + kVec <= n; j += kVec) lanes = vmax(vload(p + j), lanes);  // a NaN score is skipped, as by std::max
