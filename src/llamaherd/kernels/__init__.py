@@ -233,9 +233,9 @@ def generating():
     """Within this block (the generation engine's steps), the row-wise kernels (rms_norm, rope_qk, silu_mul) also
     serve fp32 and bf16 prompts of any length, not only decode steps: a 512-token prefill of SmolLM2 went from
     1,028 to 1,118 tok/s (fp32) and 987 to 1,021 (int8), alternating in one process; bf16 prompts, alternating
-    (AVX2 Zen 3, session 19): 15 tokens 75.0 -> 70.7 ms, 64 tokens 156.2 -> 143.8, 512 tokens 884.8 -> 857.5. Outside it
-    (evaluation, training, a plain forward) a pass of several positions keeps PyTorch's own ops, whose logits are
-    bit for bit transformers' (the kernels' rounding differs by ~1e-6 relative)."""
+    (AVX2 Zen 3, session 19): 15 tokens 75.0 -> 70.7 ms, 64 tokens 156.2 -> 143.8, 512 tokens 884.8 -> 857.5.
+    Outside it (evaluation, training, a plain forward) a pass of several positions keeps PyTorch's own ops, whose
+    logits are bit for bit transformers' (the kernels' rounding differs by ~1e-6 relative)."""
     token = _generating.set(True)
     try:
         yield
@@ -257,9 +257,8 @@ def native_ops_for(x: torch.Tensor, rows_apart: bool = False, short_prompt: bool
     """The native ops when x is an input they serve (no grad mode, CPU, float dtype): a decode step's (see
     `decode_step`), or within `generating`: with rows_apart, fp32 or bf16 rows of any number of positions (ops
     that compute each row on its own, so a row's result does not depend on what else is in the batch; fp16 keeps
-    ATen's); with
-    short_prompt, a prompt chunk of at most `max_rows` rows in all (`few_rows`; the products' kernel computes each
-    row on its own too, and at 15 rows streams the weights twice as fast as ATen's GEMM); else None."""
+    ATen's); with short_prompt, a prompt chunk of at most `max_rows` rows in all (`few_rows`; the products' kernel
+    computes each row on its own too, and at 15 rows streams the weights twice as fast as ATen's GEMM); else None."""
     prompt = _generating.get() and (
         (rows_apart and x.dtype in (torch.float32, torch.bfloat16))
         or (short_prompt and few_rows(x)))
